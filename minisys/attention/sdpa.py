@@ -1,0 +1,36 @@
+"""Attention through torch's fused ``scaled_dot_product_attention``.
+
+torch picks a fused kernel (flash / memory-efficient / math) for the device.
+We call it once per sequence of the packed batch. Its ``is_causal`` flag
+aligns the mask to the top-left corner, which is only right when
+q_len == k_len (a prefill); with a cached context we pass the bottom-right
+aligned mask explicitly, and a single decode query needs no mask at all.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import AttentionBackend, AttentionMetadata, causal_mask, expand_kv_heads
+
+
+class SDPAAttention(AttentionBackend):
+    name = "sdpa"
+
+    def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        out = torch.empty_like(q)
+        cq, ck = meta.cu_seqlens_q.tolist(), meta.cu_seqlens_k.tolist()
+        for i in range(meta.num_seqs):
+            qi = q[cq[i]:cq[i + 1]].transpose(0, 1).unsqueeze(0)                          # (1, Hq, q_len, D)
+            ki = expand_kv_heads(k[ck[i]:ck[i + 1]], q.shape[1]).transpose(0, 1).unsqueeze(0)  # (1, Hq, k_len, D)
+            vi = expand_kv_heads(v[ck[i]:ck[i + 1]], q.shape[1]).transpose(0, 1).unsqueeze(0)
+            q_len, k_len = qi.shape[2], ki.shape[2]
+            if q_len == 1:
+                oi = F.scaled_dot_product_attention(qi, ki, vi)
+            elif q_len == k_len:
+                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True)
+            else:
+                mask = causal_mask(q_len, k_len, device=q.device)
+                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask)
+            out[cq[i]:cq[i + 1]] = oi.squeeze(0).transpose(0, 1)                            # (q_len, Hq, D)
+        return out

@@ -1,0 +1,68 @@
+"""The small building blocks of a Llama layer: RMSNorm, RoPE, SwiGLU MLP.
+
+Shapes use T for the number of tokens in the flat batch, H for heads, D for
+the head dimension and C for the hidden size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE), "rotate half" layout as in HF Llama.
+
+    For position p and frequency index i < D/2, dimensions (i, i + D/2) of a
+    query or key are rotated by the angle p * theta^(-2i/D). The dot product
+    of a rotated query and key then depends only on their distance.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        pos = torch.arange(max_positions, dtype=torch.float64)
+        angles = torch.outer(pos, inv_freq)                   # (P, D/2)
+        angles = torch.cat([angles, angles], dim=-1)          # (P, D)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: (T, H, D), positions: (T,) -> rotated x, same shape and dtype."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(f"position {int(positions.max())} is beyond the model's "
+                             f"context of {self.cos.shape[0]} tokens")
+        cos = self.cos[positions].unsqueeze(1)                # (T, 1, D)
+        sin = self.sin[positions].unsqueeze(1)                # (T, 1, D)
+        x32 = x.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+        return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """The Llama MLP: down( silu(gate(x)) * up(x) )."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,107 @@
+"""A Llama-architecture decoder (Llama, SmolLM2, Qwen2) over a flat token batch.
+
+    tokens -> embed -> N x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> lm_head
+
+`forward` takes the new tokens of every sequence in the step packed into one
+1-D tensor, their positions, and `AttentionMetadata` saying which rows belong
+to which sequence. The attention backend and the KV cache are plugged in
+from outside, so later lessons swap them without touching this file.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import AttentionBackend, AttentionMetadata, get_backend
+from ..kv.base import KVCache
+from .config import ModelConfig
+from .layers import RMSNorm, RotaryEmbedding, SwiGLU
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.rope = rope  # shared by all layers; not a submodule of each
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                backend: AttentionBackend, kv_cache: KVCache | None) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)        # (T, Hq, D)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)     # (T, Hkv, D)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)     # (T, Hkv, D)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v, meta)           # (S, Hkv, D) context + new
+        o = backend(q, k, v, meta)                                       # (T, Hq, D)
+        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx, rope)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, positions, meta, backend, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), positions, meta, backend, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Parameter names follow Hugging Face's (``model.layers.0.self_attn.q_proj.weight``),
+    so a safetensors checkpoint loads with a plain ``load_state_dict``."""
+
+    def __init__(self, config: ModelConfig, attention_backend: str | AttentionBackend = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(config, i, self.rope) for i in range(config.num_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.set_attention_backend(attention_backend)
+
+    def set_attention_backend(self, backend: str | AttentionBackend) -> None:
+        self.attention = get_backend(backend) if isinstance(backend, str) else backend
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: KVCache | None = None, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: (T,) -> logits (T, V) in fp32, or (len(logits_indices), V).
+
+        Pass ``logits_indices`` (e.g. ``meta.last_token_indices()``) to run the
+        LM head only where a next token is needed: it is the largest matmul
+        of a small model.
+        """
+        x = self.model.embed_tokens(input_ids)                           # (T, C)
+        for layer in self.model.layers:
+            x = layer(x, positions, meta, self.attention, kv_cache)
+        if logits_indices is not None:
+            x = x[logits_indices]                                        # (B, C)
+        return self.lm_head(self.model.norm(x)).float()                  # (T or B, V)
+
+    def forward_sequence(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Convenience: logits (T, V) for one whole sequence, no cache."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(seqlens_q=[ids.numel()], context_lens=[0])
+        return self.forward(ids, meta.positions(self.device), meta)

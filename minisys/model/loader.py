@@ -1,0 +1,97 @@
+"""Load a model and its tokenizer: the default one, or any local HF directory.
+
+``load(None)`` (or ``$MINISYS_MODEL`` unset) gives SmolLM2-135M-Instruct
+from the package cache (see `store`); ``load("/path/to/dir")`` loads a
+Hugging Face directory of a Llama or Qwen2 model (config.json,
+*.safetensors, tokenizer.json); a path ending in ``.gguf`` is converted first.
+Weights are fp32 on CPU and bf16 on CUDA unless a dtype is given.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .llama import LlamaModel
+from .tokenizer import Tokenizer
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def resolve_model_dir(model: str | os.PathLike | None = None, quiet: bool = False) -> Path:
+    model = model or os.environ.get("MINISYS_MODEL")
+    if model is None:
+        from .store import default_model_dir
+        return default_model_dir(quiet=quiet)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        from .gguf_loader import convert_gguf_to_hf_dir
+        from .store import cache_dir, sha256_of
+        out = cache_dir() / "converted" / sha256_of(path)[:16]
+        if not (out / "config.json").exists():
+            convert_gguf_to_hf_dir(path, out)
+        return out
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json); minisys loads local "
+                                "Hugging Face directories or .gguf files and never downloads from a hub")
+    return path
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_model(path: Path, device: str | None = None, dtype: torch.dtype | None = None,
+               attention_backend: str = "auto") -> LlamaModel:
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    config = ModelConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
+    with torch.device("meta"):
+        model = LlamaModel(config, attention_backend=attention_backend)
+    state = load_state_dict(path)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = _check_keys(model, state)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint in {path} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # RoPE tables are buffers built at init (on meta): rebuild them for real
+    model.rope.__init__(config.head_dim, config.max_position_embeddings, config.rope_theta)
+    for layer in model.model.layers:
+        layer.self_attn.rope = model.rope
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _check_keys(model: LlamaModel, state: dict) -> tuple[list[str], list[str]]:
+    expected = {k for k in model.state_dict() if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    return sorted(expected - state.keys()), sorted(state.keys() - expected)
+
+
+def load(model: str | os.PathLike | None = None, device: str | None = None,
+         dtype: torch.dtype | None = None, attention_backend: str = "auto",
+         quiet: bool = False) -> tuple[LlamaModel, Tokenizer]:
+    """Load (model, tokenizer) from the default model or a local path."""
+    path = resolve_model_dir(model, quiet=quiet)
+    m = load_model(path, device, dtype, attention_backend)
+    tok = Tokenizer.from_dir(path, eos_token_ids=m.config.eos_token_ids)
+    return m, tok

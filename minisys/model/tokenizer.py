@@ -1,0 +1,80 @@
+"""Text <-> token ids, and the chat template.
+
+A thin wrapper around a Hugging Face `tokenizers.Tokenizer` (byte-level BPE)
+plus the model's jinja2 chat template, both read from a model directory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer, chat_template: str | None = None,
+                 bos_token: str | None = None, eos_token: str | None = None,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
+        self._tk = tokenizer
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        ids = set(eos_token_ids)
+        if eos_token is not None and tokenizer.token_to_id(eos_token) is not None:
+            ids.add(tokenizer.token_to_id(eos_token))
+        self.eos_token_ids: tuple[int, ...] = tuple(sorted(ids))
+
+    @classmethod
+    def from_dir(cls, path: str | Path, eos_token_ids: tuple[int, ...] = ()) -> "Tokenizer":
+        path = Path(path)
+        tk = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        cfg: dict[str, Any] = {}
+        if (path / "tokenizer_config.json").exists():
+            cfg = json.loads((path / "tokenizer_config.json").read_text())
+        template = cfg.get("chat_template")
+        if (path / "chat_template.jinja").exists():      # transformers >= 4.43 saves it apart
+            template = (path / "chat_template.jinja").read_text()
+        return cls(tk, template, _tok_str(cfg.get("bos_token")), _tok_str(cfg.get("eos_token")),
+                   eos_token_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens written in the text (e.g. <|im_start|>) map to their ids."""
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tk.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tk.id_to_token(i)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render a conversation with the model's chat template (jinja2), as transformers does."""
+        import jinja2.sandbox
+
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"each message needs a 'role' and a 'content', got {m!r}")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def _tok_str(tok: Any) -> str | None:
+    if isinstance(tok, dict):     # {"content": "<|im_end|>", ...} in older configs
+        return tok.get("content")
+    return tok
+
+
+def _raise(message: str):
+    raise ValueError(message)
