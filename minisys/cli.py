@@ -1,0 +1,131 @@
+"""Command-line entry points: generate, chat, grade, labs.
+
+    python -m minisys generate "What is the capital of France?"
+    python -m minisys chat
+    python -m minisys grade labs/01-tokens-to-text.ipynb [--results results.json]
+    python -m minisys labs build | check
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF directory or .gguf (default: $MINISYS_MODEL "
+                   "or SmolLM2-135M-Instruct from the package cache)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attention", default="auto", help="attention backend (auto, reference, sdpa, ...)")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _llm(args):
+    from .llm import LLM
+    return LLM(args.model, device=args.device, dtype=args.dtype, attention_backend=args.attention,
+               use_kv_cache=not args.no_kv_cache)
+
+
+def _params(args):
+    from .engine.sampling_params import SamplingParams
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          seed=args.seed, max_tokens=args.max_tokens, stop=args.stop)
+
+
+def cmd_generate(args) -> int:
+    llm = _llm(args)
+    params = _params(args)
+    prompt = (llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+              if not args.raw else args.prompt)
+    ids = llm.tokenizer.encode(prompt)
+    llm.runner.check_prompt(ids, params)
+    for ev in llm.runner.stream(ids, params):
+        print(ev.text_delta, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from rich.console import Console
+
+    console = Console()
+    llm = _llm(args)
+    params = _params(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    console.print("[bold]minisys chat[/bold] — SmolLM2 on "
+                  f"{llm.model.device}. Type a message; /reset clears the history, /quit or Ctrl-D leaves.")
+    while True:
+        try:
+            user = console.input("[bold green]you> [/]")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        if user.strip() in ("/quit", "/exit"):
+            return 0
+        if user.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages))
+        try:
+            llm.runner.check_prompt(ids, params)
+        except ValueError as e:
+            console.print(f"[red]{e}[/red] — try /reset")
+            messages.pop()
+            continue
+        console.print("[bold blue]bot> [/]", end="")
+        reply = ""
+        for ev in llm.runner.stream(ids, params):
+            reply += ev.text_delta
+            console.print(ev.text_delta, end="", markup=False, highlight=False)
+        console.print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minisys", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="answer one prompt (chat template applied unless --raw)")
+    g.add_argument("prompt")
+    g.add_argument("--raw", action="store_true", help="complete the text as is, no chat template")
+    _model_args(g)
+    _sampling_args(g, max_tokens=128)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat in the terminal")
+    c.add_argument("--system", default=None, help="system prompt")
+    _model_args(c)
+    _sampling_args(c, max_tokens=256)
+    c.set_defaults(func=cmd_chat)
+    sub.add_parser("grade", help="grade a lab notebook (see minisys/grading)", add_help=False)
+    sub.add_parser("labs", help="build or check the student notebooks", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "grade":
+        from .grading.grader import main_grade
+        return main_grade(argv[1:])
+    if argv and argv[0] == "labs":
+        from .grading.notebooks import main_labs
+        return main_labs(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

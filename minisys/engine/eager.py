@@ -1,0 +1,112 @@
+"""The eager baseline: one request at a time, the straightforward generate loop.
+
+    prefill:  logits = model(prompt)           -> sample token 1
+    decode:   logits = model(last token | KV)  -> sample token t+1   (with a KV cache)
+              logits = model(whole sequence)   -> sample token t+1   (without one)
+
+With a KV cache the keys and values of earlier tokens are kept in a
+contiguous buffer reserved for the full ``prompt + max_tokens`` length, so
+each decode step computes only the new token. Without a cache every step
+recomputes the whole sequence: O(T^2) work for T tokens. Every lab measures
+the serving engine against this loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ..attention.base import AttentionMetadata
+from ..kv.contiguous import ContiguousKVCache
+from ..model.llama import LlamaModel
+from ..model.tokenizer import Tokenizer
+from .detokenizer import IncrementalDetokenizer
+from .outputs import CompletionOutput
+from .sampler import make_generator, sample_next_token
+from .sampling_params import SamplingParams
+from .stopping import check_stop
+
+
+@dataclass
+class StepEvent:
+    """One generated token, as streamed: its id, the text it completed, and whether it ended the output."""
+
+    token_id: int
+    text_delta: str
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+class EagerGenerator:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, use_kv_cache: bool = True) -> None:
+        self.model, self.tokenizer, self.use_kv_cache = model, tokenizer, use_kv_cache
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse a prompt that cannot be served, with a message that says why."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not (0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        need = len(prompt_ids) + (params.max_tokens or 1)
+        if need > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                             f"{need} exceeds the model's context of {self.max_model_len} tokens")
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams,
+               generator: torch.Generator | None = None) -> Iterator[StepEvent]:
+        """Yield one `StepEvent` per generated token until a stop condition holds."""
+        self.check_prompt(prompt_ids, params)
+        device = self.model.device
+        generator = generator or make_generator(params.seed, device)
+        max_new = params.max_tokens or (self.max_model_len - len(prompt_ids))
+        cache = (ContiguousKVCache(self.model.config, len(prompt_ids) + max_new, 1,
+                                   self.model.dtype, device) if self.use_kv_cache else None)
+        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        seq = list(prompt_ids)
+        out: list[int] = []
+        new_ids = seq                      # tokens to feed this step
+        while True:
+            logits = self._forward(seq, new_ids, cache)                      # (1, V)
+            token = int(sample_next_token(logits, params, generator)[0])
+            out.append(token)
+            seq.append(token)
+            delta = detok.push(token)
+            decision = check_stop(out, detok.text, len(delta), params, self.tokenizer.eos_token_ids,
+                                  self.max_model_len, len(prompt_ids))
+            if decision.finish_reason is not None:
+                # the stop string may have been cut from the text: emit only what is left
+                emitted = len(detok.text) - len(delta)
+                yield StepEvent(token, (decision.text or "")[emitted:], decision.finish_reason,
+                                decision.stop_reason)
+                return
+            yield StepEvent(token, delta, None)
+            new_ids = [token]
+
+    def _forward(self, seq: list[int], new_ids: list[int], cache: ContiguousKVCache | None) -> torch.Tensor:
+        """Logits for the next token after `seq`: feed only `new_ids` with a cache, all of `seq` without."""
+        feed = new_ids if cache is not None else seq
+        context = len(seq) - len(feed)
+        meta = AttentionMetadata(seqlens_q=[len(feed)], context_lens=[context])
+        ids = torch.tensor(feed, dtype=torch.long, device=self.model.device)
+        return self.model(ids, meta.positions(self.model.device), meta, kv_cache=cache,
+                          logits_indices=meta.last_token_indices(self.model.device))
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, index: int = 0,
+                 generator: torch.Generator | None = None,
+                 on_token: Callable[[StepEvent], None] | None = None) -> CompletionOutput:
+        """Run `stream` to the end and collect a `CompletionOutput`."""
+        ids, text, last = [], "", None
+        for last in self.stream(prompt_ids, params, generator):
+            ids.append(last.token_id)
+            text += last.text_delta
+            if on_token:
+                on_token(last)
+        return CompletionOutput(index=index, text=text, token_ids=ids, finish_reason=last.finish_reason,
+                                stop_reason=last.stop_reason)

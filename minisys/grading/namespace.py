@@ -1,0 +1,178 @@
+"""Turn a notebook (or a solution source) into the namespace the lab tests grade.
+
+Grading does not start a Jupyter kernel: it ``exec``s each non-benchmark code
+cell, in order, in one fresh module (registered in ``sys.modules`` so that
+dataclasses and pickling work), with the repository root as the working
+directory and ``MINISYS_QUICK=1`` in the environment. Lines that start with
+``%`` or ``!`` (IPython magics and shell escapes) are blanked out.
+
+A cell that raises does not crash anything: execution stops there and the
+error is kept in :attr:`LoadedLab.error`, so each test can fail with a message
+that names the cell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import os
+import sys
+import traceback
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+from minisys.grading.source import BENCHMARK_TAG, parse_solution
+
+QUICK_ENV = {"MINISYS_QUICK": "1"}
+
+
+@dataclass(frozen=True)
+class GradingCell:
+    """A code cell to run: where it came from and the exact source to exec.
+
+    ``filename`` is what tracebacks show: the solution file itself (``source``
+    is padded with blank lines so line numbers match it) or ``<NAME cell N>``.
+    """
+
+    index: int  # position among all cells of the notebook, from 0
+    cell_id: str
+    source: str
+    filename: str
+
+    def describe(self) -> str:
+        """``cell 3 (id cell-003)``: how error messages name the cell."""
+        return f"cell {self.index} (id {self.cell_id})"
+
+
+@dataclass(frozen=True)
+class CellError:
+    """The exception a cell raised while the namespace was being built."""
+
+    cell: GradingCell
+    error: str  # "ZeroDivisionError: division by zero"
+    traceback: str
+
+    def message(self, origin: str) -> str:
+        """A message for students: which cell, its first lines, the traceback."""
+        head = "\n".join(self.cell.source.strip("\n").splitlines()[:8])
+        return (
+            f"Running {origin} failed in {self.cell.describe()}: {self.error}\n"
+            f"The tests cannot use your code until that cell runs. The cell begins:\n"
+            f"{_indent(head)}\n{self.traceback}"
+        )
+
+
+@dataclass
+class LoadedLab:
+    """The namespace built from a notebook, and the error that stopped it, if any."""
+
+    namespace: types.ModuleType
+    error: CellError | None = None
+    origin: str = "the notebook"
+
+
+def grading_cells(path: str | Path) -> list[GradingCell]:
+    """The non-benchmark code cells of a ``.ipynb`` notebook or a solution ``.py``."""
+    path = Path(path)
+    if path.suffix == ".py":
+        return _solution_cells(path)
+    return _notebook_cells(path)
+
+
+def _solution_cells(path: Path) -> list[GradingCell]:
+    """Cells of a solution source, padded so tracebacks point into the file."""
+    lab = parse_solution(path)
+    return [
+        GradingCell(index, f"cell-{index:03d}", "\n" * (cell.line - 1) + cell.source, str(path))
+        for index, cell in enumerate(lab.cells)
+        if cell.kind == "code" and not cell.is_benchmark
+    ]
+
+
+def _notebook_cells(path: Path) -> list[GradingCell]:
+    """Cells of a notebook; magics blanked, source registered for tracebacks."""
+    notebook = nbformat.read(path, as_version=4)
+    cells = []
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code" or BENCHMARK_TAG in cell.metadata.get("tags", []):
+            continue
+        source = strip_magics(cell.source)
+        filename = f"<{path.name} cell {index}>"
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        cells.append(GradingCell(index, cell.get("id", "?"), source, filename))
+    return cells
+
+
+def strip_magics(source: str) -> str:
+    """Blank out lines that start with ``%`` or ``!``, keeping line numbers."""
+    lines = source.splitlines()
+    return "\n".join("" if line.startswith(("%", "!")) else line for line in lines)
+
+
+def execute_cells(
+    cells: list[GradingCell], root: str | Path, module_name: str = "lab_notebook"
+) -> LoadedLab:
+    """``exec`` ``cells`` in order in a fresh module; stop at the first error."""
+    module = types.ModuleType(module_name)
+    sys.modules[module_name] = module
+    with working_directory(root), environment(QUICK_ENV):
+        for cell in cells:
+            try:
+                exec(compile(cell.source, cell.filename, "exec"), module.__dict__)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - SystemExit, pytest.skip: still the cell's fault
+                return LoadedLab(module, CellError(cell, _one_line(exc), _traceback(exc)))
+    return LoadedLab(module)
+
+
+def load_lab(path: str | Path, root: str | Path, module_name: str = "lab_notebook") -> LoadedLab:
+    """Read ``path`` (a notebook or a solution source) and execute its cells."""
+    path = Path(path)
+    loaded = execute_cells(grading_cells(path), root, module_name)
+    loaded.origin = f"notebook {path.name}" if path.suffix == ".ipynb" else f"solution {path.name}"
+    return loaded
+
+
+@contextlib.contextmanager
+def working_directory(path: str | Path) -> Iterator[None]:
+    """Temporarily ``chdir`` to ``path``."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Temporarily set environment variables, restoring the old values."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _traceback(exc: BaseException) -> str:
+    """The traceback without this module's own ``exec`` frame."""
+    tb = exc.__traceback__.tb_next if exc.__traceback__ else None
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())

@@ -1,0 +1,157 @@
+"""Generate the notebooks of a lab from its solution source, and keep labs/ in sync.
+
+``solutions/labNN_<slug>.py``  --build_notebook(student=True)-->  ``labs/NN-<slug>.ipynb``
+
+The student notebook has every exercise region replaced by a stub, no outputs,
+cell ids ``cell-000``, ``cell-001``, ... and is written as nbformat v4 JSON with
+sorted keys, so regenerating it gives the same bytes. It is never edited by
+hand: ``python -m minisys labs check`` fails when it drifts from its source.
+The solution notebook (``student=False``) keeps the solution code; it is what
+CI executes top to bottom and grades for full marks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from minisys.grading.source import Cell, LabSource, parse_solution, stub_exercises
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+def build_notebook(lab: LabSource, student: bool = True) -> nbformat.NotebookNode:
+    """The notebook of ``lab``: stubs in place of solutions when ``student``."""
+    cells = [_notebook_cell(cell, index, lab, student) for index, cell in enumerate(lab.cells)]
+    metadata = {
+        "kernelspec": dict(KERNELSPEC),
+        "language_info": {"name": "python"},
+        "minisys": {"lab": lab.number, "source": lab.source_ref},
+    }
+    return new_notebook(cells=cells, metadata=metadata)
+
+
+def _notebook_cell(
+    cell: Cell, index: int, lab: LabSource, student: bool
+) -> nbformat.NotebookNode:
+    """One nbformat cell with a stable id and the cell's tags in its metadata."""
+    metadata = {"tags": list(cell.tags)} if cell.tags else {}
+    cell_id = f"cell-{index:03d}"
+    if cell.kind == "markdown":
+        return new_markdown_cell(cell.source, id=cell_id, metadata=metadata)
+    source = stub_exercises(cell.source, lab.path, cell.line) if student else cell.source
+    return new_code_cell(source, id=cell_id, metadata=metadata)
+
+
+def notebook_bytes(notebook: nbformat.NotebookNode) -> bytes:
+    """Deterministic JSON: nbformat's writer sorts keys; always end with a newline."""
+    nbformat.validate(notebook)
+    text = nbformat.writes(notebook, version=4)
+    return (text if text.endswith("\n") else text + "\n").encode("utf-8")
+
+
+def solution_sources(root: Path = REPO_ROOT) -> list[Path]:
+    """Every ``solutions/labNN_*.py`` under ``root``, sorted."""
+    return sorted((root / "solutions").glob("lab[0-9][0-9]_*.py"))
+
+
+def expected_labs(root: Path = REPO_ROOT) -> dict[Path, bytes]:
+    """What labs/ must hold: notebook path -> bytes, generated in memory."""
+    expected = {}
+    for source in solution_sources(root):
+        lab = parse_solution(source)
+        expected[root / "labs" / lab.notebook_name] = notebook_bytes(build_notebook(lab))
+    return expected
+
+
+@dataclass(frozen=True)
+class LabProblem:
+    """A student notebook out of sync: ``kind`` is missing, stale or orphan."""
+
+    path: Path
+    kind: str
+
+    def __str__(self) -> str:
+        reasons = {
+            "missing": "missing: run `python -m minisys labs build`",
+            "stale": "stale: differs from its solution source; run `python -m minisys labs build`",
+            "orphan": "orphan: no solutions/labNN_*.py generates it",
+        }
+        return f"{_shown(self.path)}: {reasons[self.kind]}"
+
+
+def check_labs(root: Path = REPO_ROOT) -> list[LabProblem]:
+    """Compare labs/ with what solutions/ generates; an empty list means in sync."""
+    expected = expected_labs(root)
+    problems = []
+    for path, content in expected.items():
+        if not path.exists():
+            problems.append(LabProblem(path, "missing"))
+        elif path.read_bytes() != content:
+            problems.append(LabProblem(path, "stale"))
+    for path in sorted((root / "labs").glob("*.ipynb")):
+        if path not in expected:
+            problems.append(LabProblem(path, "orphan"))
+    return problems
+
+
+def build_labs(root: Path = REPO_ROOT) -> list[str]:
+    """Regenerate labs/ from solutions/; return one line per change made.
+
+    Notebooks are rewritten only when their bytes change; orphan notebooks
+    (generated from a solution that is gone) are removed, since labs/ only
+    ever holds generated files.
+    """
+    changes = []
+    expected = expected_labs(root)
+    (root / "labs").mkdir(exist_ok=True)
+    for path, content in expected.items():
+        if not path.exists() or path.read_bytes() != content:
+            path.write_bytes(content)
+            changes.append(f"wrote {_shown(path)}")
+    for path in sorted((root / "labs").glob("*.ipynb")):
+        if path not in expected:
+            path.unlink()
+            changes.append(f"removed {_shown(path)} (no solution source)")
+    return changes
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def main_labs(argv: list[str]) -> int:
+    """``labs build`` regenerates labs/; ``labs check`` exits 1 if it is out of sync."""
+    parser = argparse.ArgumentParser(prog="python -m minisys labs", description=__doc__)
+    parser.add_argument("action", choices=["build", "check"])
+    parser.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root")
+    args = parser.parse_args(argv)
+    if args.action == "build":
+        changes = build_labs(args.root)
+        print("\n".join(changes) if changes else "labs/ already up to date")
+        return 0
+    problems = check_labs(args.root)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"labs/ in sync with solutions/ ({len(solution_sources(args.root))} labs)")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m minisys.grading.notebooks build|check``."""
+    return main_labs(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

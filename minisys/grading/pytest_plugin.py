@@ -1,0 +1,127 @@
+"""The pytest side of a lab: the ``impl`` fixture and the ``--lab-notebook`` option.
+
+``tests/labs/conftest.py`` imports the names below, so every
+``tests/labs/test_labNN.py`` gets them for free. A lab test asks for ``impl``
+and calls the exercise functions on it::
+
+    @pytest.mark.points(2)
+    @pytest.mark.exercise("softmax")
+    def test_softmax_rows_sum_to_one(impl):
+        assert torch.allclose(impl.softmax(x).sum(-1), torch.ones(3))
+
+``impl`` is parametrized:
+
+- ``reference``: ``reference_impl()`` of the test module (built from minisys);
+- ``solution``: the namespace from executing ``solutions/labNN_*.py``;
+- ``notebook``: only this one, when ``--lab-notebook PATH`` is given (the grader).
+
+Executed namespaces are cached for the session. When a cell raises, every test
+that uses ``impl`` fails with a message naming the cell.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from minisys.grading.namespace import LoadedLab, load_lab
+
+__all__ = [
+    "pytest_addoption",
+    "pytest_configure",
+    "pytest_generate_tests",
+    "lab_namespace_cache",
+    "impl",
+]
+
+NOTEBOOK_OPTION = "--lab-notebook"
+TEST_FILE = re.compile(r"^test_lab(?P<number>\d\d)")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        NOTEBOOK_OPTION,
+        default=None,
+        metavar="PATH",
+        help="grade this notebook: `impl` is only the namespace of its code cells",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also declared in pyproject.toml; repeated so that labs outside this repo work.
+    config.addinivalue_line("markers", "points(n): points a lab test is worth in the grader")
+    config.addinivalue_line("markers", "exercise(name): the lab exercise a test grades")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``impl``: reference + solution, or only the graded notebook."""
+    if "impl" not in metafunc.fixturenames:
+        return
+    notebook = metafunc.config.getoption("lab_notebook", default=None)
+    kinds = ["notebook"] if notebook else ["reference", "solution"]
+    metafunc.parametrize("impl", kinds, indirect=True, ids=kinds)
+
+
+@pytest.fixture(scope="session")
+def lab_namespace_cache() -> dict[tuple[str, str], object]:
+    """Namespaces already built in this session: executing a notebook takes seconds."""
+    return {}
+
+
+@pytest.fixture
+def impl(request: pytest.FixtureRequest, lab_namespace_cache: dict) -> object:
+    """The implementation under test: a namespace whose attributes are the exercises."""
+    kind = request.param
+    test_file = Path(request.path)
+    if kind == "reference":
+        key = ("reference", str(test_file))
+        if key not in lab_namespace_cache:
+            lab_namespace_cache[key] = _reference(request.module)
+        return lab_namespace_cache[key]
+    if kind == "solution":
+        path = find_solution_source(test_file)
+        module_name = f"lab{lab_number(test_file)}_solution"
+    else:
+        path = Path(request.config.getoption("lab_notebook")).resolve()
+        module_name = "lab_notebook"
+    key = (kind, str(path))
+    if key not in lab_namespace_cache:
+        lab_namespace_cache[key] = load_lab(path, find_lab_root(test_file), module_name)
+    loaded: LoadedLab = lab_namespace_cache[key]  # type: ignore[assignment]
+    if loaded.error is not None:
+        pytest.fail(loaded.error.message(loaded.origin), pytrace=False)
+    return loaded.namespace
+
+
+def _reference(module: object) -> object:
+    factory = getattr(module, "reference_impl", None)
+    if factory is None:
+        pytest.fail(f"{module.__name__} must define reference_impl() -> namespace", pytrace=False)
+    return factory()
+
+
+def lab_number(test_file: Path) -> str:
+    """``tests/labs/test_lab03_extra.py`` -> ``"03"``."""
+    match = TEST_FILE.match(test_file.name)
+    if match is None:
+        pytest.fail(f"{test_file}: lab tests are named test_labNN*.py", pytrace=False)
+    return match["number"]
+
+
+def find_lab_root(test_file: Path) -> Path:
+    """The nearest directory above ``test_file`` that has a ``solutions/`` folder."""
+    for parent in test_file.resolve().parents:
+        if (parent / "solutions").is_dir():
+            return parent
+    pytest.fail(f"no solutions/ folder above {test_file}", pytrace=False)
+
+
+def find_solution_source(test_file: Path) -> Path:
+    """``solutions/labNN_*.py`` for the lab ``test_file`` tests (exactly one)."""
+    number = lab_number(test_file)
+    matches = sorted((find_lab_root(test_file) / "solutions").glob(f"lab{number}_*.py"))
+    if len(matches) != 1:
+        pytest.fail(f"expected one solutions/lab{number}_*.py, found {len(matches)}", pytrace=False)
+    return matches[0]

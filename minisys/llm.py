@@ -1,0 +1,133 @@
+"""The offline API, in vLLM's shape.
+
+    from minisys import LLM, SamplingParams
+    llm = LLM()                                   # SmolLM2-135M-Instruct by default
+    outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+    print(outs[0].outputs[0].text)
+    llm.chat([{"role": "user", "content": "What is the capital of France?"}])
+
+For now requests run one at a time on the eager baseline; the engine lesson
+replaces the inside of `generate`, not its signature.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Sequence, Union
+
+import torch
+
+from .engine.eager import EagerGenerator
+from .engine.outputs import RequestOutput
+from .engine.sampler import make_generator
+from .engine.sampling_params import SamplingParams
+from .model.loader import load
+
+PromptType = Union[str, dict[str, Any]]   # "text" | {"prompt": "text"} | {"prompt_token_ids": [...]}
+Message = dict[str, str]
+
+
+class LLM:
+    def __init__(self, model: str | os.PathLike | None = None, device: str | None = None,
+                 dtype: torch.dtype | str | None = None, attention_backend: str = "auto",
+                 use_kv_cache: bool = True, quiet: bool = False) -> None:
+        if isinstance(dtype, str):
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                     "float16": torch.float16}.get(dtype) or _bad_dtype(dtype)
+        self.model, self.tokenizer = load(model, device, dtype, attention_backend, quiet=quiet)
+        self.runner = EagerGenerator(self.model, self.tokenizer, use_kv_cache=use_kv_cache)
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for each prompt; outputs come back in input order."""
+        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = _params_per_prompt(sampling_params, len(prompt_list))
+        requests = [self._tokenize(p) for p in prompt_list]      # validate all before running any
+        for (text, ids), sp in zip(requests, params):
+            self.runner.check_prompt(ids, sp)
+        results = []
+        with _Progress(len(requests), enabled=use_tqdm) as progress:
+            for (text, ids), sp in zip(requests, params):
+                results.append(self._run_one(text, ids, sp, progress))
+        return results
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the chat template to one conversation (or a list of them) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [{"prompt": self.tokenizer.apply_chat_template(c, add_generation_prompt)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return prompt.get("prompt"), list(ids)
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        raise ValueError(f"a prompt is a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}; got {prompt!r}")
+
+    def _run_one(self, text: str | None, ids: list[int], sp: SamplingParams, progress) -> RequestOutput:
+        request_id = str(self._next_id)
+        self._next_id += 1
+        generator = make_generator(sp.seed, self.model.device)   # one generator for all n samples
+        outputs = [self.runner.generate(ids, sp, index=i, generator=generator,
+                                        on_token=lambda _ev: progress.token())
+                   for i in range(sp.n)]
+        progress.request_done()
+        return RequestOutput(request_id, text, ids, outputs, finished=True)
+
+
+def _params_per_prompt(sp, n: int) -> list[SamplingParams]:
+    if sp is None:
+        return [SamplingParams()] * n
+    if isinstance(sp, SamplingParams):
+        return [sp] * n
+    sp = list(sp)
+    if len(sp) != n:
+        raise ValueError(f"got {len(sp)} SamplingParams for {n} prompts: give one, or one per prompt")
+    return sp
+
+
+def _bad_dtype(name: str):
+    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}")
+
+
+class _Progress:
+    """A rich progress bar over requests showing output tokens/s (silent when disabled)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled and total > 0
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            self.bar = Progress("[bold]generating", BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[tps]:.1f} tok/s"), TimeElapsedColumn(),
+                                transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("gen", total=self.total, tps=0.0)
+        return self
+
+    def token(self) -> None:
+        self.tokens += 1
+
+    def request_done(self) -> None:
+        if self.enabled:
+            tps = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.update(self.task, advance=1, tps=tps)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
