@@ -45,7 +45,10 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for each prompt; outputs come back in input order."""
-        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else prompts
+        if not isinstance(prompt_list, (list, tuple)):
+            raise ValueError(f"a prompt is a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, "
+                             f"or a list of them; got {type(prompts).__name__}")
         params = _params_per_prompt(sampling_params, len(prompt_list))
         requests = [self._tokenize(p) for p in prompt_list]      # validate all before running any
         for (text, ids), sp in zip(requests, params):

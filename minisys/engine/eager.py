@@ -12,7 +12,6 @@ the serving engine against this loop.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -21,21 +20,10 @@ from ..attention.base import AttentionMetadata
 from ..kv.contiguous import ContiguousKVCache
 from ..model.llama import LlamaModel
 from ..model.tokenizer import Tokenizer
-from .detokenizer import IncrementalDetokenizer
+from .output_processor import OutputProcessor, StepEvent
 from .outputs import CompletionOutput
 from .sampler import make_generator, sample_next_token
 from .sampling_params import SamplingParams
-from .stopping import check_stop
-
-
-@dataclass
-class StepEvent:
-    """One generated token, as streamed: its id, the text it completed, and whether it ended the output."""
-
-    token_id: int
-    text_delta: str
-    finish_reason: str | None
-    stop_reason: int | str | None = None
 
 
 class EagerGenerator:
@@ -68,25 +56,17 @@ class EagerGenerator:
         max_new = params.max_tokens or (self.max_model_len - len(prompt_ids))
         cache = (ContiguousKVCache(self.model.config, len(prompt_ids) + max_new, 1,
                                    self.model.dtype, device) if self.use_kv_cache else None)
-        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        proc = OutputProcessor(self.tokenizer, params, len(prompt_ids), self.max_model_len)
         seq = list(prompt_ids)
-        out: list[int] = []
         new_ids = seq                      # tokens to feed this step
         while True:
             logits = self._forward(seq, new_ids, cache)                      # (1, V)
             token = int(sample_next_token(logits, params, generator)[0])
-            out.append(token)
             seq.append(token)
-            delta = detok.push(token)
-            decision = check_stop(out, detok.text, len(delta), params, self.tokenizer.eos_token_ids,
-                                  self.max_model_len, len(prompt_ids))
-            if decision.finish_reason is not None:
-                # the stop string may have been cut from the text: emit only what is left
-                emitted = len(detok.text) - len(delta)
-                yield StepEvent(token, (decision.text or "")[emitted:], decision.finish_reason,
-                                decision.stop_reason)
+            event = proc.append(token)
+            yield event
+            if event.finish_reason is not None:
                 return
-            yield StepEvent(token, delta, None)
             new_ids = [token]
 
     def _forward(self, seq: list[int], new_ids: list[int], cache: ContiguousKVCache | None) -> torch.Tensor:

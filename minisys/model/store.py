@@ -47,7 +47,7 @@ CONVERTER_VERSION = "1"  # bump when the conversion changes, to invalidate cache
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MINISYS_CACHE", Path.home() / ".cache" / "minisys"))
+    return Path(os.environ.get("MINISYS_CACHE") or Path.home() / ".cache" / "minisys")
 
 
 def sha256_of(path: Path) -> str:

@@ -1,0 +1,58 @@
+"""Turning a sequence's new tokens into streamed text and a finish decision.
+
+`OutputProcessor` combines the incremental detokenizer and the stop checks,
+and makes streaming safe with stop strings: text that could still turn out
+to be the start of a stop string (the last ``len(longest stop) - 1``
+characters) is held back until the next token settles it, so a stop string
+is never leaked into the stream and the streamed deltas always add up to the
+final text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..model.tokenizer import Tokenizer
+from .detokenizer import IncrementalDetokenizer
+from .sampling_params import SamplingParams
+from .stopping import check_stop
+
+
+@dataclass
+class StepEvent:
+    """One generated token, as streamed: its id, the text it released, and whether it ended the output."""
+
+    token_id: int
+    text_delta: str
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, num_prompt_tokens: int,
+                 max_model_len: int) -> None:
+        self.params, self.tokenizer = params, tokenizer
+        self.num_prompt_tokens, self.max_model_len = num_prompt_tokens, max_model_len
+        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
+        self.token_ids: list[int] = []
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.emitted = 0          # characters of detok.text already streamed
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.text = ""            # final text once finished
+
+    def append(self, token_id: int) -> StepEvent:
+        if self.finish_reason is not None:
+            raise RuntimeError("append() after the output finished")
+        self.token_ids.append(token_id)
+        delta = self.detok.push(token_id)
+        d = check_stop(self.token_ids, self.detok.text, len(delta), self.params,
+                       self.tokenizer.eos_token_ids, self.max_model_len, self.num_prompt_tokens)
+        if d.finish_reason is not None:
+            self.finish_reason, self.stop_reason, self.text = d.finish_reason, d.stop_reason, d.text or ""
+            out = self.text[self.emitted:]
+            self.emitted = len(self.text)
+            return StepEvent(token_id, out, d.finish_reason, d.stop_reason)
+        safe = max(self.emitted, len(self.detok.text) - self.holdback)
+        out = self.detok.text[self.emitted:safe]
+        self.emitted = safe
+        return StepEvent(token_id, out)

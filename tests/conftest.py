@@ -1,0 +1,76 @@
+"""Shared fixtures: the real default model, its transformers twin, tiny random models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 on CPU, via minisys's own loader."""
+    from minisys.model import load
+    return load(None, device="cpu", dtype=torch.float32, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smol_gguf_path() -> Path:
+    from minisys.model.store import fetch_gguf
+    return fetch_gguf(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def hf_smol(smol_gguf_path):
+    """The same GGUF loaded by Hugging Face transformers: the independent oracle."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    d, f = str(smol_gguf_path.parent), smol_gguf_path.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    return model, tok
+
+
+def save_tiny_hf_model(path: Path, model_type: str, seed: int = 0, tie: bool = False) -> Path:
+    """Save a small random Llama/Qwen2 with transformers' save_pretrained (plus SmolLM2-like tokenizer files)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_theta=10000.0)
+    model = AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():   # random non-zero biases so that Qwen2's q/k/v bias path is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    _write_tiny_tokenizer(path, 512)
+    return path
+
+
+def _write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-level BPE whose vocabulary fits the tiny model (256 bytes + merges + specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    tk.save(str(path / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """{name: directory} of tiny random HF checkpoints: llama (untied), llama (tied), qwen2."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "llama": save_tiny_hf_model(root / "llama", "llama", seed=1),
+        "llama-tied": save_tiny_hf_model(root / "llama-tied", "llama", seed=2, tie=True),
+        "qwen2": save_tiny_hf_model(root / "qwen2", "qwen2", seed=3),
+    }
