@@ -4,6 +4,7 @@
     python -m minisys chat
     python -m minisys grade labs/01-tokens-to-text.ipynb [--results results.json]
     python -m minisys labs build | check
+    python -m minisys bench kv-cache
 """
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
     sub.add_parser("grade", help="grade a lab notebook (see minisys/grading)", add_help=False)
     sub.add_parser("labs", help="build or check the student notebooks", add_help=False)
+    sub.add_parser("bench", help="run a benchmark (kv-cache, ...)", add_help=False)
     return parser
 
 
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "grade":
         from .grading.grader import main_grade
         return main_grade(argv[1:])
+    if argv and argv[0] == "bench":
+        from .bench.__main__ import main as main_bench
+        return main_bench(argv[1:])
     if argv and argv[0] == "labs":
         from .grading.notebooks import main_labs
         return main_labs(argv[1:])

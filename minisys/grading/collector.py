@@ -69,7 +69,9 @@ class GradeCollector:
             return  # keep the first failure
         row.outcome = "skipped" if report.skipped else report.outcome
         row.reason, row.output = _reason(report), report.longreprtext[-OUTPUT_LIMIT:]
-        if report.when != "call" and report.failed:
+        if row.reason.startswith("Failed: "):  # pytest.fail(...): the message says it all
+            row.reason = row.reason.removeprefix("Failed: ")
+        elif report.when != "call" and report.failed:
             row.reason = f"error in {report.when}: {row.reason}"
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:

@@ -60,7 +60,7 @@ class CellError:
         """A message for students: which cell, its first lines, the traceback."""
         head = "\n".join(self.cell.source.strip("\n").splitlines()[:8])
         return (
-            f"Running {origin} failed in {self.cell.describe()}: {self.error}\n"
+            f"{self.cell.describe()} of {origin} raised {self.error}\n"
             f"The tests cannot use your code until that cell runs. The cell begins:\n"
             f"{_indent(head)}\n{self.traceback}"
         )
@@ -125,7 +125,7 @@ def execute_cells(
                 exec(compile(cell.source, cell.filename, "exec"), module.__dict__)
             except KeyboardInterrupt:
                 raise
-            except BaseException as exc:  # noqa: BLE001 - SystemExit, pytest.skip: still the cell's fault
+            except BaseException as exc:  # noqa: BLE001 - SystemExit, pytest.skip too
                 return LoadedLab(module, CellError(cell, _one_line(exc), _traceback(exc)))
     return LoadedLab(module)
 

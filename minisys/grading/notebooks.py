@@ -20,7 +20,13 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from minisys.grading.source import Cell, LabSource, parse_solution, stub_exercises
+from minisys.grading.source import (
+    Cell,
+    LabFormatError,
+    LabSource,
+    parse_solution,
+    stub_exercises,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -132,15 +138,21 @@ def _shown(path: Path) -> str:
 
 def main_labs(argv: list[str]) -> int:
     """``labs build`` regenerates labs/; ``labs check`` exits 1 if it is out of sync."""
-    parser = argparse.ArgumentParser(prog="python -m minisys labs", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m minisys labs", description="Generate or check labs/ from solutions/."
+    )
     parser.add_argument("action", choices=["build", "check"])
     parser.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root")
     args = parser.parse_args(argv)
-    if args.action == "build":
-        changes = build_labs(args.root)
-        print("\n".join(changes) if changes else "labs/ already up to date")
-        return 0
-    problems = check_labs(args.root)
+    try:
+        if args.action == "build":
+            changes = build_labs(args.root)
+            print("\n".join(changes) if changes else "labs/ already up to date")
+            return 0
+        problems = check_labs(args.root)
+    except LabFormatError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     for problem in problems:
         print(problem)
     if not problems:

@@ -1,0 +1,21 @@
+"""python -m minisys bench NAME ... : dispatch to a benchmark program."""
+from __future__ import annotations
+
+import sys
+
+BENCHMARKS = {
+    "kv-cache": "minisys.bench.kv_cache",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: python -m minisys bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
+        return 2
+    import importlib
+    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
