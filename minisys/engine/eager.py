@@ -70,13 +70,7 @@ class EagerGenerator:
             new_ids = [token]
 
     def _forward(self, seq: list[int], new_ids: list[int], cache: ContiguousKVCache | None) -> torch.Tensor:
-        """Logits for the next token after `seq`: feed only `new_ids` with a cache, all of `seq` without."""
-        feed = new_ids if cache is not None else seq
-        context = len(seq) - len(feed)
-        meta = AttentionMetadata(seqlens_q=[len(feed)], context_lens=[context])
-        ids = torch.tensor(feed, dtype=torch.long, device=self.model.device)
-        return self.model(ids, meta.positions(self.model.device), meta, kv_cache=cache,
-                          logits_indices=meta.last_token_indices(self.model.device))
+        return next_token_logits(self.model, seq, new_ids if cache is not None else seq, cache)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, index: int = 0,
                  generator: torch.Generator | None = None,
@@ -90,3 +84,32 @@ class EagerGenerator:
                 on_token(last)
         return CompletionOutput(index=index, text=text, token_ids=ids, finish_reason=last.finish_reason,
                                 stop_reason=last.stop_reason)
+
+
+def next_token_logits(model: LlamaModel, seq: list[int], feed: list[int],
+                      cache: ContiguousKVCache | None) -> torch.Tensor:
+    """Logits (1, V) for the token after `seq`, running the model on `feed` only.
+
+    `feed` is the tail of `seq` the model has not seen yet: all of `seq`
+    without a cache (recompute everything), just the new tokens with one
+    (their keys/values are appended to the cache, earlier ones are read from it).
+    """
+    context = len(seq) - len(feed)
+    meta = AttentionMetadata(seqlens_q=[len(feed)], context_lens=[context])
+    ids = torch.tensor(feed, dtype=torch.long, device=model.device)
+    return model(ids, meta.positions(model.device), meta, kv_cache=cache,
+                 logits_indices=meta.last_token_indices(model.device))
+
+
+def greedy_generate(model: LlamaModel, prompt_ids: list[int], max_new_tokens: int,
+                    use_kv_cache: bool = True) -> list[int]:
+    """The bare generation loop of lesson 01: greedy, no stop conditions, returns the new token ids."""
+    cache = (ContiguousKVCache(model.config, len(prompt_ids) + max_new_tokens, 1, model.dtype, model.device)
+             if use_kv_cache else None)
+    seq, feed, out = list(prompt_ids), list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        token = int(next_token_logits(model, seq, feed if use_kv_cache else seq, cache).argmax(-1))
+        out.append(token)
+        seq.append(token)
+        feed = [token]
+    return out
