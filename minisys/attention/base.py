@@ -31,6 +31,9 @@ class AttentionMetadata:
     seqlens_q: list[int]            # new tokens per sequence this step
     context_lens: list[int]         # tokens already in the KV cache per sequence
     cache_slots: list[int] = field(default_factory=list)  # row of a contiguous cache per sequence
+    # Paged KV cache (lesson 03; None otherwise), see minisys/kv/paged.py:
+    slot_mapping: torch.Tensor | None = None   # (T,) int64 pool slot (block * block_size + offset) per new token
+    block_tables: torch.Tensor | None = None   # (B, max_blocks) int64 block ids per sequence, padded with 0
     cu_seqlens_q: torch.Tensor = field(init=False)  # (B+1,) int64
     cu_seqlens_k: torch.Tensor = field(init=False)  # (B+1,) int64
 
