@@ -176,3 +176,13 @@ def test_smollm2_paged_greedy_text_matches_contiguous(smol):
     assert got == want and again == want
     assert runner.allocator.hits == len(ids) // 8 or runner.allocator.hits == (len(ids) - 1) // 8
     print(repr(tok.decode(got)))
+
+
+def test_benchmark_workload_paged_keeps_95_percent():
+    from minisys.bench.paged_kv import chat_workload, contiguous_utilisation, fits_contiguous, fits_paged, \
+        paged_utilisation
+    reqs = chat_workload(200, seed=0)
+    paged = paged_utilisation(reqs, 16)
+    eager = contiguous_utilisation(reqs, lambda r: r.prompt_len + 512)
+    assert paged >= 0.95 > eager
+    assert fits_paged(reqs, 65536, 16) > fits_contiguous(reqs, 65536, lambda r: r.prompt_len + 512)
