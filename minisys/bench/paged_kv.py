@@ -224,7 +224,8 @@ def plot(res: dict, path: str) -> None:
     axes[0].set_xlabel("tokens"), axes[0].set_ylabel("requests"), axes[0].legend()
     axes[0].set_title("workload lengths")
     names = list(res["utilisation"])
-    short = [n.replace("contiguous ", "contig.\n").replace("paged ", "paged\n") for n in names]
+    short = [n.replace("contiguous max_model_len", "contig.\nmax len").replace(
+        "contiguous prompt+max_tokens", "contig.\nprompt+max").replace("paged ", "paged\n") for n in names]
     axes[1].bar(short, [100 * res["utilisation"][n] for n in names],
                 color=["tab:red", "tab:orange"] + ["tab:green"] * (len(names) - 2))
     axes[1].axhline(95, ls="--", c="k", lw=0.8)
