@@ -6,12 +6,14 @@ correct one for the device.
 from __future__ import annotations
 
 from .base import AttentionBackend, AttentionMetadata, causal_mask, expand_kv_heads
+from .paged import PagedAttention
 from .reference import ReferenceAttention
 from .sdpa import SDPAAttention
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
     "reference": ReferenceAttention,
     "sdpa": SDPAAttention,
+    "paged": PagedAttention,
 }
 
 
