@@ -149,7 +149,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.a = BlockAllocator(12, 3, seed=0)
+        self.a = BlockAllocator(12, 3, seed=0, debug=True)   # checks after every operation too
         self.tokens: dict[int, list[int]] = {}     # the model: each live sequence's tokens
         self.next_id = 0
         self.history: list[list[int]] = []         # prompts seen, replayed to hit the cache

@@ -119,15 +119,16 @@ class BlockAllocator:
     reusable prefix), ``queries`` / ``hits`` (full prompt blocks looked up /
     found in the prefix cache), ``evictions``.
     ``seed`` shuffles the initial free list (tests use it so a paged read of
-    the wrong slot cannot pass by luck).
+    the wrong slot cannot pass by luck). ``debug=True`` runs
+    `check_invariants` after every allocate / append_slot / fork / free.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, debug: bool = False) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be positive")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.enable_prefix_caching = enable_prefix_caching
+        self.enable_prefix_caching, self.debug = enable_prefix_caching, debug
         self.blocks = [_Block(i) for i in range(num_blocks)]
         order = list(range(num_blocks))
         if seed is not None:
@@ -195,6 +196,7 @@ class BlockAllocator:
         self.tables[seq_id] = table
         for i in range(len(hits), len(token_ids) // self.block_size):   # newly filled blocks
             self._register_full(table, i)
+        self._debug_check()
         return Allocation(table, len(hits) * self.block_size, new)
 
     def append_slot(self, seq_id, token_id: int) -> AppendResult | Refusal:
@@ -218,6 +220,7 @@ class BlockAllocator:
         table.token_ids.append(token_id)
         if table.num_tokens % self.block_size == 0:
             self._register_full(table, len(table.block_ids) - 1)
+        self._debug_check()
         return AppendResult(table.slot(pos), copy)
 
     def fork(self, parent_id, child_id) -> BlockTable:
@@ -229,6 +232,7 @@ class BlockAllocator:
             self.blocks[b].ref_count += 1
         child = BlockTable(list(parent.block_ids), list(parent.token_ids), self.block_size)
         self.tables[child_id] = child
+        self._debug_check()
         return child
 
     def free(self, seq_id) -> None:
@@ -238,6 +242,7 @@ class BlockAllocator:
             raise AllocatorError(f"free of unknown sequence {seq_id!r} (double free?)")
         for b in reversed(table.block_ids):                  # tail first: evicted before the prefix
             self._release(b)
+        self._debug_check()
 
     # ------------------------------------------------------------ internals
     def _lookup_prefix(self, token_ids: list[int]) -> list[int]:
@@ -304,6 +309,10 @@ class BlockAllocator:
         blk.token_ids = ()
 
     # ------------------------------------------------------------ invariants
+    def _debug_check(self) -> None:
+        if self.debug:
+            self.check_invariants()
+
     def check_invariants(self) -> None:
         """Assert the four invariants of the module docstring; raise AssertionError naming the broken one."""
         free, cached = list(self._free), list(self._cached_free)
@@ -337,3 +346,4 @@ class BlockAllocator:
             assert self._hash_to_block.get(self.blocks[b].hash) == b, f"cached free block {b} not findable"
         for h, b in self._hash_to_block.items():
             assert self.blocks[b].hash == h, f"hash table entry for block {b} is stale"
+        assert 0 <= self.hits <= self.queries, "more prefix-cache hits than lookups"
