@@ -64,7 +64,8 @@ print(slot_mapping([7, 2, 5], 0, 10, 4))    # block 7's 4 slots, block 2's, then
 #   to the right);
 # * `self.ref_counts[b]` — how many block tables hold block `b` (0 = free);
 # * `self.tables[seq_id]` — the sequence's block table (list of block ids);
-# * `self.tokens[seq_id]` — the sequence's token ids (one per position).
+# * `self.tokens[seq_id]` — the sequence's token ids (one per position);
+# * `self._take()` — pops a free block, sets its refcount to 1, returns its id.
 #
 # Write the four operations:
 #
