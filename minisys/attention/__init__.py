@@ -1,24 +1,42 @@
 """Attention backends behind one interface (see `base.AttentionBackend`).
 
+| name            | what it is                                                | use it for            |
+|-----------------|-----------------------------------------------------------|-----------------------|
+| ``reference``   | the textbook formula, full score matrix (the test oracle) | checking the others   |
+| ``sdpa``        | torch's fused ``scaled_dot_product_attention``            | speed (the default)   |
+| ``tiled``       | FlashAttention's online softmax in plain torch            | reading the algorithm |
+| ``decode``      | one query per sequence vs its cache; prefill -> sdpa      | decode steps          |
+| ``decode-splitk`` | FlashDecoding: KV chunks + log-sum-exp merge            | few long sequences    |
+
 `get_backend(name)` returns a backend by name; ``"auto"`` picks the fastest
-correct one for the device.
+correct one for the device (see `get_backend`).
 """
 from __future__ import annotations
 
 from .base import AttentionBackend, AttentionMetadata, causal_mask, expand_kv_heads
+from .decode import DecodeAttention, SplitKDecodeAttention, merge_partials
 from .paged import PagedAttention
 from .reference import ReferenceAttention
 from .sdpa import SDPAAttention
+from .tiled import TiledAttention, online_softmax_update
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
     "reference": ReferenceAttention,
     "sdpa": SDPAAttention,
     "paged": PagedAttention,
+    "tiled": TiledAttention,
+    "decode": DecodeAttention,
+    "decode-splitk": SplitKDecodeAttention,
 }
 
 
 def get_backend(name: str = "auto", device: str = "cpu") -> AttentionBackend:
-    """Return an attention backend instance. ``auto`` -> sdpa on every device."""
+    """Return an attention backend instance by name.
+
+    ``auto`` -> ``sdpa`` on every device: it is the fastest prefill backend
+    (fused kernel, no Python loop over tiles), measured by
+    ``python -m minisys bench attention`` (lesson 02).
+    """
     if name == "auto":
         name = "sdpa"
     if name not in BACKENDS:
@@ -28,4 +46,6 @@ def get_backend(name: str = "auto", device: str = "cpu") -> AttentionBackend:
 
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "BACKENDS", "get_backend",
-           "causal_mask", "expand_kv_heads"]
+           "causal_mask", "expand_kv_heads", "online_softmax_update", "merge_partials",
+           "ReferenceAttention", "SDPAAttention", "TiledAttention", "DecodeAttention",
+           "SplitKDecodeAttention"]
