@@ -1,0 +1,86 @@
+"""A request (one sequence) and its state machine.
+
+    WAITING ──admit──> RUNNING ──finish / abort──> FINISHED
+       ^                  │
+       │               preempt (no free block: blocks freed, tokens kept)
+       │                  v
+       └──re-queue──── PREEMPTED
+
+A WAITING request may also be aborted straight to FINISHED. FINISHED is
+terminal. `Request.transition` raises `IllegalTransition` on any move not in
+`ALLOWED_TRANSITIONS`, so a scheduler bug shows up where it happens.
+
+A preempted request keeps its generated tokens; when it is admitted again the
+whole ``prompt + output`` is recomputed as one prefill (preemption by
+recompute, vLLM's default), then decoding continues where it stopped.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+ALLOWED_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
+    RequestStatus.WAITING: frozenset({RequestStatus.RUNNING, RequestStatus.FINISHED}),
+    RequestStatus.RUNNING: frozenset({RequestStatus.PREEMPTED, RequestStatus.FINISHED}),
+    RequestStatus.PREEMPTED: frozenset({RequestStatus.WAITING}),
+    RequestStatus.FINISHED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A request was moved along an edge that `ALLOWED_TRANSITIONS` does not have."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate. ``num_computed_tokens`` of its tokens have K/V in the pool.
+
+    Invariant: ``0 <= num_computed_tokens <= num_tokens``; a RUNNING request
+    holds blocks in the allocator for its tokens, no other state does.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    generator: torch.Generator | None = None
+    arrival: int = 0                           # admission order tiebreak (set by the scheduler)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None           # "stop" | "length" | "abort"
+    num_preemptions: int = 0
+    max_tokens: int = 16                       # resolved budget of new tokens (params or context)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def transition(self, new: RequestStatus) -> None:
+        if new not in ALLOWED_TRANSITIONS[self.status]:
+            raise IllegalTransition(f"request {self.request_id!r}: {self.status.name} -> {new.name} "
+                                    f"is not allowed (allowed: {sorted(s.name for s in ALLOWED_TRANSITIONS[self.status])})")
+        self.status = new

@@ -1,0 +1,195 @@
+"""Iteration-level scheduling (Orca) over a paged KV pool (PagedAttention), nano-vllm style.
+
+Every engine step calls `Scheduler.schedule`, which decides which requests
+run in this one forward and how many tokens each feeds:
+
+1. **Running requests decode** (oldest first): each needs a KV slot for the
+   token it feeds. When the pool has no free block, the *newest* running
+   request is preempted by recompute: its blocks are freed, its generated
+   tokens are kept, and it goes back to the *head* of the waiting queue (it
+   was admitted before anything still waiting). If the request itself is the
+   newest, it preempts itself.
+2. **Admission** (only when nothing was preempted this step): waiting
+   requests, first come first served, join while ``max_num_seqs``, the token
+   budget ``max_num_batched_tokens`` and free blocks allow. Their prefill
+   (the whole prompt, or prompt + kept output after a preemption, minus any
+   prefix-cache hit) runs in the same forward as the decodes.
+3. Finished requests are retired by `finish` as soon as the engine sees their
+   last token, so their blocks serve the next step's admissions.
+
+Invariants (`check_invariants`): a request is in exactly one of ``waiting``
+(WAITING) or ``running`` (RUNNING), or neither once FINISHED; exactly the
+running requests hold blocks; the allocator's own invariants hold. Requests
+that can never fit (larger than the whole pool, or than one step's token
+budget) are refused by `check_fits` before they are queued, so nothing waits
+forever.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..kv.block_allocator import BlockAllocator
+from .config import EngineConfig
+from .request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_tokens: int            # tokens fed this step: request.all_token_ids[computed : computed + num_tokens]
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_tokens > 1 or self.request.num_computed_tokens == 0
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's decision: what runs, block copies to do first, and who was preempted."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)   # copy-on-write (src, dst)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def num_prefills(self) -> int:
+        return sum(1 for s in self.scheduled if s.num_tokens > 1 or s.request.num_computed_tokens == 0)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Waiting queue + running list over a `BlockAllocator`. ``config`` must be resolved."""
+
+    def __init__(self, config: EngineConfig, allocator: BlockAllocator | None = None) -> None:
+        if config.num_kv_blocks is None or config.max_num_batched_tokens is None:
+            raise ValueError("Scheduler needs a resolved EngineConfig (call config.resolve(model_config))")
+        self.config = config
+        self.allocator = allocator or BlockAllocator(config.num_kv_blocks, config.block_size,
+                                                     config.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []          # admission order: oldest first, newest last
+        self._arrivals = 0
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------ queue management
+    def check_fits(self, req: Request) -> None:
+        """Raise ValueError when ``req`` could never run, whatever else is running."""
+        worst = req.num_prompt_tokens + req.max_tokens          # prompt + every output token
+        if worst > self.config.max_model_len:
+            raise ValueError(f"prompt ({req.num_prompt_tokens} tokens) + max_tokens ({req.max_tokens}) = "
+                             f"{worst} exceeds the model's context of {self.config.max_model_len} tokens")
+        need = self.allocator.blocks_for(worst - 1)              # the last token never needs a slot
+        if need > self.allocator.num_blocks:
+            raise ValueError(f"request {req.request_id!r} needs up to {need} KV blocks "
+                             f"({worst - 1} tokens) but the whole pool has {self.allocator.num_blocks}: "
+                             f"raise num_kv_blocks / kv_cache_bytes or lower max_tokens")
+        if worst - 1 > self.config.max_num_batched_tokens:      # a recompute feeds prompt + output at once
+            raise ValueError(f"request {req.request_id!r} may need a prefill of {worst - 1} tokens, over "
+                             f"max_num_batched_tokens ({self.config.max_num_batched_tokens})")
+
+    def add(self, req: Request) -> None:
+        """Queue a new WAITING request (after `check_fits`)."""
+        if req.status is not RequestStatus.WAITING or req.num_computed_tokens:
+            raise ValueError(f"request {req.request_id!r} is {req.status.name}, not a new WAITING request")
+        self.check_fits(req)
+        req.arrival = self._arrivals
+        self._arrivals += 1
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Retire a request now (finished or aborted): free its blocks, drop it from its queue."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self.allocator.free(req.request_id)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        req.transition(RequestStatus.FINISHED)
+        req.finish_reason = reason
+
+    # ------------------------------------------------------------ the step decision
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget -= self._schedule_running(out)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput) -> int:
+        """Give every running request a slot for its next token, preempting the newest on shortage."""
+        queue = deque(self.running)               # oldest first
+        kept: list[Request] = []
+        while queue:
+            req = queue.popleft()
+            while not (res := self.allocator.append_slot(req.request_id, req.all_token_ids[-1])):
+                if queue:                                         # victim: the newest running request
+                    self._preempt(queue.pop(), out)
+                else:                                             # req is the newest: preempt itself
+                    self._preempt(req, out)
+                    break
+            else:
+                if res.copy is not None:
+                    out.block_copies.append(res.copy)
+                kept.append(req)
+                out.scheduled.append(ScheduledRequest(req, 1))
+        self.running = kept
+        return len(kept)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """FCFS admission while sequences, tokens and blocks allow (stop at the first that does not fit)."""
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if req.num_tokens > budget:                           # upper bound (no prefix hit)
+                break
+            alloc = self.allocator.allocate(req.request_id, req.all_token_ids)
+            if not alloc:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = alloc.num_cached_tokens
+            req.transition(RequestStatus.RUNNING)
+            self.running.append(req)
+            n = req.num_tokens - req.num_computed_tokens
+            budget -= n
+            out.scheduled.append(ScheduledRequest(req, n))
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Preemption by recompute: free the blocks, keep the tokens, re-queue at the head."""
+        self.allocator.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        req.transition(RequestStatus.PREEMPTED)
+        req.transition(RequestStatus.WAITING)
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    # ------------------------------------------------------------ after the forward
+    def update_computed(self, out: SchedulerOutput) -> None:
+        """The forward ran: the fed tokens now have K/V in the pool."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_tokens
+
+    # ------------------------------------------------------------ invariants
+    def check_invariants(self) -> None:
+        ids = [r.request_id for r in self.waiting] + [r.request_id for r in self.running]
+        assert len(ids) == len(set(ids)), "a request is queued twice"
+        assert all(r.status is RequestStatus.WAITING for r in self.waiting), "non-WAITING request in waiting"
+        assert all(r.status is RequestStatus.RUNNING for r in self.running), "non-RUNNING request in running"
+        assert len(self.running) <= self.config.max_num_seqs, "more running requests than max_num_seqs"
+        assert set(self.allocator.tables) == {r.request_id for r in self.running}, \
+            "blocks held by something other than the running requests"
+        for r in self.running:
+            assert self.allocator.tables[r.request_id].num_tokens in (r.num_tokens, r.num_tokens - 1), \
+                f"request {r.request_id!r}: allocator and request disagree on its length"
+        self.allocator.check_invariants()
