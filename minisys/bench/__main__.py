@@ -5,6 +5,7 @@ import sys
 
 BENCHMARKS = {
     "kv-cache": "minisys.bench.kv_cache",
+    "attention": "minisys.bench.attention",
     "paged-kv": "minisys.bench.paged_kv",
 }
 
