@@ -6,8 +6,12 @@
     print(outs[0].outputs[0].text)
     llm.chat([{"role": "user", "content": "What is the capital of France?"}])
 
-For now requests run one at a time on the eager baseline; the engine lesson
-replaces the inside of `generate`, not its signature.
+`generate` runs on `LLMEngine` (continuous batching over a paged KV cache,
+lesson 04): every request is added, the engine steps until all are done, and
+the outputs come back in input order. ``LLM(engine="eager")`` runs the same
+API one request at a time on the eager baseline (later lessons compare the
+two behind one API); ``engine_config=EngineConfig(...)`` sets the engine's
+limits (KV blocks, max_num_seqs, ...).
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ from typing import Any, Sequence, Union
 
 import torch
 
+from .engine.config import EngineConfig
 from .engine.eager import EagerGenerator
+from .engine.llm_engine import LLMEngine
 from .engine.outputs import RequestOutput
 from .engine.sampler import make_generator
 from .engine.sampling_params import SamplingParams
@@ -30,12 +36,19 @@ Message = dict[str, str]
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, device: str | None = None,
                  dtype: torch.dtype | str | None = None, attention_backend: str = "auto",
-                 use_kv_cache: bool = True, quiet: bool = False) -> None:
+                 use_kv_cache: bool = True, quiet: bool = False, engine: str = "llm",
+                 engine_config: EngineConfig | None = None) -> None:
         if isinstance(dtype, str):
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                      "float16": torch.float16}.get(dtype) or _bad_dtype(dtype)
+        if engine not in ("llm", "eager"):
+            raise ValueError(f"engine must be 'llm' (continuous batching) or 'eager', got {engine!r}")
+        if engine == "llm" and attention_backend == "auto":
+            attention_backend = "paged"      # reads K/V through block tables; sdpa for packed K/V
         self.model, self.tokenizer = load(model, device, dtype, attention_backend, quiet=quiet)
         self.runner = EagerGenerator(self.model, self.tokenizer, use_kv_cache=use_kv_cache)
+        self.engine_kind = engine
+        self.engine = LLMEngine(self.model, self.tokenizer, engine_config) if engine == "llm" else None
         self._next_id = 0
 
     def get_tokenizer(self):
@@ -53,6 +66,10 @@ class LLM:
         requests = [self._tokenize(p) for p in prompt_list]      # validate all before running any
         for (text, ids), sp in zip(requests, params):
             self.runner.check_prompt(ids, sp)
+            if self.engine is not None:
+                self.engine.check_request(ids, sp)
+        if self.engine is not None:
+            return self._run_engine(requests, params, use_tqdm)
         results = []
         with _Progress(len(requests), enabled=use_tqdm) as progress:
             for (text, ids), sp in zip(requests, params):
@@ -79,6 +96,32 @@ class LLM:
         if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
             return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
         raise ValueError(f"a prompt is a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}; got {prompt!r}")
+
+    def _run_engine(self, requests, params, use_tqdm: bool) -> list[RequestOutput]:
+        """Add every request to the engine, step until all finish, return them in input order."""
+        engine = self.engine
+        ids = []
+        results: dict[str, RequestOutput] = {}
+        try:
+            for (text, prompt_ids), sp in zip(requests, params):
+                rid = str(self._next_id)
+                self._next_id += 1
+                engine.add_request(rid, prompt_ids, sp, prompt=text)
+                ids.append(rid)
+            with _Progress(len(requests), enabled=use_tqdm) as progress:
+                while engine.has_unfinished():
+                    before = engine.stats.generated_tokens
+                    for out in engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            progress.request_done()
+                    progress.tokens += engine.stats.generated_tokens - before
+                    progress.refresh()
+        finally:
+            for rid in ids:                      # an error (or Ctrl-C) leaves no request behind
+                if rid not in results:
+                    engine.abort(rid)
+        return [results[rid] for rid in ids]
 
     def _run_one(self, text: str | None, ids: list[int], sp: SamplingParams, progress) -> RequestOutput:
         request_id = str(self._next_id)
@@ -130,6 +173,11 @@ class _Progress:
         if self.enabled:
             tps = self.tokens / max(time.perf_counter() - self.start, 1e-9)
             self.bar.update(self.task, advance=1, tps=tps)
+
+    def refresh(self) -> None:
+        if self.enabled:
+            tps = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.update(self.task, tps=tps)
 
     def __exit__(self, *exc):
         if self.enabled:

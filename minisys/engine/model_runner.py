@@ -1,0 +1,99 @@
+"""One engine step on the device: assemble the flat batch, run one forward, sample.
+
+Batch assembly (the scheduler said which requests feed how many tokens):
+
+    input_ids    (T,)  the fed tokens of every request, concatenated
+    positions    (T,)  num_computed, num_computed + 1, ... per request
+    slot_mapping (T,)  where each fed token's K/V are written in the pool
+    block_tables (B, max_blocks)   each request's blocks (the paged attention reads them)
+    logits_indices (B,)            the last fed token of each request: the LM head runs only there
+
+A prefill chunk and a decode token look the same here: a run of ``n >= 1``
+tokens after ``num_computed`` cached ones, so prefills and decodes share one
+forward. Sampling is per request with its own `SamplingParams` and its own
+``torch.Generator``, so a seeded request draws the same tokens whatever it is
+batched with; greedy rows are argmax-ed together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention.base import AttentionMetadata
+from ..kv.block_allocator import BlockAllocator
+from ..kv.paged import PagedKVCache
+from ..model.llama import LlamaModel
+from .sampler import sample_next_token
+from .scheduler import SchedulerOutput
+
+
+@dataclass
+class StepBatch:
+    input_ids: torch.Tensor         # (T,) int64
+    positions: torch.Tensor         # (T,) int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor    # (B,) int64
+
+
+def build_batch(out: SchedulerOutput, allocator: BlockAllocator, device) -> StepBatch:
+    """The flat batch of one step (lists built once per step, one tensor each)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    tables: list[list[int]] = []
+    seqlens_q: list[int] = []
+    context_lens: list[int] = []
+    bs = allocator.block_size
+    for s in out.scheduled:
+        req, start = s.request, s.request.num_computed_tokens
+        end = start + s.num_tokens
+        table = allocator.tables[req.request_id]
+        blocks = table.block_ids
+        ids += table.token_ids[start:end]
+        positions += range(start, end)
+        slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+        tables.append(blocks)
+        seqlens_q.append(s.num_tokens)
+        context_lens.append(start)
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)   # (B, max_blocks)
+    meta = AttentionMetadata(seqlens_q=seqlens_q, context_lens=context_lens,
+                             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+                             block_tables=bt.to(device))
+    return StepBatch(torch.tensor(ids, dtype=torch.long, device=device),
+                     torch.tensor(positions, dtype=torch.long, device=device), meta,
+                     meta.last_token_indices(device))
+
+
+class ModelRunner:
+    """Owns the paged KV pool; `execute` runs one scheduled step and returns one token per request."""
+
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device,
+                                  return_pools=getattr(model.attention, "reads_block_tables", False))
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, allocator: BlockAllocator) -> list[int]:
+        for src, dst in out.block_copies:
+            self.cache.copy_block(src, dst)
+        batch = build_batch(out, allocator, self.model.device)
+        logits = self.model(batch.input_ids, batch.positions, batch.meta, kv_cache=self.cache,
+                            logits_indices=batch.logits_indices)                 # (B, V)
+        return sample_rows(logits, [s.request for s in out.scheduled])
+
+
+def sample_rows(logits: torch.Tensor, requests) -> list[int]:
+    """One token per row: greedy rows in one argmax, the others with their own params and generator."""
+    tokens = [0] * len(requests)
+    greedy = [i for i, r in enumerate(requests) if r.params.greedy]
+    if greedy:
+        picked = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(requests) \
+            else logits.argmax(dim=-1).tolist()
+        for i, t in zip(greedy, picked):
+            tokens[i] = t
+    for i, r in enumerate(requests):
+        if not r.params.greedy:
+            tokens[i] = int(sample_next_token(logits[i:i + 1], r.params, r.generator)[0])
+    return tokens
