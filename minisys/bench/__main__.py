@@ -7,6 +7,7 @@ BENCHMARKS = {
     "kv-cache": "minisys.bench.kv_cache",
     "attention": "minisys.bench.attention",
     "paged-kv": "minisys.bench.paged_kv",
+    "throughput": "minisys.bench.throughput",
 }
 
 

@@ -11,8 +11,8 @@ Batch assembly (the scheduler said which requests feed how many tokens):
 A prefill chunk and a decode token look the same here: a run of ``n >= 1``
 tokens after ``num_computed`` cached ones, so prefills and decodes share one
 forward. Sampling is per request with its own `SamplingParams` and its own
-``torch.Generator``, so a seeded request draws the same tokens whatever it is
-batched with; greedy rows are argmax-ed together.
+``torch.Generator`` (see `sample_rows`), so a seeded request draws the same
+tokens whatever it is batched with; greedy rows are argmax-ed together.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ..attention.base import AttentionMetadata
 from ..kv.block_allocator import BlockAllocator
 from ..kv.paged import PagedKVCache
 from ..model.llama import LlamaModel
-from .sampler import sample_next_token
+from .sampler import apply_temperature, apply_top_k, apply_top_p
 from .scheduler import SchedulerOutput
 
 
@@ -85,7 +85,16 @@ class ModelRunner:
 
 
 def sample_rows(logits: torch.Tensor, requests) -> list[int]:
-    """One token per row: greedy rows in one argmax, the others with their own params and generator."""
+    """One token per row of logits (B, V), each request with its own params and generator.
+
+    Greedy rows: one argmax. Sampled rows are grouped by (temperature, top_k,
+    top_p) and filtered together; each row then draws ONE uniform number u
+    from its own generator and takes the token where its CDF crosses u
+    (inverse-CDF sampling). The draw depends only on the request's generator
+    and its own logits row, never on its batch companions; and one random
+    number per row replaces a ``multinomial`` call per request (the slow part
+    of sampling on a CPU).
+    """
     tokens = [0] * len(requests)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
     if greedy:
@@ -93,7 +102,16 @@ def sample_rows(logits: torch.Tensor, requests) -> list[int]:
             else logits.argmax(dim=-1).tolist()
         for i, t in zip(greedy, picked):
             tokens[i] = t
+    groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
         if not r.params.greedy:
-            tokens[i] = int(sample_next_token(logits[i:i + 1], r.params, r.generator)[0])
+            groups.setdefault((r.params.temperature, r.params.top_k, r.params.top_p), []).append(i)
+    for (temperature, top_k, top_p), rows in groups.items():
+        x = apply_temperature(logits[rows], temperature)                    # (b, V)
+        x = apply_top_p(apply_top_k(x, top_k), top_p)
+        cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)                      # (b, V)
+        u = torch.cat([torch.rand(1, generator=requests[i].generator, device=logits.device) for i in rows])
+        idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+        for i, t in zip(rows, idx.clamp_(max=logits.shape[-1] - 1).tolist()):
+            tokens[i] = t
     return tokens

@@ -134,9 +134,9 @@ class Scheduler:
             req = queue.popleft()
             while not (res := self.allocator.append_slot(req.request_id, req.all_token_ids[-1])):
                 if queue:                                         # victim: the newest running request
-                    self._preempt(queue.pop(), out)
+                    self.preempt(queue.pop(), out)
                 else:                                             # req is the newest: preempt itself
-                    self._preempt(req, out)
+                    self.preempt(req, out)
                     break
             else:
                 if res.copy is not None:
@@ -163,7 +163,7 @@ class Scheduler:
             budget -= n
             out.scheduled.append(ScheduledRequest(req, n))
 
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Preemption by recompute: free the blocks, keep the tokens, re-queue at the head."""
         self.allocator.free(req.request_id)
         req.num_computed_tokens = 0
