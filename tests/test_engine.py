@@ -10,7 +10,7 @@ from minisys.engine.llm_engine import LLMEngine
 from minisys.engine.sampling_params import SamplingParams
 
 PROMPTS = ["The sky is", "Write a short poem about the sea.", "1, 2, 3, 4,",
-           "What is the capital of France? Answer:", "Hello", "Once upon a time, in a land far away, there"]
+           "Once upon a time, in a land far away, there"]
 
 
 def run_all(engine: LLMEngine, reqs, add_every: int = 0) -> dict[str, object]:
@@ -49,14 +49,14 @@ def eager_greedy(smol_paged):
     gen = EagerGenerator(model, tok)
     reqs = []
     for i, p in enumerate(PROMPTS):
-        sp = SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True)
+        sp = SamplingParams(temperature=0, max_tokens=3 + 2 * i, ignore_eos=True)
         reqs.append((str(i), tok.encode(p), sp))
     ref = {rid: gen.generate(ids, sp).token_ids for rid, ids, sp in reqs}
     return reqs, ref
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("max_num_seqs,order,add_every", [(8, 1, 0), (2, -1, 0), (3, 1, 2)])
+@pytest.mark.parametrize("max_num_seqs,order,add_every", [(8, 1, 0), (2, -1, 2)])
 def test_engine_greedy_equals_eager(smol_paged, eager_greedy, max_num_seqs, order, add_every):
     model, tok = smol_paged
     reqs, ref = eager_greedy
@@ -70,24 +70,10 @@ def test_engine_greedy_equals_eager(smol_paged, eager_greedy, max_num_seqs, orde
 def test_engine_greedy_equals_eager_under_heavy_preemption(smol_paged, eager_greedy):
     model, tok = smol_paged
     reqs, ref = eager_greedy
-    engine = LLMEngine(model, tok, EngineConfig(block_size=4, num_kv_blocks=10, max_num_seqs=6))
+    engine = LLMEngine(model, tok, EngineConfig(block_size=4, num_kv_blocks=7, max_num_seqs=4))
     done = run_all(engine, reqs)
     assert engine.stats.preemptions > 0
     assert {rid: o.outputs[0].token_ids for rid, o in done.items()} == ref
-
-
-@pytest.mark.slow
-def test_seeded_request_does_not_depend_on_its_batch(smol_paged):
-    model, tok = smol_paged
-    sp = SamplingParams(temperature=0.8, seed=7, max_tokens=8, ignore_eos=True)
-    ids = tok.encode("Tell me a story")
-    alone = run_all(LLMEngine(model, tok, EngineConfig(num_kv_blocks=32)), [("x", ids, sp)])["x"]
-    others = [(f"o{i}", tok.encode(p), SamplingParams(temperature=1.0, max_tokens=6)) for i, p in enumerate(PROMPTS[:3])]
-    mixed = run_all(LLMEngine(model, tok, EngineConfig(num_kv_blocks=32)), others[:2] + [("x", ids, sp)] + others[2:])["x"]
-    assert alone.outputs[0].token_ids == mixed.outputs[0].token_ids
-    other_seed = run_all(LLMEngine(model, tok, EngineConfig(num_kv_blocks=32)),
-                         [("x", ids, SamplingParams(temperature=0.8, seed=8, max_tokens=8, ignore_eos=True))])["x"]
-    assert other_seed.outputs[0].token_ids != alone.outputs[0].token_ids
 
 
 # ------------------------------------------------------------------ tiny random model (fast)
@@ -95,6 +81,19 @@ def test_seeded_request_does_not_depend_on_its_batch(smol_paged):
 def tiny(tiny_dirs):
     from minisys.model import load
     return load(str(tiny_dirs["llama"]), device="cpu", dtype=torch.float32, attention_backend="paged", quiet=True)
+
+
+def test_seeded_request_does_not_depend_on_its_batch(tiny):
+    model, tok = tiny
+    sp = SamplingParams(temperature=0.8, seed=7, max_tokens=8, ignore_eos=True)
+    ids = tok.encode("the quick brown")
+    alone = run_all(LLMEngine(model, tok, EngineConfig(num_kv_blocks=32)), [("x", ids, sp)])["x"]
+    others = [(f"o{i}", tok.encode(p), SamplingParams(temperature=1.0, max_tokens=6)) for i, p in enumerate(["the lazy dog", "over the", "fox"])]
+    mixed = run_all(LLMEngine(model, tok, EngineConfig(num_kv_blocks=32)), others[:2] + [("x", ids, sp)] + others[2:])["x"]
+    assert alone.outputs[0].token_ids == mixed.outputs[0].token_ids
+    other_seed = run_all(LLMEngine(model, tok, EngineConfig(num_kv_blocks=32)),
+                         [("x", ids, SamplingParams(temperature=0.8, seed=8, max_tokens=8, ignore_eos=True))])["x"]
+    assert other_seed.outputs[0].token_ids != alone.outputs[0].token_ids
 
 
 def test_stop_strings_and_tokens_match_eager_in_a_batch(tiny):
