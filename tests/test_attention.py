@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from minisys.attention import (
     BACKENDS,
+    AutoAttention,
     AttentionMetadata,
     DecodeAttention,
     SplitKDecodeAttention,
@@ -67,10 +68,10 @@ def _backend(name, data):
         if data.draw(st.booleans(), label="by num_splits"):
             return SplitKDecodeAttention(num_splits=data.draw(st.integers(1, 9), label="num_splits"))
         return SplitKDecodeAttention(chunk_size=data.draw(st.integers(1, 40), label="chunk_size"))
-    return BACKENDS[name]()
+    return get_backend(name)
 
 
-@pytest.mark.parametrize("name", UNDER_TEST)
+@pytest.mark.parametrize("name", UNDER_TEST + ["auto"])
 @settings(max_examples=40, deadline=None)
 @given(batch=packed_batches(), data=st.data())
 def test_backend_equals_reference(name, batch, data):
@@ -150,7 +151,10 @@ def test_tiled_never_allocates_a_t_by_t_tensor():
 
 # ------------------------------------------------------------- selection
 def test_get_backend_names_and_auto():
-    assert isinstance(get_backend("auto"), BACKENDS["sdpa"])
+    auto = get_backend("auto")
+    assert isinstance(auto, AutoAttention)
+    assert isinstance(auto.pick(torch.zeros(1, 1, 8)), DecodeAttention)                        # fp32 CPU
+    assert isinstance(auto.pick(torch.zeros(1, 1, 8, dtype=torch.bfloat16)), BACKENDS["sdpa"])  # bf16
     for name in UNDER_TEST:
         assert isinstance(get_backend(name), BACKENDS[name]) and BACKENDS[name].name == name
     with pytest.raises(ValueError, match="unknown attention backend"):

@@ -3,16 +3,18 @@
 | name            | what it is                                                | use it for            |
 |-----------------|-----------------------------------------------------------|-----------------------|
 | ``reference``   | the textbook formula, full score matrix (the test oracle) | checking the others   |
-| ``sdpa``        | torch's fused ``scaled_dot_product_attention``            | speed (the default)   |
+| ``sdpa``        | torch's fused ``scaled_dot_product_attention``            | prefill, GPU          |
 | ``tiled``       | FlashAttention's online softmax in plain torch            | reading the algorithm |
 | ``decode``      | one query per sequence vs its cache; prefill -> sdpa      | decode steps          |
 | ``decode-splitk`` | FlashDecoding: KV chunks + log-sum-exp merge            | few long sequences    |
+| ``auto``        | per call: ``decode`` for fp32 on CPU, else ``sdpa``        | the default           |
 
 `get_backend(name)` returns a backend by name; ``"auto"`` picks the fastest
 correct one for the device (see `get_backend`).
 """
 from __future__ import annotations
 
+from .auto import AutoAttention
 from .base import AttentionBackend, AttentionMetadata, causal_mask, expand_kv_heads
 from .decode import DecodeAttention, SplitKDecodeAttention, merge_partials
 from .paged import PagedAttention
@@ -33,12 +35,13 @@ BACKENDS: dict[str, type[AttentionBackend]] = {
 def get_backend(name: str = "auto", device: str = "cpu") -> AttentionBackend:
     """Return an attention backend instance by name.
 
-    ``auto`` -> ``sdpa`` on every device: it is the fastest prefill backend
-    (fused kernel, no Python loop over tiles), measured by
-    ``python -m minisys bench attention`` (lesson 02).
+    ``auto`` -> `AutoAttention`, which picks per call from the tensors'
+    device and dtype (``decode`` for fp32 on CPU, ``sdpa`` otherwise; see
+    ``minisys/attention/auto.py`` for the measurements). ``device`` is kept for
+    callers that pass it; the choice does not need it.
     """
     if name == "auto":
-        name = "sdpa"
+        return AutoAttention()
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of "
                          f"{', '.join(['auto', *BACKENDS])}")
@@ -47,5 +50,5 @@ def get_backend(name: str = "auto", device: str = "cpu") -> AttentionBackend:
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "BACKENDS", "get_backend",
            "causal_mask", "expand_kv_heads", "online_softmax_update", "merge_partials",
-           "ReferenceAttention", "SDPAAttention", "TiledAttention", "DecodeAttention",
+           "AutoAttention", "ReferenceAttention", "SDPAAttention", "TiledAttention", "DecodeAttention",
            "SplitKDecodeAttention"]

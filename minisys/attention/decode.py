@@ -40,19 +40,25 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of grouped queries over N chunks of keys, each chunk on its own.
 
-    q: (Hkv, G, D) already scaled by 1/sqrt(D); k, v: (N, C, Hkv, D).
+    q: (Hkv, G, D) already scaled by 1/sqrt(D); k, v: (N, C, Hkv, D), usually
+    a view of the cache (``cache[:N * C].unflatten(0, (N, C))``).
     Returns outs (N, Hkv, G, D), each normalised within its chunk, and
     lses (N, Hkv, G), the log-sum-exp of each chunk's scores.
+
+    One batched matmul per KV head, over the N chunks: ``k[:, :, h]`` is a
+    strided view, so the cache is never copied (a single 4-D matmul over
+    (Hkv, N) would have to make K and V contiguous first).
     """
-    kc = k.float().permute(2, 0, 3, 1)                          # (Hkv, N, D, C)
-    vc = v.float().permute(2, 0, 1, 3)                          # (Hkv, N, C, D)
-    scores = q.unsqueeze(1) @ kc                                # (Hkv, N, G, C)
-    m = scores.amax(dim=-1, keepdim=True)                       # (Hkv, N, G, 1)
-    p = torch.exp(scores - m)
-    l = p.sum(dim=-1, keepdim=True)
-    outs = (p @ vc) / l                                         # (Hkv, N, G, D)
-    lses = (m + torch.log(l)).squeeze(-1)                       # (Hkv, N, G)
-    return outs.transpose(0, 1), lses.transpose(0, 1)           # (N, Hkv, G, D), (N, Hkv, G)
+    outs, lses = [], []
+    for h in range(k.shape[2]):
+        kh, vh = k[:, :, h].float(), v[:, :, h].float()                # (N, C, D), views in fp32
+        scores = q[h].expand(k.shape[0], -1, -1) @ kh.transpose(1, 2)  # (N, G, C)
+        m = scores.amax(dim=-1, keepdim=True)                           # (N, G, 1)
+        p = torch.exp(scores - m)
+        l = p.sum(dim=-1, keepdim=True)
+        outs.append((p @ vh) / l)                                       # (N, G, D)
+        lses.append((m + torch.log(l)).squeeze(-1))                     # (N, G)
+    return torch.stack(outs, dim=1), torch.stack(lses, dim=1)           # (N, Hkv, G, D), (N, Hkv, G)
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
