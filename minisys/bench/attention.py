@@ -92,6 +92,41 @@ def run_decode(backends: dict[str, Attention], lengths: list[int], batch: int = 
     return rows
 
 
+def run_model_decode(names: list[str], context: int, steps: int = 10, model=None) -> dict[str, float]:
+    """Median ms of one whole SmolLM2 decode step (fp32, 1 sequence, `context` cached tokens) per backend.
+
+    Backends take turns step by step (A, B, C, A, B, C, ...) so that a change
+    in the machine's load hits them alike.
+    """
+    import statistics
+    import time
+
+    from ..kv import ContiguousKVCache
+    from ..model import load
+
+    if model is None:
+        model, _ = load(None, device="cpu", dtype=torch.float32, quiet=True)
+    before = model.attention
+    ids = torch.randint(0, model.config.vocab_size, (context + steps,), generator=torch.Generator().manual_seed(0))
+    caches, times = {}, {n: [] for n in names}
+    try:
+        for n in names:                                              # prefill every backend's own cache
+            model.set_attention_backend(n)
+            caches[n] = ContiguousKVCache(model.config, context + steps)
+            meta = AttentionMetadata(seqlens_q=[context], context_lens=[0])
+            model(ids[:context], meta.positions(), meta, caches[n])
+        for step in range(steps):
+            meta = AttentionMetadata(seqlens_q=[1], context_lens=[context + step])
+            for n in names:
+                model.set_attention_backend(n)
+                t = time.perf_counter()
+                model(ids[context + step:context + step + 1], meta.positions(), meta, caches[n])
+                times[n].append((time.perf_counter() - t) * 1e3)
+    finally:
+        model.attention = before
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
 def ratios(rows: list[Row], baseline: str) -> dict[tuple[int, str], float]:
     """{(length, backend): baseline time / backend time} where the baseline ran."""
     base = {r.length: r.ms for r in rows if r.backend == baseline}
@@ -153,9 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-lengths", type=int, nargs="*", default=None)
     p.add_argument("--decode-lengths", type=int, nargs="*", default=None)
     p.add_argument("--batch", type=int, default=1, help="sequences per decode step")
-    p.add_argument("--plot", default="bench/results/attention.png")
+    p.add_argument("--model-context", type=int, default=None,
+                   help="also time whole SmolLM2 decode steps at this context (default: 2048 full, off quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--plot", default=None, help="default: bench/results/<result name>.png")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     quick = quick_mode()
+    load_before = os.getloadavg()[0]
     prefill_lengths = args.prefill_lengths or (QUICK_PREFILL if quick else FULL_PREFILL)
     decode_lengths = args.decode_lengths or (QUICK_DECODE if quick else FULL_DECODE)
     prefill_backends, decode_backends = default_backends()
@@ -163,13 +204,23 @@ def main(argv: list[str] | None = None) -> int:
     decode = run_decode(decode_backends, decode_lengths, batch=args.batch)
     print_table(prefill, "reference", "prefill attention, one causal sequence of T tokens")
     print_table(decode, "decode", f"decode attention, {args.batch} sequence(s) x 1 new token vs S cached keys")
-    plot(prefill, decode, args.plot)
-    path = save_result("attention" + ("_quick" if quick else ""), {
+    model_context = args.model_context if args.model_context is not None else (0 if quick else 2048)
+    model_step = {}
+    if model_context:
+        model_step = run_model_decode(["sdpa", "decode", "decode-splitk", "auto"], model_context)
+        print(f"whole SmolLM2 decode step, 1 sequence, {model_context} cached tokens (median ms): "
+              + ", ".join(f"{n} {ms:.1f}" for n, ms in model_step.items()))
+    name = "attention" + (f"_threads{args.threads}" if args.threads else "") \
+        + (f"_batch{args.batch}" if args.batch != 1 else "") + ("_quick" if quick else "")
+    plot_path = args.plot or f"bench/results/{name}.png"
+    plot(prefill, decode, plot_path)
+    path = save_result(name, {
         "shape": SHAPE, "dtype": "float32", "decode_batch": args.batch,
-        "load_average_1m": os.getloadavg()[0],
+        "load_average_1m": [load_before, os.getloadavg()[0]],   # before, after: other jobs on the machine
         "rows": [asdict(r) for r in prefill + decode],
+        "model_decode_step_ms": {"context": model_context, **model_step},
         "speedup_vs_reference": {f"{k[0]}/{k[1]}": v for k, v in ratios(prefill, "reference").items()},
         "speedup_vs_decode": {f"{k[0]}/{k[1]}": v for k, v in ratios(decode, "decode").items()},
     })
-    print(f"wrote {path} and {args.plot}")
+    print(f"wrote {path} and {plot_path}")
     return 0
