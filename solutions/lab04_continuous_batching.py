@@ -242,4 +242,5 @@ for m in limits:
 ax2.set(xlabel="request latency (s)", ylabel="fraction of requests done", title="per-request latency (CDF)")
 ax2.legend()
 fig.tight_layout()
-fig.savefig("lab04_throughput.png")
+os.makedirs("lab_outputs", exist_ok=True)
+fig.savefig("lab_outputs/lab04_throughput.png")
