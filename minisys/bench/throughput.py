@@ -14,7 +14,12 @@ systems run side by side in one process on the same weights:
 * static: `StaticBatchGenerator`, fixed batches of ``--max-num-seqs`` that wait for their longest request;
 * transformers: ``model.generate`` on padded (left) batches of the same size, same weights (loaded from the GGUF);
 * eager: one request at a time (`EagerGenerator`); it is measured on the first
-  ``--eager-subset`` requests only (one at a time, its tokens/s do not depend on N).
+  ``--eager-subset`` requests only (one at a time, its tokens/s do not depend on N),
+  on its own fastest attention backend (``auto``).
+
+Every system runs in the same dtype: ``--dtype auto`` is bf16 where the
+device computes it natively (CUDA; a CPU with AVX-512 BF16 or AMX, as vLLM's
+CPU backend does) and fp32 elsewhere. The table says which one ran.
 """
 from __future__ import annotations
 
@@ -69,13 +74,29 @@ def run_static(model, tok, work, batch_size: int):
     return time.perf_counter() - t, gen
 
 
-def run_eager(model, tok, work):
+def run_eager(model, tok, work, backend: str = "auto"):
+    """Seconds for ``work`` one request at a time, on ``backend`` (then the model's own is restored)."""
     from ..engine.eager import EagerGenerator
-    gen = EagerGenerator(model, tok)
-    t = time.perf_counter()
-    for (p, _), sp in zip(work, params_for(work)):
-        gen.generate(p, sp)
-    return time.perf_counter() - t
+    before = model.attention
+    model.set_attention_backend(backend)
+    try:
+        gen = EagerGenerator(model, tok)
+        t = time.perf_counter()
+        for (p, _), sp in zip(work, params_for(work)):
+            gen.generate(p, sp)
+        return time.perf_counter() - t
+    finally:
+        model.set_attention_backend(before)
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """'auto' -> bf16 where the device has native bf16 matmuls, else fp32."""
+    if name != "auto":
+        return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16}[name]
+    if str(device).startswith("cuda"):
+        return torch.bfloat16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def load_hf(device: str, dtype: torch.dtype):
@@ -119,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="GPU size: 256 sequences, lengths 100-1024")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="all systems run in this dtype (auto: bf16 where native, else fp32)")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
     quick = quick_mode()
@@ -128,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..model import load
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load(None, device=device, attention_backend="paged", quiet=True)
+    dtype = resolve_dtype(a.dtype, device)
+    model, tok = load(None, device=device, dtype=dtype, attention_backend="paged", quiet=True)
     work = make_workload(n, lo, hi)
     out_tokens = sum(k for _, k in work)
     run_engine(model, tok, work[:2], 2)                                    # warm-up
@@ -166,7 +190,8 @@ def _print(res) -> None:
     from rich.table import Table
     w = res["workload"]
     t = Table(title=f"offline throughput: {w['num_seqs']} seqs, lengths {w['min_len']}-{w['max_len']}, "
-                    f"batch limit {w['max_num_seqs']}, {w['output_tokens']} output tokens ({res['device']})")
+                    f"batch limit {w['max_num_seqs']}, {w['output_tokens']} output tokens "
+                    f"({res['device']}, {res['dtype'].replace('torch.', '')})")
     for c in ("system", "output tok/s", "seconds", "minisys is x faster", "notes"):
         t.add_column(c, justify="right" if c != "system" else "left")
     for name, r in res["systems"].items():
