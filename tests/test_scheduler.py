@@ -76,8 +76,8 @@ def test_config_is_validated_once():
         EngineConfig(max_num_seqs=8, max_num_batched_tokens=4)
     with pytest.raises(ValueError, match="kv_memory_fraction"):
         EngineConfig(kv_memory_fraction=1.5)
-    with pytest.raises(ValueError, match="chunked_prefill"):
-        EngineConfig(chunked_prefill=True)
+    with pytest.raises(ValueError, match="enable_chunked_prefill"):
+        EngineConfig(enable_chunked_prefill="yes")
     with pytest.raises(ValueError, match="resolved"):
         Scheduler(EngineConfig())
 

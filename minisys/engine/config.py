@@ -17,6 +17,7 @@ from ..model.config import ModelConfig
 
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
 DEFAULT_GPU_KV_FRACTION = 0.5
+DEFAULT_CHUNKED_BUDGET = 512        # tokens per step with chunked prefill (vLLM 0.x's default then)
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,14 @@ class EngineConfig:
     * ``num_kv_blocks`` | ``kv_cache_bytes`` | ``kv_memory_fraction``: the pool size (at most one).
     * ``max_num_seqs``: sequences running at once (the batch limit).
     * ``max_num_batched_tokens``: tokens in one forward (prefill tokens + decode tokens).
-      Without chunked prefill a whole prompt must fit in it; default ``max(max_model_len, 2048)``.
+      Without chunked prefill a whole prompt (+ output, after a preemption) must fit in it;
+      default ``max(max_model_len, 2048)``. With chunked prefill it is the per-step token
+      budget that prompts are cut to fit; default ``DEFAULT_CHUNKED_BUDGET`` (512).
     * ``max_model_len``: prompt + output tokens of one sequence; default the model's context.
     * ``enable_prefix_caching``: reuse full prompt blocks already in the pool.
-    * ``chunked_prefill``: reserved for lesson 05 (must be False for now).
+    * ``enable_chunked_prefill`` (vLLM's name): decodes first, then prompts cut into chunks
+      that fill the rest of ``max_num_batched_tokens`` (Sarathi-Serve, lesson 05). False is
+      the prefill-first policy of lesson 04: a prompt is prefilled whole in one step.
     """
 
     block_size: int = 16
@@ -41,7 +46,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
-    chunked_prefill: bool = False
+    enable_chunked_prefill: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name, allow_none=True):
@@ -62,8 +67,8 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
-        if self.chunked_prefill:
-            raise ValueError("chunked_prefill is not implemented yet (lesson 05)")
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
 
     def resolve(self, model_config: ModelConfig, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> "EngineConfig":
@@ -72,7 +77,9 @@ class EngineConfig:
         if max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's context "
                              f"({model_config.max_position_embeddings})")
-        batched = self.max_num_batched_tokens or max(max_model_len, 2048, self.max_num_seqs)
+        batched = self.max_num_batched_tokens or (max(DEFAULT_CHUNKED_BUDGET, self.max_num_seqs)
+                                                  if self.enable_chunked_prefill
+                                                  else max(max_model_len, 2048, self.max_num_seqs))
         blocks = self.num_kv_blocks
         if blocks is None:
             per_block = (2 * model_config.num_layers * self.block_size * model_config.num_kv_heads

@@ -138,9 +138,11 @@ class LLMEngine:
             return []
         tokens = self.runner.execute(sched, self.scheduler.allocator)
         self.scheduler.update_computed(sched)
-        self._count(sched)
+        self._count(sched, tokens)
         touched: dict[str, _Group] = {}
         for s, token in zip(sched.scheduled, tokens):
+            if token is None:                                    # a prefill chunk inside the prompt
+                continue
             req = s.request
             group = self._seq_group[req.request_id]
             i = group.seqs.index(req)
@@ -158,13 +160,13 @@ class LLMEngine:
                     self._seq_group.pop(s.request_id, None)
         return outs
 
-    def _count(self, sched: SchedulerOutput) -> None:
+    def _count(self, sched: SchedulerOutput, tokens: list[int | None]) -> None:
         st = self.stats
         st.steps += 1
         st.batch_sizes.append(len(sched.scheduled))
         st.batched_tokens += sched.num_tokens
         st.prefill_tokens += sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1)
-        st.generated_tokens += len(sched.scheduled)
+        st.generated_tokens += sum(t is not None for t in tokens)
         alloc = self.scheduler.allocator
         st.max_kv_usage = max(st.max_kv_usage, alloc.num_used / alloc.num_blocks)
 

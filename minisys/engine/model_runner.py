@@ -67,7 +67,11 @@ def build_batch(out: SchedulerOutput, allocator: BlockAllocator, device) -> Step
 
 
 class ModelRunner:
-    """Owns the paged KV pool; `execute` runs one scheduled step and returns one token per request."""
+    """Owns the paged KV pool; `execute` runs one scheduled step and returns one token per request.
+
+    A request whose chunk stops inside its prompt (chunked prefill) gets
+    ``None``: its K/V are written, nothing is sampled, its generator is untouched.
+    """
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
         self.model = model
@@ -75,13 +79,19 @@ class ModelRunner:
                                   return_pools=getattr(model.attention, "reads_block_tables", False))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, allocator: BlockAllocator) -> list[int]:
+    def execute(self, out: SchedulerOutput, allocator: BlockAllocator) -> list[int | None]:
         for src, dst in out.block_copies:
             self.cache.copy_block(src, dst)
         batch = build_batch(out, allocator, self.model.device)
+        rows = [i for i, s in enumerate(out.scheduled) if s.samples]      # chunks inside a prompt: no token
+        indices = batch.logits_indices if len(rows) == len(out.scheduled) else batch.logits_indices[rows]
         logits = self.model(batch.input_ids, batch.positions, batch.meta, kv_cache=self.cache,
-                            logits_indices=batch.logits_indices)                 # (B, V)
-        return sample_rows(logits, [s.request for s in out.scheduled])
+                            logits_indices=indices)                              # (len(rows), V)
+        picked = sample_rows(logits, [out.scheduled[i].request for i in rows]) if rows else []
+        tokens: list[int | None] = [None] * len(out.scheduled)
+        for i, t in zip(rows, picked):
+            tokens[i] = t
+        return tokens
 
 
 def sample_rows(logits: torch.Tensor, requests) -> list[int]:

@@ -9,20 +9,36 @@ run in this one forward and how many tokens each feeds:
    tokens are kept, and it goes back to the *head* of the waiting queue (it
    was admitted before anything still waiting). If the request itself is the
    newest, it preempts itself.
-2. **Admission** (only when nothing was preempted this step): waiting
-   requests, first come first served, join while ``max_num_seqs``, the token
-   budget ``max_num_batched_tokens`` and free blocks allow. Their prefill
-   (the whole prompt, or prompt + kept output after a preemption, minus any
-   prefix-cache hit) runs in the same forward as the decodes.
+2. **Prefill**. Prefill-first (``enable_chunked_prefill=False``, lesson 04):
+   only when nothing was preempted this step, waiting requests, first come
+   first served, join while ``max_num_seqs``, the token budget
+   ``max_num_batched_tokens`` and free blocks allow; each prefills its whole
+   prompt (prompt + kept output after a preemption, minus any prefix-cache
+   hit) in the same forward as the decodes.
+   Chunked prefill (``enable_chunked_prefill=True``, lesson 05, Sarathi-Serve):
+   the decodes take one token each of the budget; what is left goes, oldest
+   first, to running requests still in their prefill, then to waiting
+   requests (FCFS, admitted while ``max_num_seqs`` and the blocks allow, and
+   only when nothing was preempted this step). Each gets ``min(its remaining prompt, what is
+   left of the budget)`` tokens, so any prompt may be cut into chunks over
+   many steps. Blocks for the whole prompt are taken at admission, so a
+   later chunk never needs a block.
 3. Finished requests are retired by `finish` as soon as the engine sees their
    last token, so their blocks serve the next step's admissions.
 
+A running request is either *prefilling* (``num_computed_tokens <
+num_tokens``, its KV slots all reserved) or *decoding* (every known token
+but the last sampled one computed; that one gets its slot this step). Only a
+request whose fed tokens reach its last known token samples (see
+`ScheduledRequest.samples`).
+
 Invariants (`check_invariants`): a request is in exactly one of ``waiting``
 (WAITING) or ``running`` (RUNNING), or neither once FINISHED; exactly the
-running requests hold blocks; the allocator's own invariants hold. Requests
-that can never fit (larger than the whole pool, or than one step's token
-budget) are refused by `check_fits` before they are queued, so nothing waits
-forever.
+running requests hold blocks; the allocator's own invariants hold; a step
+never feeds more than ``max_num_batched_tokens``. Requests that can never
+fit (larger than the whole pool, or, without chunked prefill, than one
+step's token budget) are refused by `check_fits` before they are queued, so
+nothing waits forever.
 """
 from __future__ import annotations
 
@@ -42,6 +58,15 @@ class ScheduledRequest:
     @property
     def is_prefill(self) -> bool:
         return self.num_tokens > 1 or self.request.num_computed_tokens == 0
+
+    @property
+    def samples(self) -> bool:
+        """True when the fed tokens reach the request's last known token, so it gets a new token.
+
+        Valid between `Scheduler.schedule` and `Scheduler.update_computed`. A
+        prefill chunk that stops inside the prompt samples nothing.
+        """
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -91,7 +116,8 @@ class Scheduler:
             raise ValueError(f"request {req.request_id!r} needs up to {need} KV blocks "
                              f"({worst - 1} tokens) but the whole pool has {self.allocator.num_blocks}: "
                              f"raise num_kv_blocks / kv_cache_bytes or lower max_tokens")
-        if worst - 1 > self.config.max_num_batched_tokens:      # a recompute feeds prompt + output at once
+        if not self.config.enable_chunked_prefill and worst - 1 > self.config.max_num_batched_tokens:
+            # prefill-first: a recompute feeds prompt + output at once
             raise ValueError(f"request {req.request_id!r} may need a prefill of {worst - 1} tokens, over "
                              f"max_num_batched_tokens ({self.config.max_num_batched_tokens})")
 
@@ -121,17 +147,35 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        budget -= self._schedule_running(out)
-        if not out.preempted:
+        prefilling = self._schedule_running(out)
+        budget -= len(out.scheduled)                              # one token per decode
+        if self.config.enable_chunked_prefill:
+            budget = self._schedule_chunks(out, prefilling, budget)
+            if not out.preempted:
+                self._admit_waiting_chunked(out, budget)
+        elif not out.preempted:
             self._admit_waiting(out, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput) -> int:
-        """Give every running request a slot for its next token, preempting the newest on shortage."""
+    def _is_prefilling(self, req: Request) -> bool:
+        """A running request with uncomputed prompt tokens (all their slots already reserved)."""
+        return self.allocator.tables[req.request_id].num_tokens == req.num_tokens > req.num_computed_tokens
+
+    def _schedule_running(self, out: SchedulerOutput) -> list[Request]:
+        """Give every decoding request a slot for its next token, preempting the newest on shortage.
+
+        Schedules the decodes (1 token each) and returns the running requests
+        still in their prefill (chunked prefill only), oldest first.
+        """
         queue = deque(self.running)               # oldest first
         kept: list[Request] = []
+        prefilling: list[Request] = []
         while queue:
             req = queue.popleft()
+            if self._is_prefilling(req):                          # needs no new slot
+                kept.append(req)
+                prefilling.append(req)
+                continue
             while not (res := self.allocator.append_slot(req.request_id, req.all_token_ids[-1])):
                 if queue:                                         # victim: the newest running request
                     self.preempt(queue.pop(), out)
@@ -144,7 +188,36 @@ class Scheduler:
                 kept.append(req)
                 out.scheduled.append(ScheduledRequest(req, 1))
         self.running = kept
-        return len(kept)
+        return [r for r in prefilling if r.status is RequestStatus.RUNNING]
+
+    def _schedule_chunks(self, out: SchedulerOutput, prefilling: list[Request], budget: int) -> int:
+        """Chunked prefill: the next chunk of each running prefill, oldest first; return the budget left."""
+        for req in prefilling:
+            if budget <= 0:
+                break
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            out.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+        return budget
+
+    def _admit_waiting_chunked(self, out: SchedulerOutput, budget: int) -> None:
+        """Chunked prefill: FCFS admission while a token of budget, a sequence and the blocks are left.
+
+        The first chunk of each admitted request is what is left of the budget
+        (at most its whole uncached prompt).
+        """
+        while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            alloc = self.allocator.allocate(req.request_id, req.all_token_ids)
+            if not alloc:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = alloc.num_cached_tokens
+            req.transition(RequestStatus.RUNNING)
+            self.running.append(req)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            budget -= n
+            out.scheduled.append(ScheduledRequest(req, n))
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """FCFS admission while sequences, tokens and blocks allow (stop at the first that does not fit)."""
@@ -192,4 +265,5 @@ class Scheduler:
         for r in self.running:
             assert self.allocator.tables[r.request_id].num_tokens in (r.num_tokens, r.num_tokens - 1), \
                 f"request {r.request_id!r}: allocator and request disagree on its length"
+            assert 0 <= r.num_computed_tokens <= r.num_tokens, f"request {r.request_id!r}: bad computed count"
         self.allocator.check_invariants()
