@@ -31,6 +31,14 @@ class EngineConfig:
     * ``max_model_len``: prompt + output tokens of one sequence; default the model's context.
     * ``enable_prefix_caching``: reuse full prompt blocks already in the pool.
     * ``chunked_prefill``: reserved for lesson 05 (must be False for now).
+
+    Speculative decoding (lesson 06, `minisys.spec`; vLLM's names):
+
+    * ``speculative_method``: None (off), ``"ngram"`` (prompt lookup) or ``"draft"`` (a draft model).
+    * ``num_speculative_tokens``: k, drafts proposed per decoding request per step.
+    * ``ngram_prompt_lookup_max`` / ``_min``: the n-gram sizes tried, longest first.
+    * ``speculative_model``: a local model directory sharing the target's tokenizer; None = self-draft,
+      the target's own first ``draft_layers`` layers + its final norm and LM head.
     """
 
     block_size: int = 16
@@ -42,6 +50,12 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     chunked_prefill: bool = False
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_prompt_lookup_max: int = 4
+    ngram_prompt_lookup_min: int = 1
+    speculative_model: str | None = None
+    draft_layers: int = 8
 
     def __post_init__(self) -> None:
         def positive_int(name, allow_none=True):
@@ -62,8 +76,20 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
+        self._check_speculative(positive_int)
         if self.chunked_prefill:
             raise ValueError("chunked_prefill is not implemented yet (lesson 05)")
+
+    def _check_speculative(self, positive_int) -> None:
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative_method must be None, 'ngram' or 'draft', got {self.speculative_method!r}")
+        for name in ("num_speculative_tokens", "ngram_prompt_lookup_max", "ngram_prompt_lookup_min", "draft_layers"):
+            positive_int(name, allow_none=False)
+        if self.ngram_prompt_lookup_min > self.ngram_prompt_lookup_max:
+            raise ValueError(f"ngram_prompt_lookup_min ({self.ngram_prompt_lookup_min}) must be <= "
+                             f"ngram_prompt_lookup_max ({self.ngram_prompt_lookup_max})")
+        if self.speculative_model is not None and self.speculative_method != "draft":
+            raise ValueError("speculative_model needs speculative_method='draft'")
 
     def resolve(self, model_config: ModelConfig, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> "EngineConfig":

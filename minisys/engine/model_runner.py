@@ -83,6 +83,27 @@ class ModelRunner:
                             logits_indices=batch.logits_indices)                 # (B, V)
         return sample_rows(logits, [s.request for s in out.scheduled])
 
+    @torch.inference_mode()
+    def execute_speculative(self, out: SchedulerOutput, allocator: BlockAllocator,
+                            draft_probs: dict | None = None) -> list[list[int]]:
+        """Like `execute`, for a step where some requests feed [last token] + k drafts (lesson 06).
+
+        The LM head runs at all k + 1 fed positions of a speculating request
+        (p_0 .. p_k: the target's prediction after the last token and after
+        each draft) and at the last position of the others, all in this one
+        forward; `minisys.spec.verify.verify_rows` turns them into 1 .. k + 1
+        emitted tokens per request.
+        """
+        from ..spec.verify import verify_rows
+        for src, dst in out.block_copies:
+            self.cache.copy_block(src, dst)
+        batch = build_batch(out, allocator, self.model.device)
+        ends = batch.meta.cu_seqlens_q[1:].tolist()
+        rows = [r for s, end in zip(out.scheduled, ends) for r in range(end - 1 - len(s.spec_token_ids), end)]
+        logits = self.model(batch.input_ids, batch.positions, batch.meta, kv_cache=self.cache,
+                            logits_indices=torch.tensor(rows, device=self.model.device))   # (rows, V)
+        return verify_rows(logits, out.scheduled, draft_probs or {})
+
 
 def sample_rows(logits: torch.Tensor, requests) -> list[int]:
     """One token per row of logits (B, V), each request with its own params and generator.

@@ -38,10 +38,12 @@ from .request import Request, RequestStatus
 class ScheduledRequest:
     request: Request
     num_tokens: int            # tokens fed this step: request.all_token_ids[computed : computed + num_tokens]
+    spec_token_ids: list[int] = field(default_factory=list)   # speculative drafts fed after the last token
+    # (then num_tokens == 1 + len(spec_token_ids) and the fed tokens are [last token] + drafts; lesson 06)
 
     @property
     def is_prefill(self) -> bool:
-        return self.num_tokens > 1 or self.request.num_computed_tokens == 0
+        return (self.num_tokens > 1 and not self.spec_token_ids) or self.request.num_computed_tokens == 0
 
 
 @dataclass
@@ -58,7 +60,7 @@ class SchedulerOutput:
 
     @property
     def num_prefills(self) -> int:
-        return sum(1 for s in self.scheduled if s.num_tokens > 1 or s.request.num_computed_tokens == 0)
+        return sum(1 for s in self.scheduled if s.is_prefill)
 
     @property
     def is_empty(self) -> bool:
@@ -132,6 +134,9 @@ class Scheduler:
         kept: list[Request] = []
         while queue:
             req = queue.popleft()
+            if req.spec_token_ids and self._schedule_speculative(req, out):
+                kept.append(req)                                  # last token + its drafts got slots
+                continue
             while not (res := self.allocator.append_slot(req.request_id, req.all_token_ids[-1])):
                 if queue:                                         # victim: the newest running request
                     self.preempt(queue.pop(), out)
@@ -144,7 +149,35 @@ class Scheduler:
                 kept.append(req)
                 out.scheduled.append(ScheduledRequest(req, 1))
         self.running = kept
-        return len(kept)
+        return sum(s.num_tokens for s in out.scheduled)
+
+    # ------------------------------------------------------------ speculative decoding (lesson 06)
+    def _schedule_speculative(self, req: Request, out: SchedulerOutput) -> bool:
+        """Reserve slots for the last token + ``req.spec_token_ids`` at once; False (nothing changed)
+        when the pool cannot hold them all: the request then decodes one token as usual (drafts are
+        dropped before anything is preempted for them)."""
+        fed = [req.all_token_ids[-1]] + req.spec_token_ids
+        res = self.allocator.append_slots(req.request_id, fed)
+        if not res:
+            return False
+        out.block_copies += [r.copy for r in res if r.copy is not None]
+        out.scheduled.append(ScheduledRequest(req, len(fed), list(req.spec_token_ids)))
+        return True
+
+    def rollback_speculative(self, s: ScheduledRequest, num_accepted: int) -> None:
+        """After verification (and `update_computed`): forget the K/V of the rejected drafts.
+
+        The fed drafts ``spec_token_ids[num_accepted:]`` were rejected: their
+        positions stop counting as computed and the block table is truncated
+        to the accepted length, freeing blocks that only held rejected drafts.
+        Afterwards the table again holds ``req.num_tokens - 1`` tokens.
+        """
+        rejected = len(s.spec_token_ids) - num_accepted
+        if not 0 <= rejected <= len(s.spec_token_ids):
+            raise ValueError(f"accepted {num_accepted} of {len(s.spec_token_ids)} drafts")
+        req = s.request
+        req.num_computed_tokens -= rejected
+        self.allocator.truncate(req.request_id, req.num_computed_tokens)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """FCFS admission while sequences, tokens and blocks allow (stop at the first that does not fit)."""
@@ -167,6 +200,7 @@ class Scheduler:
         """Preemption by recompute: free the blocks, keep the tokens, re-queue at the head."""
         self.allocator.free(req.request_id)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         req.transition(RequestStatus.PREEMPTED)
