@@ -36,6 +36,14 @@ class EngineConfig:
     * ``enable_chunked_prefill`` (vLLM's name): decodes first, then prompts cut into chunks
       that fill the rest of ``max_num_batched_tokens`` (Sarathi-Serve, lesson 05). False is
       the prefill-first policy of lesson 04: a prompt is prefilled whole in one step.
+
+    Speculative decoding (lesson 06, `minisys.spec`; vLLM's names):
+
+    * ``speculative_method``: None (off), ``"ngram"`` (prompt lookup) or ``"draft"`` (a draft model).
+    * ``num_speculative_tokens``: k, drafts proposed per decoding request per step.
+    * ``ngram_prompt_lookup_max`` / ``_min``: the n-gram sizes tried, longest first.
+    * ``speculative_model``: a local model directory sharing the target's tokenizer; None = self-draft,
+      the target's own first ``draft_layers`` layers + its final norm and LM head.
     """
 
     block_size: int = 16
@@ -47,6 +55,12 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = False
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_prompt_lookup_max: int = 4
+    ngram_prompt_lookup_min: int = 1
+    speculative_model: str | None = None
+    draft_layers: int = 8
 
     def __post_init__(self) -> None:
         def positive_int(name, allow_none=True):
@@ -69,6 +83,18 @@ class EngineConfig:
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
         if not isinstance(self.enable_chunked_prefill, bool):
             raise ValueError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
+        self._check_speculative(positive_int)
+
+    def _check_speculative(self, positive_int) -> None:
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative_method must be None, 'ngram' or 'draft', got {self.speculative_method!r}")
+        for name in ("num_speculative_tokens", "ngram_prompt_lookup_max", "ngram_prompt_lookup_min", "draft_layers"):
+            positive_int(name, allow_none=False)
+        if self.ngram_prompt_lookup_min > self.ngram_prompt_lookup_max:
+            raise ValueError(f"ngram_prompt_lookup_min ({self.ngram_prompt_lookup_min}) must be <= "
+                             f"ngram_prompt_lookup_max ({self.ngram_prompt_lookup_max})")
+        if self.speculative_model is not None and self.speculative_method != "draft":
+            raise ValueError("speculative_model needs speculative_method='draft'")
 
     def resolve(self, model_config: ModelConfig, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> "EngineConfig":

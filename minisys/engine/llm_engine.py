@@ -18,9 +18,11 @@ with a ValueError; everything added finishes, or is aborted by `abort`.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from ..model.llama import LlamaModel
+from ..spec.metrics import SpecMetrics
 from ..model.tokenizer import Tokenizer
 from .config import EngineConfig
 from .model_runner import ModelRunner
@@ -43,6 +45,7 @@ class EngineStats:
     generated_tokens: int = 0
     preemptions: int = 0
     max_kv_usage: float = 0.0                                  # fraction of blocks in use, max over steps
+    spec: SpecMetrics = field(default_factory=SpecMetrics)     # speculative decoding (lesson 06)
 
     @property
     def mean_batch_size(self) -> float:
@@ -68,6 +71,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config)
         self.runner = ModelRunner(model, self.config.num_kv_blocks, self.config.block_size)
         self.stats = EngineStats()
+        self.proposer = make_proposer(self.config, model)          # None unless speculative_method is set
         self._groups: dict[str, _Group] = {}
         self._seq_group: dict[str, _Group] = {}
 
@@ -119,6 +123,8 @@ class LLMEngine:
         for s in group.seqs:
             if not s.is_finished:
                 self.scheduler.finish(s, "abort")
+            if self.proposer is not None:
+                self.proposer.release(s.request_id)
             self._seq_group.pop(s.request_id, None)
         return True
 
@@ -132,26 +138,43 @@ class LLMEngine:
     # ------------------------------------------------------------ one iteration
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, process the new tokens; return the outputs of the requests touched."""
+        draft_probs = self._propose() if self.proposer is not None else {}     # speculative decoding
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
+        for r in self.scheduler.running + list(self.scheduler.waiting):
+            r.spec_token_ids = []                   # the scheduled ones carry theirs in ScheduledRequest
         if sched.is_empty:
             return []
-        tokens = self.runner.execute(sched, self.scheduler.allocator)
+        if any(s.spec_token_ids for s in sched.scheduled):
+            token_lists = self.runner.execute_speculative(sched, self.scheduler.allocator, draft_probs)
+        else:
+            token_lists = [[t] if t is not None else []           # None: a prefill chunk inside the prompt
+                           for t in self.runner.execute(sched, self.scheduler.allocator)]
         self.scheduler.update_computed(sched)
-        self._count(sched, tokens)
         touched: dict[str, _Group] = {}
-        for s, token in zip(sched.scheduled, tokens):
-            if token is None:                                    # a prefill chunk inside the prompt
+        generated = 0
+        for s, tokens in zip(sched.scheduled, token_lists):
+            if not tokens:
                 continue
             req = s.request
             group = self._seq_group[req.request_id]
             i = group.seqs.index(req)
-            req.output_token_ids.append(token)
-            event = group.procs[i].append(token)
-            group.texts[i] += event.text_delta
-            if event.finish_reason is not None:
-                self.scheduler.finish(req, event.finish_reason)
+            for token in tokens:                    # 1 token, or accepted drafts + 1 when speculating
+                req.output_token_ids.append(token)
+                generated += 1
+                event = group.procs[i].append(token)
+                group.texts[i] += event.text_delta
+                if event.finish_reason is not None:
+                    self.scheduler.finish(req, event.finish_reason)
+                    if self.proposer is not None:
+                        self.proposer.release(req.request_id)
+                    break
+            if s.spec_token_ids:
+                self._count_speculative(s, tokens)
+                if not req.is_finished:             # roll the rejected drafts' KV back
+                    self.scheduler.rollback_speculative(s, len(tokens) - 1)
             touched[group.request_id] = group
+        self._count(sched, generated)
         outs = [self._output(g) for g in touched.values()]
         for o in outs:
             if o.finished:
@@ -160,13 +183,53 @@ class LLMEngine:
                     self._seq_group.pop(s.request_id, None)
         return outs
 
-    def _count(self, sched: SchedulerOutput, tokens: list[int | None]) -> None:
+    # ------------------------------------------------------------ speculative decoding (lesson 06)
+    def _propose(self) -> dict:
+        """Drafts for every running request that is decoding (all its tokens but the last computed).
+
+        k per request is capped so that drafts never pass ``max_tokens`` (so
+        never the context or the request's worst-case KV blocks), and the step's
+        token budget holds every running request's 1 + k tokens. Sets
+        ``req.spec_token_ids``; returns {request_id: q} for sampled draft-model drafts.
+        """
+        cfg, running = self.config, self.scheduler.running
+        room = cfg.max_num_batched_tokens - len(running)
+        reqs, ks = [], []
+        for r in running:
+            if r.num_computed_tokens != r.num_tokens - 1:
+                continue
+            k = max(0, min(cfg.num_speculative_tokens, r.max_tokens - len(r.output_token_ids) - 1, room))
+            if k:
+                reqs.append(r)
+                ks.append(k)
+                room -= k
+        if not reqs:
+            return {}
+        t0 = time.perf_counter()
+        proposals = self.proposer.propose(reqs, ks)
+        self.stats.spec.draft_seconds += time.perf_counter() - t0
+        probs = {}
+        for r, p in zip(reqs, proposals):
+            r.spec_token_ids = list(p.token_ids)
+            if p.draft_probs is not None:
+                probs[r.request_id] = p.draft_probs
+        return probs
+
+    def _count_speculative(self, s, tokens: list[int]) -> None:
+        sp = self.stats.spec
+        sp.num_verifications += 1
+        sp.proposed += len(s.spec_token_ids)
+        sp.accepted += len(tokens) - 1
+        sp.emitted += len(tokens)
+        sp.draft_forwards = getattr(self.proposer, "forwards", 0)
+
+    def _count(self, sched: SchedulerOutput, generated: int) -> None:
         st = self.stats
         st.steps += 1
         st.batch_sizes.append(len(sched.scheduled))
         st.batched_tokens += sched.num_tokens
-        st.prefill_tokens += sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1)
-        st.generated_tokens += sum(t is not None for t in tokens)
+        st.prefill_tokens += sum(s.num_tokens for s in sched.scheduled if s.is_prefill)
+        st.generated_tokens += generated
         alloc = self.scheduler.allocator
         st.max_kv_usage = max(st.max_kv_usage, alloc.num_used / alloc.num_blocks)
 
@@ -180,3 +243,18 @@ class LLMEngine:
     def kv_usage(self) -> float:
         alloc = self.scheduler.allocator
         return alloc.num_used / alloc.num_blocks
+
+
+def make_proposer(config: EngineConfig, model: LlamaModel):
+    """The proposer ``config.speculative_method`` asks for (None when speculation is off)."""
+    if config.speculative_method is None:
+        return None
+    if config.speculative_method == "ngram":
+        from ..spec.ngram import NgramProposer
+        return NgramProposer(config.ngram_prompt_lookup_max, config.ngram_prompt_lookup_min)
+    from ..spec.draft import DraftModelProposer, SelfDraftModel
+    if config.speculative_model is None:
+        return DraftModelProposer(SelfDraftModel(model, config.draft_layers), model.config.vocab_size)
+    from ..model import load
+    draft, _ = load(config.speculative_model, device=str(model.device), dtype=model.dtype, quiet=True)
+    return DraftModelProposer(draft, model.config.vocab_size)

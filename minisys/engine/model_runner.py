@@ -93,6 +93,33 @@ class ModelRunner:
             tokens[i] = t
         return tokens
 
+    @torch.inference_mode()
+    def execute_speculative(self, out: SchedulerOutput, allocator: BlockAllocator,
+                            draft_probs: dict | None = None) -> list[list[int]]:
+        """Like `execute`, for a step where some requests feed [last token] + k drafts (lesson 06).
+
+        The LM head runs at all k + 1 fed positions of a speculating request
+        (p_0 .. p_k: the target's prediction after the last token and after
+        each draft) and at the last position of the others, all in this one
+        forward; `minisys.spec.verify.verify_rows` turns them into 1 .. k + 1
+        emitted tokens per request.
+        """
+        from ..spec.verify import verify_rows
+        for src, dst in out.block_copies:
+            self.cache.copy_block(src, dst)
+        batch = build_batch(out, allocator, self.model.device)
+        ends = batch.meta.cu_seqlens_q[1:].tolist()
+        emitting = [i for i, s in enumerate(out.scheduled) if s.samples]   # chunks inside a prompt: none
+        rows = [r for i in emitting
+                for r in range(ends[i] - 1 - len(out.scheduled[i].spec_token_ids), ends[i])]
+        logits = self.model(batch.input_ids, batch.positions, batch.meta, kv_cache=self.cache,
+                            logits_indices=torch.tensor(rows, device=self.model.device))   # (rows, V)
+        picked = verify_rows(logits, [out.scheduled[i] for i in emitting], draft_probs or {})
+        tokens: list[list[int]] = [[] for _ in out.scheduled]
+        for i, t in zip(emitting, picked):
+            tokens[i] = t
+        return tokens
+
 
 def sample_rows(logits: torch.Tensor, requests) -> list[int]:
     """One token per row of logits (B, V), each request with its own params and generator.

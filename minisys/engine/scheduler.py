@@ -54,10 +54,12 @@ from .request import Request, RequestStatus
 class ScheduledRequest:
     request: Request
     num_tokens: int            # tokens fed this step: request.all_token_ids[computed : computed + num_tokens]
+    spec_token_ids: list[int] = field(default_factory=list)   # speculative drafts fed after the last token
+    # (then num_tokens == 1 + len(spec_token_ids) and the fed tokens are [last token] + drafts; lesson 06)
 
     @property
     def is_prefill(self) -> bool:
-        return self.num_tokens > 1 or self.request.num_computed_tokens == 0
+        return (self.num_tokens > 1 and not self.spec_token_ids) or self.request.num_computed_tokens == 0
 
     @property
     def samples(self) -> bool:
@@ -66,6 +68,8 @@ class ScheduledRequest:
         Valid between `Scheduler.schedule` and `Scheduler.update_computed`. A
         prefill chunk that stops inside the prompt samples nothing.
         """
+        if self.spec_token_ids:                                   # verification: 1 .. k + 1 tokens
+            return True
         return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
 
 
@@ -83,7 +87,7 @@ class SchedulerOutput:
 
     @property
     def num_prefills(self) -> int:
-        return sum(1 for s in self.scheduled if s.num_tokens > 1 or s.request.num_computed_tokens == 0)
+        return sum(1 for s in self.scheduled if s.is_prefill)
 
     @property
     def is_empty(self) -> bool:
@@ -148,7 +152,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         prefilling = self._schedule_running(out)
-        budget -= len(out.scheduled)                              # one token per decode
+        budget -= sum(s.num_tokens for s in out.scheduled)        # 1 per decode (1 + k with drafts)
         if self.config.enable_chunked_prefill:
             budget = self._schedule_chunks(out, prefilling, budget)
             if not out.preempted:
@@ -175,6 +179,9 @@ class Scheduler:
             if self._is_prefilling(req):                          # needs no new slot
                 kept.append(req)
                 prefilling.append(req)
+                continue
+            if req.spec_token_ids and self._schedule_speculative(req, out):
+                kept.append(req)                                  # last token + its drafts got slots
                 continue
             while not (res := self.allocator.append_slot(req.request_id, req.all_token_ids[-1])):
                 if queue:                                         # victim: the newest running request
@@ -219,6 +226,34 @@ class Scheduler:
             budget -= n
             out.scheduled.append(ScheduledRequest(req, n))
 
+    # ------------------------------------------------------------ speculative decoding (lesson 06)
+    def _schedule_speculative(self, req: Request, out: SchedulerOutput) -> bool:
+        """Reserve slots for the last token + ``req.spec_token_ids`` at once; False (nothing changed)
+        when the pool cannot hold them all: the request then decodes one token as usual (drafts are
+        dropped before anything is preempted for them)."""
+        fed = [req.all_token_ids[-1]] + req.spec_token_ids
+        res = self.allocator.append_slots(req.request_id, fed)
+        if not res:
+            return False
+        out.block_copies += [r.copy for r in res if r.copy is not None]
+        out.scheduled.append(ScheduledRequest(req, len(fed), list(req.spec_token_ids)))
+        return True
+
+    def rollback_speculative(self, s: ScheduledRequest, num_accepted: int) -> None:
+        """After verification (and `update_computed`): forget the K/V of the rejected drafts.
+
+        The fed drafts ``spec_token_ids[num_accepted:]`` were rejected: their
+        positions stop counting as computed and the block table is truncated
+        to the accepted length, freeing blocks that only held rejected drafts.
+        Afterwards the table again holds ``req.num_tokens - 1`` tokens.
+        """
+        rejected = len(s.spec_token_ids) - num_accepted
+        if not 0 <= rejected <= len(s.spec_token_ids):
+            raise ValueError(f"accepted {num_accepted} of {len(s.spec_token_ids)} drafts")
+        req = s.request
+        req.num_computed_tokens -= rejected
+        self.allocator.truncate(req.request_id, req.num_computed_tokens)
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """FCFS admission while sequences, tokens and blocks allow (stop at the first that does not fit)."""
         while self.waiting and len(self.running) < self.config.max_num_seqs:
@@ -240,6 +275,7 @@ class Scheduler:
         """Preemption by recompute: free the blocks, keep the tokens, re-queue at the head."""
         self.allocator.free(req.request_id)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         req.transition(RequestStatus.PREEMPTED)

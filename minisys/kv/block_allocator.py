@@ -223,6 +223,44 @@ class BlockAllocator:
         self._debug_check()
         return AppendResult(table.slot(pos), copy)
 
+    def append_slots(self, seq_id, token_ids: list[int]) -> list[AppendResult] | Refusal:
+        """Append several tokens at once, all or nothing (speculative decoding: last token + k drafts).
+
+        Refuses (changing nothing) unless the free blocks cover every new block
+        and a copy-on-write of a shared partial last block.
+        """
+        table = self.table(seq_id)
+        pos, n = table.num_tokens, len(token_ids)
+        need = self.blocks_for(pos + n) - len(table.block_ids)
+        if pos % self.block_size and n and self.blocks[table.block_ids[-1]].ref_count > 1:
+            need += 1                                        # the shared partial block is copied first
+        if need > self.num_free:
+            return Refusal(f"{n} tokens need {need} new blocks, {self.num_free} free", need, self.num_free)
+        return [self.append_slot(seq_id, t) for t in token_ids]
+
+    def truncate(self, seq_id, num_tokens: int) -> None:
+        """Roll a sequence back to its first ``num_tokens`` tokens (rejected speculative tokens).
+
+        Blocks past ``ceil(num_tokens / block_size)`` are released (freed when
+        no other table holds them). A kept last block left partial loses its
+        prefix-cache hash (it was hashed with tokens that are gone); it must
+        then be this sequence's alone. Keeps every invariant of the module.
+        """
+        table = self.table(seq_id)
+        if not 0 < num_tokens <= table.num_tokens:
+            raise AllocatorError(f"truncate {seq_id!r} to {num_tokens} tokens: it has {table.num_tokens}")
+        keep = self.blocks_for(num_tokens)
+        last = table.block_ids[keep - 1]
+        if num_tokens % self.block_size and self.blocks[last].hash is not NO_HASH:
+            if self.blocks[last].ref_count > 1:
+                raise AllocatorError(f"truncate {seq_id!r} into shared full block {last}")
+            self._drop_hash(last)
+        for b in reversed(table.block_ids[keep:]):
+            self._release(b)
+        del table.block_ids[keep:]
+        del table.token_ids[num_tokens:]
+        self._debug_check()
+
     def fork(self, parent_id, child_id) -> BlockTable:
         """The child shares all of the parent's blocks (refcounts + 1); never needs a free block."""
         parent = self.table(parent_id)
