@@ -200,6 +200,8 @@ for ax, key, label in ((axes[0], "p99_itl_ms", "p99 inter-token latency (ms)"),
     ax.plot(budgets, [results[f"chunked-{b}"][key] for b in budgets], "o-", label="chunked prefill (yours)")
     ax.axhline(base[key], color="tab:red", ls="--", label="prefill-first")
     ax.set(xscale="log", xlabel="token budget per step", ylabel=label)
+    ax.minorticks_off()
+    ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.legend()
 fig.tight_layout()
 os.makedirs("lab_outputs", exist_ok=True)

@@ -182,6 +182,7 @@ def plot(results: dict[str, dict], path, title: str = "") -> None:
         ax.plot(xs, [r[key] for _, r in chunked], "o-", label="chunked prefill")
         ax.axhline(base[key], color="tab:red", ls="--", label="prefill-first")
         ax.set(xscale="log", xlabel="token budget per step (max_num_batched_tokens)", ylabel=label)
+        ax.minorticks_off()
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.legend()
     fig.suptitle(title)
@@ -285,7 +286,7 @@ def _print(res) -> None:
                   str(r["max_step_tokens"]),
                   f"{cmp['p99_itl_x_lower']:.2f}x" if cmp else "1.00x",
                   f"{cmp['throughput_ratio']:.1%}" if cmp else "100%")
-    Console().print(t)
+    Console(width=max(Console().width, 170)).print(t)
     h = res["vs_prefill_first"].get(f"chunked-{res['headline_budget']}")
     if h:
         ok = h["p99_itl_x_lower"] >= 3 and abs(h["throughput_ratio"] - 1) <= 0.10
