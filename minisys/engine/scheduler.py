@@ -50,6 +50,24 @@ from .config import EngineConfig
 from .request import Request, RequestStatus
 
 
+def split_budget(budget: int, num_decodes: int, remaining: list[int]) -> list[int]:
+    """Sarathi-Serve's split of one step's token budget: decodes first, then prefill chunks in line.
+
+    ``num_decodes`` requests take one token each; the prefills, in line
+    (oldest first), with ``remaining[i]`` uncomputed prompt tokens each, get
+    ``min(remaining[i], what is left)``. Returns the chunk of each (0 once the
+    budget is spent), so ``num_decodes + sum(chunks) <= budget`` and a chunk is
+    nonzero only if every prefill before it got all its remaining tokens.
+    """
+    if num_decodes > budget:
+        raise ValueError(f"{num_decodes} decodes do not fit a budget of {budget} tokens")
+    left, chunks = budget - num_decodes, []
+    for r in remaining:
+        chunks.append(min(r, left))
+        left -= chunks[-1]
+    return chunks
+
+
 @dataclass
 class ScheduledRequest:
     request: Request
@@ -199,13 +217,9 @@ class Scheduler:
 
     def _schedule_chunks(self, out: SchedulerOutput, prefilling: list[Request], budget: int) -> int:
         """Chunked prefill: the next chunk of each running prefill, oldest first; return the budget left."""
-        for req in prefilling:
-            if budget <= 0:
-                break
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            out.scheduled.append(ScheduledRequest(req, n))
-            budget -= n
-        return budget
+        chunks = split_budget(budget, 0, [r.num_tokens - r.num_computed_tokens for r in prefilling])
+        out.scheduled += [ScheduledRequest(r, n) for r, n in zip(prefilling, chunks) if n]
+        return budget - sum(chunks)
 
     def _admit_waiting_chunked(self, out: SchedulerOutput, budget: int) -> None:
         """Chunked prefill: FCFS admission while a token of budget, a sequence and the blocks are left.
