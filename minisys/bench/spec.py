@@ -18,10 +18,12 @@ identical across methods (checked and printed).
 
 Reported per method: alpha = accepted / proposed; tokens per verification
 (measured, and expected ``(1 - alpha^(k+1)) / (1 - alpha)`` at the mean k);
-c = draft time per engine step per draft position / plain step time; v =
-target time of a speculative step / plain step time (the verification is not
-quite free on a CPU); predicted speedup ``E / (k c + 1)`` (Leviathan et al.),
-the refined ``E / (k c + v)``, and the measured speedup = plain time / method time.
+c = draft time per decode step per draft position / plain decode step time;
+v = target time of a speculative decode step / plain decode step time (the
+verification is not quite free on a CPU); predicted speedup ``E / (k c + 1)``
+(Leviathan et al.), the refined ``E / (k c + v)``, and the measured speedup =
+plain time / method time, end to end (prefills included) and over the decode
+steps only (steps with no prefill in them).
 """
 from __future__ import annotations
 
@@ -70,34 +72,41 @@ def run(model, tok, ids: list[list[int]], spec: dict, max_num_seqs: int, max_tok
     sp = SamplingParams(temperature=0, max_tokens=max_tokens)
     outputs = {}
     waves = [[i] for i in range(len(ids))] if max_num_seqs == 1 else [list(range(len(ids)))]
+    st = engine.stats
+    dec_seconds, dec_steps = 0.0, 0                     # steps without any prefill: pure decode/verify
     t0 = time.perf_counter()
     for wave in waves:
         for i in wave:
             engine.add_request(str(i), ids[i], sp)
         while engine.has_unfinished():
+            before, t = st.prefill_tokens, time.perf_counter()
             for o in engine.step():
                 if o.finished:
                     outputs[int(o.request_id)] = o.outputs[0].token_ids
+            if st.prefill_tokens == before:
+                dec_seconds += time.perf_counter() - t
+                dec_steps += 1
     seconds = time.perf_counter() - t0
-    st = engine.stats
     return {"seconds": seconds, "steps": st.steps, "tokens": st.generated_tokens, "outputs": outputs,
-            "spec": st.spec.summary()}
+            "decode_seconds": dec_seconds, "decode_steps": dec_steps, "spec": st.spec.summary()}
 
 
 def analyse(plain: dict, res: dict) -> dict:
     """alpha, tokens per verification (measured/expected), c, v, predicted and measured speedup."""
     from ..spec.metrics import expected_tokens_per_step, predicted_speedup
     sp = res["spec"]
-    t_plain = plain["seconds"] / plain["steps"]                         # one plain engine step
+    t_plain = plain["decode_seconds"] / max(plain["decode_steps"], 1)     # one plain decode step
     k = sp["mean_k"] or 1.0
     alpha = sp["alpha"]
-    c = sp["draft_seconds"] / res["steps"] / k / t_plain
-    v = (res["seconds"] - sp["draft_seconds"]) / res["steps"] / t_plain
+    steps = max(res["decode_steps"], 1)
+    c = sp["draft_seconds"] / steps / k / t_plain
+    v = (res["decode_seconds"] - sp["draft_seconds"]) / steps / t_plain
     expect = expected_tokens_per_step(alpha, k) if sp["proposed"] else 1.0
     return {"alpha": alpha, "mean_k": sp["mean_k"], "tokens_per_verification": sp["tokens_per_verification"],
             "expected_tokens_per_verification": expect, "tokens_per_step": res["tokens"] / res["steps"],
             "c": c, "v": v, "predicted_speedup": predicted_speedup(alpha, k, c) if sp["proposed"] else 1.0,
-            "predicted_speedup_with_v": expect / (k * c + v), "measured_speedup": plain["seconds"] / res["seconds"]}
+            "predicted_speedup_with_v": expect / (k * c + v), "measured_speedup": plain["seconds"] / res["seconds"],
+            "measured_decode_speedup": plain["decode_seconds"] / max(res["decode_seconds"], 1e-9)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,12 +158,12 @@ def print_row(name: str, row: dict) -> None:
     print(f"\n{name}: {row['tokens']} tokens, plain {row['plain_tokens_per_s']:.1f} tok/s, "
           f"greedy outputs identical across methods: {'yes' if row['identical_outputs'] else 'NO'}")
     print(f"  {'method':6s} {'alpha':>6s} {'k':>4s} {'tok/verif':>9s} {'expected':>8s} {'c':>6s} {'v':>5s} "
-          f"{'pred':>6s} {'pred(v)':>7s} {'measured':>8s}")
+          f"{'pred':>6s} {'pred(v)':>7s} {'measured':>8s} {'(decode only)':>13s}")
     for m in ("ngram", "draft"):
         r = row[m]
         print(f"  {m:6s} {r['alpha']:6.2f} {r['mean_k']:4.1f} {r['tokens_per_verification']:9.2f} "
               f"{r['expected_tokens_per_verification']:8.2f} {r['c']:6.3f} {r['v']:5.2f} {r['predicted_speedup']:5.2f}x "
-              f"{r['predicted_speedup_with_v']:6.2f}x {r['measured_speedup']:7.2f}x")
+              f"{r['predicted_speedup_with_v']:6.2f}x {r['measured_speedup']:7.2f}x {r['measured_decode_speedup']:12.2f}x")
 
 
 def plot(results: dict, path) -> None:
