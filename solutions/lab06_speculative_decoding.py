@@ -132,7 +132,7 @@ max_tokens = 32 if quick else 120
 
 class YourNgram(Proposer):
     def propose(self, requests, ks):
-        return [Proposal(ngram_propose(r.all_token_ids, k, 4, 1)) for r, k in zip(requests, ks)]
+        return [Proposal(ngram_propose(r.all_token_ids, k, 4, 2)) for r, k in zip(requests, ks)]
 
 
 def serve(k):

@@ -11,7 +11,7 @@ Two workloads of chat-templated prompts for SmolLM2-135M-Instruct, greedy:
 
 Each runs at **batch 1** (one request at a time) and **under load** (all
 requests at once, ``--max-num-seqs``), for plain decoding, ``ngram`` (k =
-``--k-ngram``) and ``draft`` (self-draft: the target's first ``--draft-layers``
+``--k-ngram``, n-grams of 4 down to ``--ngram-min`` tokens) and ``draft`` (self-draft: the target's first ``--draft-layers``
 layers, k = ``--k-draft``). Runs are interleaved and repeated (``--repeats``,
 median) so a busy machine hurts every method alike; greedy outputs must be
 identical across methods (checked and printed).
@@ -39,15 +39,15 @@ TEXTS = [
     "The Industrial Revolution began in Britain in the late eigteenth century. It transformed how goods were made, "
     "moving production from small workshops into large factorys powered by steam engines. Cities grew quickly as "
     "people left farms to find work, and new railways carried coal, iron and cotton accross the country.",
-    "Honey bees live in colonies of many thousand workers and a single queen. The workers collect nectar and polen "
-    "from flowers, build the wax comb, and care for the young. When a bee finds a good patch of flowers, it returns "
-    "to the hive and performs a dance that tells the others were the food is.",
     "The water cycle describes how water moves around the Earth. The sun heats the oceans, and water evaporates into "
     "the air. As the vapour rises it cools and forms clouds. Eventualy the water falls back as rain or snow, and "
     "rivers carry it back to the sea.",
     "Chess is a board game for two players. Each player starts with sixteen peices: one king, one queen, two rooks, "
     "two knights, two bishops and eight pawns. The goal is to checkmate the opponents king, so that it is under "
     "attack and cannot escape.",
+    "The Moon is Earths only natural satelite. It is about one quarter the size of Earth and takes around twenty "
+    "seven days to orbit our planet. Its gravity causes the tides in the oceans, and its surface is covered with "
+    "craters left by ancient impacts.",
 ]
 CHAT = ["Write a short story about a dragon who learns to cook.", "What are three tips for staying focused while studying?",
         "Explain why the sky is blue to a ten year old.", "Describe your ideal weekend in a few sentences."]
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=48 if quick else 128)
     p.add_argument("--max-num-seqs", type=int, default=4 if quick else 8, help="batch limit of the 'load' runs")
     p.add_argument("--k-ngram", type=int, default=6)
+    p.add_argument("--ngram-min", type=int, default=2, help="ngram_prompt_lookup_min (max is 4)")
     p.add_argument("--k-draft", type=int, default=3)
     p.add_argument("--draft-layers", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1 if quick else 3)
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..model import load
     model, tok = load(None, device="cpu", attention_backend="paged", quiet=True)
     methods = {"plain": {},
-               "ngram": {"speculative_method": "ngram", "num_speculative_tokens": a.k_ngram},
+               "ngram": {"speculative_method": "ngram", "num_speculative_tokens": a.k_ngram,
+                         "ngram_prompt_lookup_min": a.ngram_min},
                "draft": {"speculative_method": "draft", "num_speculative_tokens": a.k_draft,
                          "draft_layers": a.draft_layers}}
     results = {}
