@@ -109,7 +109,8 @@ print(ngram_propose([10, 11, 12, 13, 99, 10, 11], k=3, n_max=2))   # expect [12,
 # ## 3. Your proposer in the real engine
 #
 # `LLMEngine` with `speculative_method="ngram"` asks its proposer for drafts
-# before every step; we swap in yours. The prompt asks SmolLM2 to correct a
+# before every step; we swap in yours (with n-grams of 4 down to 2 tokens: a
+# single matching token is too weak a clue). The prompt asks SmolLM2 to correct a
 # paragraph and write it out again, so most of the answer is a copy of the
 # prompt. We compare plain decoding with speculation for a few k: tokens per
 # second, the acceptance rate alpha, and tokens emitted per target forward
