@@ -9,6 +9,7 @@ BENCHMARKS = {
     "paged-kv": "minisys.bench.paged_kv",
     "throughput": "minisys.bench.throughput",
     "chunked": "minisys.bench.chunked",
+    "spec": "minisys.bench.spec",
 }
 
 
