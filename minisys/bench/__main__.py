@@ -8,6 +8,7 @@ BENCHMARKS = {
     "attention": "minisys.bench.attention",
     "paged-kv": "minisys.bench.paged_kv",
     "throughput": "minisys.bench.throughput",
+    "serve": "minisys.bench.serve",
 }
 
 
