@@ -20,6 +20,7 @@ non-streamed requests poll ``is_disconnected``.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from contextlib import asynccontextmanager
@@ -218,6 +219,23 @@ class Server:
         return out
 
 
+class ApiKeyMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware, which hides client disconnects): 401 on /v1 without the key."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, self.expected):
+                body = error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                  code="invalid_api_key")
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (an `AsyncLLMEngine` or `AsyncEagerEngine`, not yet started)."""
     server = Server(engine, tokenizer, model_name, api_key)
@@ -232,13 +250,8 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
     app.state.server = server
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if server.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
-                return JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                               code="invalid_api_key"), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
     @app.get("/health")
     async def health():

@@ -33,6 +33,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (info shows every request)")
 
 
@@ -87,6 +89,9 @@ def serve(args) -> int:
 
     from .app import build_app
 
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     engine, tokenizer, model = build_engine(args)
     name = model_name(args)
     app = build_app(engine, tokenizer, name, api_key=args.api_key)
