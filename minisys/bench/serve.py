@@ -360,14 +360,20 @@ def bench_transformers(requests: list[BenchRequest], rates: list[float], seed: i
     """
     import torch
     from transformers import AutoTokenizer, GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
     from ..model.store import fetch_gguf
     from .throughput import load_hf
     path = fetch_gguf(quiet=True)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hf = load_hf("cuda" if torch.cuda.is_available() else "cpu", torch.float32)
     ids = [tok(r.prompt)["input_ids"] for r in requests]
+    max_new = max(r.max_tokens for r in requests)
+    hints = WorkloadHints(max_prompt_length=max(map(len, ids)), max_generated_length=max_new,
+                          num_requests=len(ids))            # as generate_batch sizes its cache
     manager = hf.init_continuous_batching(generation_config=GenerationConfig(
-        do_sample=False, max_new_tokens=max(r.max_tokens for r in requests), eos_token_id=-1))
+        do_sample=False, max_new_tokens=max_new, eos_token_id=-1), workload_hints=hints)
+    if hasattr(manager, "warmup") and not getattr(manager, "warmed_up", True):
+        manager.warmup()
     manager.start()
     try:
         _hf_run(manager, [[1, 2, 3]], [4], [0.0], "warm")
@@ -545,8 +551,11 @@ def workload_from(args) -> tuple[dict, list[BenchRequest], list[float]]:
     return sizes, reqs, rates
 
 
-def run_compare(args, reqs, rates, slo) -> dict[str, list[dict]]:
-    """Each system in turn on the same workload; servers launched and stopped one after another."""
+def run_compare(args, reqs, rates, slo, save: Callable[[dict, dict], None]) -> tuple[dict, dict]:
+    """Each system in turn on the same workload; servers launched and stopped one after another.
+
+    ``save(results, notes)`` runs after every system, so a long run keeps what it measured.
+    """
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     results, notes = {}, {}
     extra = args.server_args.split()
@@ -565,12 +574,28 @@ def run_compare(args, reqs, rates, slo) -> dict[str, list[dict]]:
                 print(f"[transformers] skipped: {why}")
                 continue
             print("[transformers] in-process ContinuousBatchingManager (generate_batch's engine)", flush=True)
+            notes[name] = "in-process (no HTTP/SSE), transformers' ContinuousBatchingManager, fp32, per-token timestamps"
             results[name] = bench_transformers(reqs, rates, args.seed, slo)
         else:
             raise ValueError(f"unknown system {name!r} (minisys, eager, transformers)")
         print(table({name: results[name]}), flush=True)
-    results["_notes"] = notes
-    return results
+        save(results, notes)
+    return results, notes
+
+
+def write_results(name: str, out: str, sizes: dict, rates: list[float], slo: SLO | None,
+                  results: dict, notes: dict) -> tuple[Path, Path]:
+    """JSON (with ratios against the eager server when it ran) and the latency-vs-rate plot."""
+    payload = {"workload": sizes, "rates": [fmt_rate(r) for r in rates],
+               "slo": asdict(slo) if slo else None, "results": results, "notes": notes}
+    if "eager" in results:
+        payload["speedup_vs_eager"] = {
+            system: {fmt_rate(s["rate"]): s["output_throughput"] / b["output_throughput"]
+                     for s, b in zip(runs, results["eager"])} for system, runs in results.items()}
+    path = save_result(name, jsonable(payload), out)
+    png = plot(results, Path(out) / f"{name}.png", f"serving benchmark: {sizes['num_prompts']} requests, "
+               f"outputs {sizes['output_tokens'][0]}-{sizes['output_tokens'][1]} tokens")
+    return path, png
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -580,26 +605,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sizes, reqs, rates = workload_from(args)
     slo = parse_slo(args.goodput)
+    name = args.name or ("serve_compare" if args.compare else "serve") + ("_quick" if quick_mode() else "")
     print(f"workload: {json.dumps(sizes)}; rates {[fmt_rate(r) for r in rates]}", flush=True)
+
+    def save(results: dict, notes: dict) -> None:
+        write_results(name, args.out, sizes, rates, slo, results, notes)
+
     if args.compare:
-        results = run_compare(args, reqs, rates, slo)
-        notes = results.pop("_notes")
+        results, notes = run_compare(args, reqs, rates, slo, save)
     else:
         cfg = ClientConfig(args.url, args.model, args.endpoint, args.temperature, not args.no_ignore_eos,
                            args.api_key, args.max_concurrency)
         results, notes = {cfg.url: bench_url(cfg, reqs, rates, args.seed, slo)}, {}
-    baseline = "eager" if "eager" in results else None
-    print(table(results, baseline))
-    name = args.name or ("serve_compare" if args.compare else "serve") + ("_quick" if quick_mode() else "")
-    payload = {"workload": sizes, "rates": [fmt_rate(r) for r in rates],
-               "slo": asdict(slo) if slo else None, "results": results, "notes": notes}
-    if baseline:
-        payload["speedup_vs_eager"] = {
-            name: {fmt_rate(s["rate"]): s["output_throughput"] / b["output_throughput"]
-                   for s, b in zip(runs, results[baseline])} for name, runs in results.items()}
-    path = save_result(name, jsonable(payload), args.out)
-    png = plot(results, Path(args.out) / f"{name}.png", f"serving benchmark: {sizes['num_prompts']} requests, "
-               f"outputs {sizes['output_tokens'][0]}-{sizes['output_tokens'][1]} tokens")
+    print(table(results, "eager" if "eager" in results else None))
+    path, png = write_results(name, args.out, sizes, rates, slo, results, notes)
     print(f"wrote {path} and {png}")
     return 0 if all(s["completed"] == s["requests"] for runs in results.values() for s in runs) else 1
 
