@@ -499,3 +499,57 @@ def test_disconnect_while_waiting_for_a_nonstreamed_response(server, client):
     assert_idle(m)
     assert m["minisys:request_aborted_total"] - before == 1
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+# ------------------------------------------------------------------ the eager baseline behind the same API
+@pytest.fixture(scope="module")
+def eager_server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("eager-server") / "server.log"
+    proc, url = start_server(["--engine", "eager", "--api-key", KEY, "--threads", "1"], log)
+    yield url
+    stop_server(proc)
+
+
+def test_eager_server_serves_the_same_api(eager_server, client, eager):
+    eclient = openai.OpenAI(base_url=eager_server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    kw = dict(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    ref = eager_greedy(eager, eager[1].encode(kw["prompt"]), 8)
+    full = eclient.completions.create(**kw)
+    assert full.choices[0].text == ref.text == client.completions.create(**kw).choices[0].text
+    assert full.usage.completion_tokens == len(ref.token_ids)
+    texts, finishes, usage = collect_completion_stream(
+        eclient.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(texts[0]) == ref.text and usage.completion_tokens == len(ref.token_ids)
+    assert_one_finish_at_end(finishes[0])
+    n = eclient.completions.create(model=MODEL, prompt="Hi", max_tokens=3, n=2, temperature=1.0, seed=1,
+                                   extra_body={"ignore_eos": True})
+    assert [c.index for c in n.choices] == [0, 1] and n.usage.completion_tokens == 6
+    r = post(eager_server, "/v1/completions", {"model": MODEL, "prompt": "hello " * 9000})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def test_eager_server_aborts_disconnected_clients(eager_server):
+    async def leave(c: httpx.AsyncClient, i: int):
+        async with c.stream("POST", "/v1/completions",
+                            json={**LONG, "stream": True, "prompt": f"Story {i}:"}) as r:
+            if i:
+                await asyncio.sleep(0.2)                # the others leave while queued behind it
+                return
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):           # the first leaves mid-stream
+                    return
+
+    async def main():
+        async with httpx.AsyncClient(base_url=eager_server, headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=120) as c:
+            await asyncio.gather(*[leave(c, i) for i in range(4)])
+
+    asyncio.run(main())
+    deadline, m = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:
+        m = metrics(eager_server)
+        if m["minisys:num_requests_in_engine"] == m["minisys:num_requests_running"] == 0:
+            break
+        time.sleep(0.25)
+    assert m["minisys:num_requests_in_engine"] == m["minisys:num_requests_running"] == 0
+    assert m["minisys:request_aborted_total"] == 4

@@ -13,7 +13,9 @@ thread (a single-thread executor), in submission order; the asyncio event
 loop never touches the engine's state directly and stays free to accept
 connections and stream tokens while a step runs. The loop task owns the
 stepping: it sleeps while nothing is unfinished, applies pending aborts
-between steps, and hands each step's outputs to the requests' queues.
+between steps, and hands each step's outputs to the requests' mailboxes
+(`OutputSlot`: the newest cumulative output wins, so a slow reader costs
+no memory).
 
 `AsyncEagerEngine` serves the same interface one request at a time with the
 eager baseline (`EagerGenerator`): the baseline server of the benchmark.
@@ -36,6 +38,31 @@ class EngineDeadError(RuntimeError):
     """The engine raised while stepping; the requests that were in it cannot continue."""
 
 
+class OutputSlot:
+    """A one-item mailbox that keeps only the newest output (or an error).
+
+    Outputs are cumulative (each carries every choice's whole text and token
+    ids so far), so replacing an unread output by a newer one loses nothing:
+    a client that reads slowly gets bigger deltas, not an ever-growing queue
+    (backpressure without unbounded memory). An error replaces anything unread.
+    """
+
+    def __init__(self) -> None:
+        self._item: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: RequestOutput | BaseException) -> None:
+        if not isinstance(self._item, BaseException):
+            self._item = item
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        item, self._item = self._item, None
+        self._ready.clear()
+        return item
+
+
 class RequestStream:
     """The outputs of one request: an async iterator that ends after the finished output.
 
@@ -43,8 +70,8 @@ class RequestStream:
     ``engine.abort(request_id)`` if it stops reading before the end.
     """
 
-    def __init__(self, request_id: str, queue: asyncio.Queue) -> None:
-        self.request_id, self._queue = request_id, queue
+    def __init__(self, request_id: str, slot: OutputSlot) -> None:
+        self.request_id, self._slot = request_id, slot
         self.arrival = time.perf_counter()
         self.finished = False
 
@@ -53,7 +80,7 @@ class RequestStream:
 
     async def _iter(self) -> AsyncIterator[RequestOutput]:
         while not self.finished:
-            item = await self._queue.get()
+            item = await self._slot.get()
             if isinstance(item, BaseException):
                 self.finished = True
                 raise item
@@ -66,7 +93,7 @@ class _AsyncEngineBase:
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="minisys-engine")
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, OutputSlot] = {}
         self._aborts: set[str] = set()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -127,7 +154,7 @@ class AsyncLLMEngine(_AsyncEngineBase):
     async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                           prompt: str | None = None) -> RequestStream:
         """Queue a request; ValueError (with the engine's reason) if it can never be served."""
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = OutputSlot()
         self._queues[request_id] = queue            # registered first: no output can be missed
         try:
             await self._call(self.engine.add_request, request_id, prompt_ids, params, prompt)
@@ -203,7 +230,7 @@ class AsyncEagerEngine(_AsyncEngineBase):
     async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                           prompt: str | None = None) -> RequestStream:
         self.runner.check_prompt(prompt_ids, params)    # read-only: safe off the engine thread
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = OutputSlot()
         self._queues[request_id] = queue
         self._pending.put_nowait((request_id, list(prompt_ids), params, prompt))
         return RequestStream(request_id, queue)
