@@ -553,3 +553,75 @@ def test_eager_server_aborts_disconnected_clients(eager_server):
         time.sleep(0.25)
     assert m["minisys:num_requests_in_engine"] == m["minisys:num_requests_running"] == 0
     assert m["minisys:request_aborted_total"] == 4
+
+
+# ------------------------------------------------------------------ in process: an engine that fails
+def test_engine_failure_fails_its_requests_and_the_server_recovers(smol):
+    """A step that raises: its requests get an error (500 / an SSE error event), nothing stays in the
+    engine, /health stays green and the next request is served."""
+    from fastapi.testclient import TestClient
+
+    from minisys.engine.config import EngineConfig
+    from minisys.engine.llm_engine import LLMEngine
+    from minisys.server.app import build_app
+    from minisys.server.async_engine import AsyncLLMEngine
+
+    model, tok = smol
+    engine = LLMEngine(model, tok, EngineConfig(num_kv_blocks=64, max_num_seqs=4))
+    real_step, fail = engine.step, {"next": False}
+
+    def flaky_step():
+        if fail["next"]:
+            fail["next"] = False
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    engine.step = flaky_step
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+    with TestClient(build_app(AsyncLLMEngine(engine), tok, MODEL)) as c:
+        fail["next"] = True
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+        ok = c.post("/v1/completions", json=body)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        fail["next"] = True
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            lines = [line for line in s.iter_lines() if line]
+        assert "injected failure" in json.loads(lines[-2][len("data: "):])["error"]["message"]
+        assert lines[-1] == "data: [DONE]"
+        assert c.get("/health").status_code == 200
+        again = c.post("/v1/completions", json=body)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == ok.json()["choices"][0]["text"]
+        assert not engine.has_unfinished()
+        assert engine.scheduler.allocator.num_free == engine.scheduler.allocator.num_blocks
+
+
+def test_output_slot_keeps_the_newest_and_errors_win():
+    from minisys.engine.outputs import RequestOutput
+    from minisys.server.async_engine import OutputSlot
+
+    async def main():
+        slot = OutputSlot()
+        for k in range(3):
+            slot.put_nowait(RequestOutput(str(k), None, [1], []))
+        first = await slot.get()
+        slot.put_nowait(ValueError("boom"))
+        slot.put_nowait(RequestOutput("late", None, [1], []))
+        return first, await slot.get()
+
+    first, second = asyncio.run(main())
+    assert first.request_id == "2"
+    assert isinstance(second, ValueError)
+
+
+def test_histogram_buckets_are_cumulative():
+    import numpy as np
+
+    from minisys.server.metrics import Histogram
+    rng = np.random.default_rng(0)
+    values = rng.exponential(0.3, size=500)
+    h = Histogram((0.05, 0.1, 0.5, 1.0, 2.0))
+    for v in values:
+        h.observe(float(v))
+    assert h.counts == [int((values <= b).sum()) for b in h.buckets]
+    assert h.count == 500 and h.sum == pytest.approx(values.sum())

@@ -255,8 +255,7 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
 
     @app.get("/health")
     async def health():
-        task = engine._task
-        if task is None or task.done():
+        if not engine.is_running:
             return JSONResponse(error_body("the engine loop is not running", "internal_error"), status_code=503)
         return PlainTextResponse("")
 

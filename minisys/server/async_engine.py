@@ -130,11 +130,19 @@ class _AsyncEngineBase:
             if out.finished:
                 del self._queues[out.request_id]
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException) -> list[str]:
+        """Send the error to every open request; return their ids (still to be aborted in the engine)."""
         err = EngineDeadError(f"the engine failed while stepping: {type(exc).__name__}: {exc}")
         for q in self._queues.values():
             q.put_nowait(err)
+        ids = list(self._queues)
         self._queues.clear()
+        return ids
+
+    @property
+    def is_running(self) -> bool:
+        """True while the loop task is alive (what /health reports)."""
+        return self._task is not None and not self._task.done()
 
     async def _run(self) -> None:
         raise NotImplementedError
@@ -184,16 +192,11 @@ class AsyncLLMEngine(_AsyncEngineBase):
             try:
                 outs = await self._call(self.engine.step)
             except Exception as exc:                 # a bug: fail the requests in flight, keep serving
-                self._fail_all(exc)
-                await self._call(self._abort_everything)
+                await self._call(self._apply_aborts, self._fail_all(exc))
                 continue
             for out in outs:
                 self._deliver(out)
             await asyncio.sleep(0)                   # let the routes stream this step's tokens
-
-    def _abort_everything(self) -> None:
-        for rid in list(self.engine._groups):
-            self.engine.abort(rid)
 
     def stats(self) -> dict[str, float]:
         """Gauges for /metrics (read without the engine thread: each is one len() or counter)."""
