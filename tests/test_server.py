@@ -625,3 +625,16 @@ def test_histogram_buckets_are_cumulative():
         h.observe(float(v))
     assert h.counts == [int((values <= b).sum()) for b in h.buckets]
     assert h.count == 500 and h.sum == pytest.approx(values.sum())
+
+
+def test_unknown_fields_are_ignored_and_content_parts_accepted(server, client):
+    """As vLLM: extra fields are ignored (wrong types of known fields are 400s, above)."""
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "frobnicate": [1]})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    kw = dict(model=MODEL, max_completion_tokens=4, temperature=0)
+    parts = client.chat.completions.create(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]}],
+        **kw)
+    plain = client.chat.completions.create(messages=[{"role": "user", "content": "Say hi"}], **kw)
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
