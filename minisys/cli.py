@@ -1,4 +1,4 @@
-"""Command-line entry points: generate, chat, grade, labs.
+"""Command-line entry points: generate, chat, serve, grade, labs, bench.
 
     python -m minisys generate "What is the capital of France?"
     python -m minisys chat

@@ -99,5 +99,8 @@ def serve(args) -> int:
     print(f"minisys serving {name} on {model.device} ({str(model.dtype).replace('torch.', '')}), "
           f"engine: {kind}, at http://{args.host}:{args.port}", flush=True)
     print(usage_text(args.host, args.port, name, args.api_key), flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: bound to {args.host} without --api-key: anyone who can reach this port can use it",
+              flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
