@@ -638,3 +638,11 @@ def test_unknown_fields_are_ignored_and_content_parts_accepted(server, client):
     plain = client.chat.completions.create(messages=[{"role": "user", "content": "Say hi"}], **kw)
     assert parts.choices[0].message.content == plain.choices[0].message.content
     assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_continuous_usage_stats_count_up(client):
+    stream = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=5, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True},
+                                       stream_options={"include_usage": True, "continuous_usage_stats": True})
+    counts = [chunk.usage.completion_tokens for chunk in stream if chunk.usage is not None]
+    assert counts == sorted(counts) and counts[-1] == 5 and len(counts) >= 5

@@ -63,6 +63,7 @@ class _Tracker:
     arrival: float
     choices: list[_Choice] = field(default_factory=list)
     last_token_time: Optional[float] = None
+    continuous_usage: bool = False            # usage so far on every streamed chunk
 
     def __post_init__(self) -> None:
         self.choices = [_Choice() for _ in range(self.n * len(self.prompt_lens))]
@@ -301,7 +302,9 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams,
     tracker = _Tracker(params.n, [len(ids) for _, ids in prompts], server.metrics, streams[0].arrival)
     created = int(time.time())
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        tracker.continuous_usage = bool(include_usage and opts.continuous_usage_stats)
         gen = (_chat_stream if chat else _completion_stream)(server, streams, tracker, request_id, created,
                                                               include_usage)
         # the background task runs even when the client left before the generator started
@@ -334,7 +337,10 @@ async def _stream_events(server: Server, streams: list[RequestStream], tracker: 
     try:
         async for i, out in _merge(streams):
             for idx, delta, ch in tracker.update(i, out):
-                yield _sse(chunk(idx, delta, ch))
+                c = chunk(idx, delta, ch)
+                if tracker.continuous_usage:          # vLLM's stream_options.continuous_usage_stats
+                    c.usage = tracker.usage()
+                yield _sse(c)
         if usage_chunk is not None:
             yield _sse(usage_chunk(tracker.usage()))
     except Exception as exc:
