@@ -240,7 +240,6 @@ def goodput(traces: list, duration: float, ttft_ms=None, tpot_ms=None) -> float:
 # network read stamped with the clock, then your three functions.
 
 # %% tags=["benchmark"]
-import asyncio
 import time
 
 import httpx
@@ -269,7 +268,7 @@ results = {}
 for name, engine in [("minisys", "llm"), ("eager", "eager")]:
     with bench_serve.launched_server(["--engine", engine]) as url:
         if name == "minisys":
-            arrival, reads = asyncio.run(one_stream(url, "The three primary colors are", 12))
+            arrival, reads = bench_serve.run_async(one_stream(url, "The three primary colors are", 12))
             events = parse_sse(reads)
             trace = trace_from_events(arrival, events)
             text = "".join(c["text"] for _, d in events if d != "[DONE]" for c in json.loads(d)["choices"])

@@ -231,3 +231,11 @@ def test_table_and_json_handle_inf_and_nan():
     text = serve.table({"minisys": [s], "eager": [b]}, baseline="eager")
     assert "minisys@inf" in text and "5.00x" in text
     assert json.loads(json.dumps(serve.jsonable({"r": [math.inf, math.nan, 1.0]}))) == {"r": ["inf", "nan", 1.0]}
+
+
+def test_run_async_works_inside_a_running_loop(fake):
+    """A Jupyter kernel runs an event loop: bench_url must still work from there."""
+    async def inside():
+        return serve.bench_url(serve.ClientConfig(fake.url), [serve.BenchRequest("x y", 5)], [math.inf], 0, None)
+    [summary] = asyncio.run(inside())
+    assert summary["completed"] == 1 and summary["output_tokens"] == 5

@@ -256,6 +256,28 @@ async def run_workload(cfg: ClientConfig, requests: list[BenchRequest], rate: fl
     return [t for t, _ in results], [x for _, x in results], duration
 
 
+def run_async(coro):
+    """``asyncio.run(coro)``, also from inside a running event loop (a Jupyter kernel): then on a new thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as exc:                       # re-raised in the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="minisys-bench-client")
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def get_json(url: str, timeout: float = 5.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read())
@@ -272,12 +294,12 @@ def bench_url(cfg: ClientConfig, requests: list[BenchRequest], rates: list[float
     if cfg.model is None:
         cfg.model = served_model(cfg.url)
     if warmup:
-        traces, _, _ = asyncio.run(run_workload(cfg, [BenchRequest("warm up", 4)], math.inf))
+        traces, _, _ = run_async(run_workload(cfg, [BenchRequest("warm up", 4)], math.inf))
         if not traces[0].ok:
             raise RuntimeError(f"warm-up request failed: {traces[0].error}")
     out = []
     for rate in rates:
-        traces, _, duration = asyncio.run(run_workload(cfg, requests, rate, seed))
+        traces, _, duration = run_async(run_workload(cfg, requests, rate, seed))
         summary = summarize(traces, duration, slo)
         summary["rate"] = rate
         errors = sorted({t.error for t in traces if t.error})
