@@ -1,16 +1,20 @@
-# The two commands of the README: `make generate` and `make test`.
+# The two commands of the README: `make serve` and `make test` (`make generate`: chat in the terminal).
 # Both create/refresh .venv from requirements.txt on first use.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: generate chat test test-fast labs check-labs grade clean-venv
+.PHONY: serve generate chat test test-fast labs check-labs grade clean-venv
 
 $(STAMP): requirements.txt pyproject.toml scripts/install.sh
 	bash scripts/install.sh
 
-## the main job for now: chat with the default model in the terminal
+## the main job: the OpenAI-compatible server on 127.0.0.1:8000 (make serve ARGS="--port 8001 --api-key k")
+serve: $(STAMP)
+	$(PY) -m minisys serve $(ARGS)
+
+## chat with the default model in the terminal
 generate: $(STAMP)
 	$(PY) -m minisys chat
 

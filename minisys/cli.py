@@ -1,10 +1,11 @@
-"""Command-line entry points: generate, chat, grade, labs.
+"""Command-line entry points: generate, chat, serve, grade, labs, bench.
 
     python -m minisys generate "What is the capital of France?"
     python -m minisys chat
     python -m minisys grade labs/01-tokens-to-text.ipynb [--results results.json]
     python -m minisys labs build | check
     python -m minisys bench kv-cache
+    python -m minisys serve [--port 8000] [--engine llm|eager] [--api-key KEY]
 """
 from __future__ import annotations
 
@@ -96,6 +97,11 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args) -> int:
+    from .server.launch import serve
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minisys", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     _sampling_args(c, max_tokens=256)
     c.set_defaults(func=cmd_chat)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default 127.0.0.1:8000)")
+    from .server.launch import add_serve_args
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
     sub.add_parser("grade", help="grade a lab notebook (see minisys/grading)", add_help=False)
     sub.add_parser("labs", help="build or check the student notebooks", add_help=False)
     sub.add_parser("bench", help="run a benchmark (kv-cache, ...)", add_help=False)

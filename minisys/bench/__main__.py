@@ -10,6 +10,7 @@ BENCHMARKS = {
     "throughput": "minisys.bench.throughput",
     "chunked": "minisys.bench.chunked",
     "spec": "minisys.bench.spec",
+    "serve": "minisys.bench.serve",
 }
 
 

@@ -1,0 +1,383 @@
+"""The FastAPI app: OpenAI's routes over an async engine (vLLM's `api_server`, small).
+
+    GET  /v1/models              the one served model
+    POST /v1/completions         text or token-id prompts (a list of them -> one choice set each)
+    POST /v1/chat/completions    messages -> the model's chat template -> completion
+    GET  /health                 200 while the engine loop is alive
+    GET  /metrics                Prometheus text (see `metrics`)
+
+Streaming is server-sent events: ``data: {chunk}\\n\\n`` per choice delta,
+the choice's ``finish_reason`` on its last chunk, an optional usage chunk
+(``stream_options.include_usage``) and ``data: [DONE]``. The deltas of a
+choice add up to exactly the text a non-streamed request returns (the
+engine holds back text that could still become a stop string).
+
+Invariant: every request added to the engine either finishes or is
+aborted; the generator's ``finally`` aborts it when the client goes away
+mid-stream or while queued (starlette cancels the stream on disconnect), and
+non-streamed requests poll ``is_disconnected``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from ..engine.outputs import RequestOutput
+from ..engine.sampling_params import SamplingParams
+from ..model.tokenizer import Tokenizer
+from .async_engine import RequestStream
+from .errors import OpenAIError, error_body, error_response, install_error_handlers
+from .metrics import ServerMetrics
+from . import protocol as P
+
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+
+@dataclass
+class _Tracker:
+    """Per-request bookkeeping: each choice's text so far (for deltas), usage, and the latency metrics.
+
+    Choice ``index = prompt_index * n + choice_index`` (as vLLM numbers batched prompts).
+    """
+
+    n: int
+    prompt_lens: list[int]
+    metrics: ServerMetrics
+    arrival: float
+    choices: list[_Choice] = field(default_factory=list)
+    last_token_time: Optional[float] = None
+    continuous_usage: bool = False            # usage so far on every streamed chunk
+
+    def __post_init__(self) -> None:
+        self.choices = [_Choice() for _ in range(self.n * len(self.prompt_lens))]
+        self.metrics.prompt_tokens += sum(self.prompt_lens)
+
+    def update(self, prompt_index: int, out: RequestOutput) -> list[tuple[int, str, _Choice]]:
+        """(index, text delta, choice) for each choice that has new text or just finished."""
+        events, new_tokens = [], 0
+        for c in out.outputs:
+            idx = prompt_index * self.n + c.index
+            ch = self.choices[idx]
+            if ch.finish_reason is not None:
+                continue
+            delta = c.text[len(ch.text):]
+            new_tokens += len(c.token_ids) - ch.num_tokens
+            ch.text, ch.num_tokens = c.text, len(c.token_ids)
+            ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
+            if delta or ch.finish_reason is not None:
+                events.append((idx, delta, ch))
+        self._observe(new_tokens)
+        return events
+
+    def _observe(self, new_tokens: int) -> None:
+        if not new_tokens:
+            return
+        now = time.perf_counter()
+        m = self.metrics
+        if self.last_token_time is None:
+            m.ttft.observe(now - self.arrival)
+        else:
+            m.itl.observe(now - self.last_token_time)
+        self.last_token_time = now
+        m.generation_tokens += new_tokens
+        if self.done:
+            m.e2e.observe(now - self.arrival)
+            m.finished([c.finish_reason for c in self.choices])
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    def usage(self) -> P.UsageInfo:
+        prompt = sum(self.prompt_lens)
+        completion = sum(c.num_tokens for c in self.choices)
+        return P.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from several request streams, as they arrive."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s:
+                queue.put_nowait((i, out))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _param_of(message: str) -> Optional[str]:
+    """The request field a `SamplingParams` message is about (its first word), if it names one."""
+    word = message.split(" ", 1)[0]
+    fields = set(P.CompletionRequest.model_fields) | set(P.ChatCompletionRequest.model_fields)
+    return word if word in fields else None
+
+
+def _sse(obj) -> str:
+    data = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+class Server:
+    """The routes' shared state: engine, tokenizer, served model name, API key, metrics."""
+
+    def __init__(self, engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None) -> None:
+        self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        self.metrics = ServerMetrics(model_name)
+
+    # ------------------------------------------------------------ request in
+    def check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.model_name:
+            raise OpenAIError(f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                              status=404, param="model", code="model_not_found")
+
+    async def add(self, base_id: str, prompts: list[tuple[Optional[str], list[int]]],
+                  params: SamplingParams) -> list[RequestStream]:
+        """Add one engine request per prompt; on any refusal abort those already added and raise a 400."""
+        streams: list[RequestStream] = []
+        try:
+            for i, (text, ids) in enumerate(prompts):
+                rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+                streams.append(await self.engine.add_request(rid, ids, params, text))
+        except ValueError as e:
+            self.abort(streams)
+            where = f"prompt {i}: " if len(prompts) > 1 else ""
+            raise OpenAIError(where + str(e), param="prompt") from None
+        except BaseException:
+            self.abort(streams)
+            raise
+        return streams
+
+    def abort(self, streams: list[RequestStream]) -> None:
+        for s in streams:
+            if not s.finished:
+                s.finished = True
+                self.engine.abort(s.request_id)
+                self.metrics.requests_aborted += 1
+
+    async def collect(self, raw: Request, streams: list[RequestStream], tracker: _Tracker) -> None:
+        """Run a non-streamed request to the end; abort it if the client disconnects meanwhile."""
+        async def consume() -> None:
+            async for i, out in _merge(streams):
+                tracker.update(i, out)
+
+        task = asyncio.create_task(consume())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    task.result()
+                    return
+                if await raw.is_disconnected():
+                    task.cancel()
+                    raise asyncio.CancelledError("client disconnected")
+        finally:
+            if not task.done():
+                task.cancel()
+            self.abort(streams)
+
+    def tokenize_prompts(self, req: P.CompletionRequest) -> list[tuple[Optional[str], list[int]]]:
+        out = []
+        for p in req.prompts():
+            out.append((p, self.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)))
+        return out
+
+
+class ApiKeyMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware, which hides client disconnects): 401 on /v1 without the key."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, self.expected):
+                body = error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                  code="invalid_api_key")
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` (an `AsyncLLMEngine` or `AsyncEagerEngine`, not yet started)."""
+    server = Server(engine, tokenizer, model_name, api_key)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await engine.start()
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="minisys", lifespan=lifespan)
+    app.state.server = server
+    install_error_handlers(app)
+
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_running:
+            return JSONResponse(error_body("the engine loop is not running", "internal_error"), status_code=503)
+        return PlainTextResponse("")
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(engine.stats()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        card = P.ModelCard(id=model_name, root=model_name, max_model_len=engine.max_model_len)
+        return JSONResponse(P.ModelList(data=[card]).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(req: P.CompletionRequest, raw: Request):
+        server.check_model(req.model)
+        try:
+            params = req.to_sampling_params()
+            prompts = server.tokenize_prompts(req)
+        except ValueError as e:
+            raise OpenAIError(str(e), param=_param_of(str(e))) from None
+        return await _respond(server, raw, req, params, prompts, P.random_id("cmpl"), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: P.ChatCompletionRequest, raw: Request):
+        server.check_model(req.model)
+        try:
+            params = req.to_sampling_params()
+            text = tokenizer.apply_chat_template(req.conversation(), req.add_generation_prompt)
+        except ValueError as e:
+            raise OpenAIError(str(e), param=_param_of(str(e))) from None
+        except Exception as e:            # jinja2 errors from the template
+            raise OpenAIError(f"could not apply the chat template: {e}") from None
+        prompts = [(text, tokenizer.encode(text))]
+        return await _respond(server, raw, req, params, prompts, P.random_id("chatcmpl"), chat=True)
+
+    return app
+
+
+async def _respond(server: Server, raw: Request, req, params: SamplingParams,
+                   prompts: list[tuple[Optional[str], list[int]]], request_id: str, chat: bool):
+    streams = await server.add(request_id, prompts, params)
+    tracker = _Tracker(params.n, [len(ids) for _, ids in prompts], server.metrics, streams[0].arrival)
+    created = int(time.time())
+    if req.stream:
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        tracker.continuous_usage = bool(include_usage and opts.continuous_usage_stats)
+        gen = (_chat_stream if chat else _completion_stream)(server, streams, tracker, request_id, created,
+                                                              include_usage)
+        # the background task runs even when the client left before the generator started
+        return StreamingResponse(gen, media_type="text/event-stream",
+                                 background=BackgroundTask(server.abort, streams))
+    try:
+        await server.collect(raw, streams, tracker)
+    except asyncio.CancelledError:
+        return JSONResponse(error_body("client disconnected"), status_code=499)
+    except Exception as exc:
+        return error_response(OpenAIError(f"generation failed: {exc}", status=500, type="internal_error"))
+    name = server.model_name
+    if chat:
+        choices = [P.ChatChoice(index=i, message=P.ChatResponseMessage(content=c.text),
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                   for i, c in enumerate(tracker.choices)]
+        body = P.ChatCompletionResponse(id=request_id, created=created, model=name, choices=choices,
+                                        usage=tracker.usage())
+    else:
+        choices = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
+                                      stop_reason=c.stop_reason) for i, c in enumerate(tracker.choices)]
+        body = P.CompletionResponse(id=request_id, created=created, model=name, choices=choices,
+                                    usage=tracker.usage())
+    return JSONResponse(body.model_dump())
+
+
+async def _stream_events(server: Server, streams: list[RequestStream], tracker: _Tracker,
+                         chunk, usage_chunk) -> AsyncIterator[str]:
+    """SSE lines: ``chunk(index, delta, choice)`` per event, the usage chunk, ``[DONE]``; aborts on exit."""
+    try:
+        async for i, out in _merge(streams):
+            for idx, delta, ch in tracker.update(i, out):
+                c = chunk(idx, delta, ch)
+                if tracker.continuous_usage:          # vLLM's stream_options.continuous_usage_stats
+                    c.usage = tracker.usage()
+                yield _sse(c)
+        if usage_chunk is not None:
+            yield _sse(usage_chunk(tracker.usage()))
+    except Exception as exc:
+        yield _sse(error_body(f"generation failed: {exc}", "internal_error"))
+    finally:
+        server.abort(streams)          # no-op for finished requests; frees the KV blocks of the rest
+    yield "data: [DONE]\n\n"
+
+
+def _completion_stream(server, streams, tracker, request_id, created, include_usage):
+    name = server.model_name
+
+    def chunk(idx, delta, ch):
+        return P.CompletionResponse(id=request_id, created=created, model=name, choices=[
+            P.CompletionChoice(index=idx, text=delta, finish_reason=ch.finish_reason, stop_reason=ch.stop_reason)])
+
+    def usage_chunk(usage):
+        return P.CompletionResponse(id=request_id, created=created, model=name, choices=[], usage=usage)
+
+    return _stream_events(server, streams, tracker, chunk, usage_chunk if include_usage else None)
+
+
+async def _chat_stream(server, streams, tracker, request_id, created, include_usage):
+    name = server.model_name
+
+    def make(choices, usage=None):
+        return P.ChatCompletionChunk(id=request_id, created=created, model=name, choices=choices, usage=usage)
+
+    for idx in range(len(tracker.choices)):     # the role comes first, before any token (as OpenAI does)
+        yield _sse(make([P.ChatChunkChoice(index=idx, delta=P.DeltaMessage(role="assistant", content=""))]))
+
+    def chunk(idx, delta, ch):
+        return make([P.ChatChunkChoice(index=idx, delta=P.DeltaMessage(content=delta),
+                                       finish_reason=ch.finish_reason, stop_reason=ch.stop_reason)])
+
+    def usage_chunk(usage):
+        return make([], usage)
+
+    async for line in _stream_events(server, streams, tracker, chunk, usage_chunk if include_usage else None):
+        yield line

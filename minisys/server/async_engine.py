@@ -1,0 +1,279 @@
+"""The engine stepping in the background, one stream of outputs per request.
+
+    engine = AsyncLLMEngine(LLMEngine(model, tok))
+    await engine.start()
+    stream = await engine.add_request("r1", prompt_ids, params)  # ValueError: never servable
+    async for out in stream:          # RequestOutput, cumulative text/token_ids per choice
+        ...
+    engine.abort("r1")                 # client gone: drop it, free its KV blocks
+
+Threading invariant: the model forward blocks, so every call into the
+synchronous engine (``add_request``, ``abort``, ``step``) runs on ONE worker
+thread (a single-thread executor), in submission order; the asyncio event
+loop never touches the engine's state directly and stays free to accept
+connections and stream tokens while a step runs. The loop task owns the
+stepping: it sleeps while nothing is unfinished, applies pending aborts
+between steps, and hands each step's outputs to the requests' mailboxes
+(`OutputSlot`: the newest cumulative output wins, so a slow reader costs
+no memory).
+
+`AsyncEagerEngine` serves the same interface one request at a time with the
+eager baseline (`EagerGenerator`): the baseline server of the benchmark.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable
+
+from ..engine.eager import EagerGenerator
+from ..engine.llm_engine import LLMEngine
+from ..engine.outputs import CompletionOutput, RequestOutput
+from ..engine.sampler import make_generator
+from ..engine.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine raised while stepping; the requests that were in it cannot continue."""
+
+
+class OutputSlot:
+    """A one-item mailbox that keeps only the newest output (or an error).
+
+    Outputs are cumulative (each carries every choice's whole text and token
+    ids so far), so replacing an unread output by a newer one loses nothing:
+    a client that reads slowly gets bigger deltas, not an ever-growing queue
+    (backpressure without unbounded memory). An error replaces anything unread.
+    """
+
+    def __init__(self) -> None:
+        self._item: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: RequestOutput | BaseException) -> None:
+        if not isinstance(self._item, BaseException):
+            self._item = item
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        item, self._item = self._item, None
+        self._ready.clear()
+        return item
+
+
+class RequestStream:
+    """The outputs of one request: an async iterator that ends after the finished output.
+
+    ``arrival`` is when the request was added (for TTFT); the owner calls
+    ``engine.abort(request_id)`` if it stops reading before the end.
+    """
+
+    def __init__(self, request_id: str, slot: OutputSlot) -> None:
+        self.request_id, self._slot = request_id, slot
+        self.arrival = time.perf_counter()
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            item = await self._slot.get()
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            self.finished = item.finished
+            yield item
+
+
+class _AsyncEngineBase:
+    """Shared plumbing: the worker thread, the request queues, pending aborts, the loop task."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="minisys-engine")
+        self._queues: dict[str, OutputSlot] = {}
+        self._aborts: set[str] = set()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.num_aborted = 0
+
+    async def _call(self, fn: Callable, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the engine thread (after every call submitted before it)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="minisys-engine-loop")
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (client gone): safe to call from any coroutine, any number of times."""
+        if self._queues.pop(request_id, None) is not None:
+            self._aborts.add(request_id)
+            self.num_aborted += 1
+            self._wake.set()
+
+    def _deliver(self, out: RequestOutput) -> None:
+        q = self._queues.get(out.request_id)
+        if q is not None:
+            q.put_nowait(out)
+            if out.finished:
+                del self._queues[out.request_id]
+
+    def _fail_all(self, exc: BaseException) -> list[str]:
+        """Send the error to every open request; return their ids (still to be aborted in the engine)."""
+        err = EngineDeadError(f"the engine failed while stepping: {type(exc).__name__}: {exc}")
+        for q in self._queues.values():
+            q.put_nowait(err)
+        ids = list(self._queues)
+        self._queues.clear()
+        return ids
+
+    @property
+    def is_running(self) -> bool:
+        """True while the loop task is alive (what /health reports)."""
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class AsyncLLMEngine(_AsyncEngineBase):
+    """`LLMEngine` (continuous batching) driven by an asyncio task; see the module docstring."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
+    async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                          prompt: str | None = None) -> RequestStream:
+        """Queue a request; ValueError (with the engine's reason) if it can never be served."""
+        queue = OutputSlot()
+        self._queues[request_id] = queue            # registered first: no output can be missed
+        try:
+            await self._call(self.engine.add_request, request_id, prompt_ids, params, prompt)
+        except BaseException:
+            self._queues.pop(request_id, None)
+            self._aborts.add(request_id)             # cancelled mid-add: make sure it leaves the engine
+            self._wake.set()
+            raise
+        self._wake.set()
+        return RequestStream(request_id, queue)
+
+    def _apply_aborts(self, ids: list[str]) -> None:
+        for rid in ids:
+            self.engine.abort(rid)
+
+    async def _run(self) -> None:
+        while True:
+            if self._aborts:
+                ids = list(self._aborts)
+                self._aborts.clear()
+                await self._call(self._apply_aborts, ids)
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                if not self._aborts:
+                    await self._wake.wait()
+                continue
+            try:
+                outs = await self._call(self.engine.step)
+            except Exception as exc:                 # a bug: fail the requests in flight, keep serving
+                await self._call(self._apply_aborts, self._fail_all(exc))
+                continue
+            for out in outs:
+                self._deliver(out)
+            await asyncio.sleep(0)                   # let the routes stream this step's tokens
+
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics (read without the engine thread: each is one len() or counter)."""
+        sched = self.engine.scheduler
+        alloc = sched.allocator
+        return {"num_requests_running": len(sched.running), "num_requests_waiting": len(sched.waiting),
+                "num_requests_in_engine": self.engine.num_unfinished,
+                "kv_cache_usage_perc": alloc.num_used / alloc.num_blocks,
+                "kv_blocks_total": alloc.num_blocks, "kv_blocks_free": alloc.num_free}
+
+
+class AsyncEagerEngine(_AsyncEngineBase):
+    """The eager baseline behind the same interface: one request at a time, first come first served.
+
+    A request's ``n`` choices run one after another with one random
+    generator (as `LLM(engine="eager")` does); each generated token is one
+    call on the engine thread, so an abort takes effect at the next token.
+    """
+
+    def __init__(self, runner: EagerGenerator) -> None:
+        super().__init__()
+        self.runner = runner
+        self._pending: asyncio.Queue | None = None
+        self._current: str | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    async def start(self) -> None:
+        self._pending = asyncio.Queue()
+        await super().start()
+
+    async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                          prompt: str | None = None) -> RequestStream:
+        self.runner.check_prompt(prompt_ids, params)    # read-only: safe off the engine thread
+        queue = OutputSlot()
+        self._queues[request_id] = queue
+        self._pending.put_nowait((request_id, list(prompt_ids), params, prompt))
+        return RequestStream(request_id, queue)
+
+    async def _run(self) -> None:
+        while True:
+            rid, ids, params, prompt = await self._pending.get()
+            self._aborts.discard(rid)
+            if rid not in self._queues:                  # aborted while queued
+                continue
+            self._current = rid
+            try:
+                await self._serve(rid, ids, params, prompt)
+            except Exception as exc:
+                q = self._queues.pop(rid, None)
+                if q is not None:
+                    q.put_nowait(EngineDeadError(f"the engine failed: {type(exc).__name__}: {exc}"))
+            finally:
+                self._current = None
+
+    async def _serve(self, rid: str, ids: list[int], params: SamplingParams, prompt: str | None) -> None:
+        generator = await self._call(make_generator, params.seed, self.runner.model.device)
+        outs = [CompletionOutput(i, "", []) for i in range(params.n)]
+        for i in range(params.n):
+            it = self.runner.stream(ids, params, generator)
+            while True:
+                if rid not in self._queues:               # aborted: stop before the next forward
+                    return
+                ev = await self._call(next, it)
+                o = outs[i]
+                outs[i] = CompletionOutput(i, o.text + ev.text_delta, o.token_ids + [ev.token_id],
+                                           ev.finish_reason, ev.stop_reason)
+                done = ev.finish_reason is not None
+                self._deliver(RequestOutput(rid, prompt, ids, [CompletionOutput(**vars(c)) for c in outs],
+                                            finished=done and i == params.n - 1))
+                if done:
+                    break
+
+    def stats(self) -> dict[str, float]:
+        return {"num_requests_running": int(self._current is not None),
+                "num_requests_waiting": self._pending.qsize() if self._pending else 0,
+                "num_requests_in_engine": len(self._queues),
+                "kv_cache_usage_perc": 0.0}

@@ -1,0 +1,75 @@
+"""Errors in OpenAI's JSON shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+Every failure the client can cause is a 400 with a message that says what
+to change (a validation error from pydantic, a ValueError from
+`SamplingParams` or from the engine's `add_request`); an unknown model is a
+404, a missing or wrong API key a 401. Nothing else leaks: a request refused
+here never entered the engine.
+"""
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class OpenAIError(Exception):
+    """An error to return to the client as-is."""
+
+    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+               code: Any = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(err: OpenAIError) -> JSONResponse:
+    return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
+    """One line per pydantic error: ``field.path: what is wrong``; and the first field's name."""
+    lines, param = [], None
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        if param is None and loc:
+            param = loc[0]
+        if e.get("type") == "json_invalid":
+            param = None
+            lines.append(f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+        elif not loc and e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            lines.append("the body must be a JSON object")
+        else:
+            lines.append(f"{where or 'body'}: {e.get('msg')}")
+    return "; ".join(dict.fromkeys(lines)) or "invalid request", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "internal_error"),
+                            status_code=500)

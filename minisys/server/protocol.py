@@ -1,0 +1,240 @@
+"""Request and response models of the OpenAI API, as vLLM serves it.
+
+Requests are validated by pydantic (wrong types -> 400); the sampling fields
+are then turned into a `SamplingParams`, whose own checks (n >= 1,
+temperature >= 0 and not NaN, top_p in (0, 1], max_tokens >= 1) give the
+400 messages. Unknown fields are ignored, as vLLM does; fields minisys does
+not implement (logprobs, echo, penalties != 0, ...) are refused with a 400
+rather than silently ignored.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from ..engine.sampling_params import SamplingParams
+
+MAX_N = 128     # choices per request: more would let one request fill the whole batch many times over
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields common to completions and chat (OpenAI's, then vLLM's extensions)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    n: StrictInt = 1
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[StrictInt] = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = 0.0
+    frequency_penalty: Optional[float] = 0.0
+    user: Optional[str] = None
+    # vLLM's extensions
+    top_k: Optional[StrictInt] = None
+    ignore_eos: StrictBool = False
+    stop_token_ids: Optional[list[StrictInt]] = None
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+
+    def _max_tokens(self) -> Optional[int]:
+        raise NotImplementedError
+
+    def check_supported(self) -> None:
+        """ValueError for what minisys does not implement (instead of silently ignoring it)."""
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty and frequency_penalty are not supported by minisys")
+        if self.n > MAX_N:
+            raise ValueError(f"n must be at most {MAX_N}, got {self.n}")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The engine's parameters; ValueError (-> 400) when a value is out of range."""
+        self.check_supported()
+        return SamplingParams(
+            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=self.seed,
+            max_tokens=self._max_tokens(), stop=self.stop, stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens)
+
+
+PromptInput = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. ``prompt``: text, token ids, or a list of either (one choice set each)."""
+
+    prompt: PromptInput
+    max_tokens: Optional[StrictInt] = 16
+    echo: StrictBool = False
+    logprobs: Optional[StrictInt] = None
+    suffix: Optional[str] = None
+    best_of: Optional[StrictInt] = None
+
+    def _max_tokens(self) -> Optional[int]:
+        return self.max_tokens
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise ValueError("echo is not supported by minisys")
+        if self.logprobs is not None:
+            raise ValueError("logprobs is not supported by minisys")
+        if self.suffix:
+            raise ValueError("suffix is not supported by minisys")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported by minisys (leave it unset or equal to n)")
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The prompts as a list: each a string or a list of token ids. ValueError if there are none."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ValueError("the prompt is empty: give a string, a list of token ids, or a list of them")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Union[str, list[TextPart], None] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions. ``max_completion_tokens`` wins over the deprecated ``max_tokens``."""
+
+    messages: list[ChatMessage]
+    max_tokens: Optional[StrictInt] = None
+    max_completion_tokens: Optional[StrictInt] = None
+    logprobs: Optional[StrictBool] = False
+    top_logprobs: Optional[StrictInt] = None
+    add_generation_prompt: StrictBool = True
+
+    def _max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs or self.top_logprobs:
+            raise ValueError("logprobs is not supported by minisys")
+        if not self.messages:
+            raise ValueError("messages is empty: give at least one message")
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in self.messages]
+
+
+# ------------------------------------------------------------------ responses
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "minisys"
+    root: Optional[str] = None
+    max_model_len: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
