@@ -33,6 +33,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="decodes first, prompts in chunks under the token budget (lesson 05; default on, "
+                        "as in vLLM V1); --no-enable-chunked-prefill is lesson 04's prefill-first policy")
+    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding (lesson 06); off by default (it costs compute under load)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="k drafts per step")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (info shows every request)")
@@ -55,7 +61,10 @@ def build_engine(args):
 
     config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching)
+                          max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+                          enable_chunked_prefill=args.enable_chunked_prefill,
+                          speculative_method=args.speculative_method,
+                          num_speculative_tokens=args.num_speculative_tokens)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, attention_backend=args.attention,
               quiet=True, engine=args.engine, engine_config=config if args.engine == "llm" else None)
     engine = AsyncLLMEngine(llm.engine) if args.engine == "llm" else AsyncEagerEngine(llm.runner)
