@@ -151,22 +151,21 @@ for step in range(5):
 # time-stamped. From those times `summarize` computes vLLM's metrics: TTFT
 # (arrival to first token), ITL (the gaps between tokens), TPOT and goodput.
 # We replay the same arrivals with the prefill-first engine (lesson 04) and
-# with yours at a few budgets. Watch p99 ITL fall with the budget while TTFT
+# with yours at a few budgets: the workload and budgets of
+# `python -m minisys bench chunked` (its quick size under `MINISYS_QUICK=1`). Watch p99 ITL fall with the budget while TTFT
 # of the long prompts grows.
 
 # %% tags=["benchmark"]
-from minisys.bench.chunked import WorkloadSpec, compare, engine_config, make_online_workload, run_online
-from minisys.bench.metrics import SLO, summarize
+from minisys.bench.chunked import compare, defaults, engine_config, make_online_workload, run_online
+from minisys.bench.metrics import summarize
 from minisys.engine.llm_engine import LLMEngine
 from minisys.model import load
 
 quick = os.environ.get("MINISYS_QUICK", "0") not in ("", "0")
 model, tokenizer = load(device="cpu", attention_backend="paged", quiet=True)
-spec = (WorkloadSpec(num_requests=6, rate=0.5, long_frac=0.3, long_prompt=(384, 512), short_output=(8, 16))
-        if quick else WorkloadSpec(num_requests=16, rate=0.25, long_prompt=(1024, 1536)))
+spec, budgets, _, _, slo = defaults(quick)          # the workload of `python -m minisys bench chunked`
+print(spec, budgets, slo)
 work = make_online_workload(spec)
-budgets = [64, 256] if quick else [64, 128, 256, 512]
-slo = SLO(ttft_ms=10000, tpot_ms=1000)
 
 
 def replay(budget):

@@ -306,3 +306,55 @@ def test_smol_long_prompts_across_many_steps_with_preemption_equal_eager(smol):
         assert engine.stats.preemptions > 0
     finally:
         model.set_attention_backend(old)
+
+
+# ------------------------------------------------------------------ the online benchmark's driver and workload
+def test_online_workload_is_seeded_and_in_its_ranges():
+    from minisys.bench.chunked import WorkloadSpec, make_online_workload
+    spec = WorkloadSpec(num_requests=200, rate=2.0, long_frac=0.3, seed=3)
+    a, b = make_online_workload(spec), make_online_workload(spec)
+    assert [(w.arrival, w.prompt_ids, w.max_tokens) for w in a] == [(w.arrival, w.prompt_ids, w.max_tokens) for w in b]
+    assert all(x.arrival <= y.arrival for x, y in zip(a, a[1:]))
+    longs = [w for w in a if w.kind == "long"]
+    assert 0.2 < len(longs) / len(a) < 0.4
+    for w in a:
+        (lo, hi), (olo, ohi) = ((spec.long_prompt, spec.long_output) if w.kind == "long"
+                                else (spec.short_prompt, spec.short_output))
+        assert lo <= len(w.prompt_ids) <= hi and olo <= w.max_tokens <= ohi
+
+
+def test_run_online_adds_on_arrival_and_stamps_each_step_with_new_tokens():
+    """A fake engine whose steps take 20 ms and give every running request one token."""
+    import time
+    from types import SimpleNamespace
+    from minisys.bench.chunked import OnlineRequest, run_online
+
+    class FakeEngine:
+        def __init__(self):
+            self.running, self.added_at, self.t0 = {}, {}, time.perf_counter()
+
+        def add_request(self, rid, ids, sp):
+            self.running[rid] = [sp.max_tokens, []]
+            self.added_at[rid] = time.perf_counter() - self.t0
+
+        def has_unfinished(self):
+            return bool(self.running)
+
+        def step(self):
+            time.sleep(0.02)
+            outs = []
+            for rid, (n, toks) in list(self.running.items()):
+                toks.append(1)
+                outs.append(SimpleNamespace(request_id=rid, outputs=[SimpleNamespace(token_ids=list(toks))]))
+                if len(toks) == n:
+                    del self.running[rid]
+            return outs
+
+    work = [OnlineRequest(0.0, [1, 2], 3, "short"), OnlineRequest(0.3, [3], 2, "short")]
+    eng = FakeEngine()
+    traces, duration = run_online(eng, work)
+    assert eng.added_at["1"] >= 0.3 - 1e-3                 # not added before its arrival time
+    assert [t.output_tokens for t in traces] == [3, 2] and [len(t.token_times) for t in traces] == [3, 2]
+    assert all(t.token_times[0] >= t.arrival for t in traces)
+    assert all(0.015 < g < 0.5 for t in traces for g in t.itls)
+    assert duration >= traces[1].token_times[-1] >= 0.3 + 0.04

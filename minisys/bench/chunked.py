@@ -249,15 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def defaults(quick: bool, full: bool):
-    """(WorkloadSpec, budgets, headline budget, repeats, SLO) for the CPU, quick and GPU sizes."""
+def defaults(quick: bool, full: bool = False):
+    """(WorkloadSpec, budgets, headline budget, repeats, SLO) for the CPU, quick and GPU sizes (lab 05 uses these)."""
     if full:
         return (WorkloadSpec(num_requests=200, rate=4.0, long_frac=0.2, long_prompt=(4096, 8192),
                              short_output=(64, 256)), [256, 512, 1024, 2048, 4096], 512, 3,
                 SLO(ttft_ms=2000, tpot_ms=50))
     if quick:
-        return (WorkloadSpec(num_requests=8, rate=0.5, long_frac=0.25, long_prompt=(512, 768),
-                             short_output=(8, 24)), [64, 256], 256, 1, SLO(ttft_ms=5000, tpot_ms=500))
+        return (WorkloadSpec(num_requests=6, rate=0.5, long_frac=0.3, long_prompt=(384, 512),
+                             short_output=(8, 16)), [64, 256], 64, 1, SLO(ttft_ms=10000, tpot_ms=1000))
     return WorkloadSpec(), [128, 256, 512], 256, 1, SLO(ttft_ms=10000, tpot_ms=1000)
 
 

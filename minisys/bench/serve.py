@@ -4,6 +4,10 @@
     python -m minisys bench serve --url http://127.0.0.1:8000 --rates 1,2,4,inf   # sweep + plot
     python -m minisys bench serve --compare              # minisys vs eager vs transformers, one run
 
+Default workload: 64 requests, prompts of 8-32 random words, 32-64 output
+tokens, greedy, ``ignore_eos``, seed 0 (``MINISYS_QUICK=1``: 8 requests,
+4-16 words, 8-16 tokens); default rate inf (saturation).
+
 The client works against ANY OpenAI-compatible server (minisys, vLLM, ...):
 it POSTs ``/v1/completions`` with ``stream=true`` and
 ``stream_options={"include_usage": true}`` and reads the server-sent events
@@ -385,6 +389,7 @@ def bench_transformers(requests: list[BenchRequest], rates: list[float], seed: i
     from transformers.generation.continuous_batching.utils import WorkloadHints
     from ..model.store import fetch_gguf
     from .throughput import load_hf
+    os.environ.setdefault("TQDM_DISABLE", "1")             # the GGUF de-quantization progress bar
     path = fetch_gguf(quiet=True)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hf = load_hf("cuda" if torch.cuda.is_available() else "cpu", torch.float32)
@@ -527,9 +532,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
     p.add_argument("--rate", type=float, default=None, help="requests per second (inf = all at once)")
     p.add_argument("--rates", default=None, help="comma-separated sweep, e.g. 1,2,4,inf")
-    p.add_argument("--num-prompts", type=int, default=None)
-    p.add_argument("--input-words", default=None, help="prompt length range in words, e.g. 8,32")
-    p.add_argument("--output-tokens", default=None, help="output length range, e.g. 64,128")
+    p.add_argument("--num-prompts", type=int, default=None, help="default 64 (quick: 8)")
+    p.add_argument("--input-words", default=None, help="prompt length range in words (default 8,32; quick 4,16)")
+    p.add_argument("--output-tokens", default=None, help="output length range (default 32,64; quick 8,16)")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
@@ -566,7 +571,7 @@ def workload_from(args) -> tuple[dict, list[BenchRequest], list[float]]:
     quick = quick_mode()
     sizes = {"num_prompts": args.num_prompts or (8 if quick else 64),
              "input_words": _range(args.input_words, (4, 16) if quick else (8, 32)),
-             "output_tokens": _range(args.output_tokens, (8, 16) if quick else (64, 128)),
+             "output_tokens": _range(args.output_tokens, (8, 16) if quick else (32, 64)),
              "seed": args.seed, "ignore_eos": not args.no_ignore_eos, "temperature": args.temperature}
     rates = parse_rates(args.rates) if args.rates else [args.rate if args.rate is not None else math.inf]
     reqs = make_requests(sizes["num_prompts"], sizes["input_words"], sizes["output_tokens"], args.seed)

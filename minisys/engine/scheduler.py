@@ -19,10 +19,10 @@ run in this one forward and how many tokens each feeds:
    the decodes take one token each of the budget; what is left goes, oldest
    first, to running requests still in their prefill, then to waiting
    requests (FCFS, admitted while ``max_num_seqs`` and the blocks allow, and
-   only when nothing was preempted this step). Each gets ``min(its remaining prompt, what is
-   left of the budget)`` tokens, so any prompt may be cut into chunks over
-   many steps. Blocks for the whole prompt are taken at admission, so a
-   later chunk never needs a block.
+   only when nothing was preempted this step). Each gets ``min(its remaining
+   prompt, what is left of the budget)`` tokens (`split_budget`), so any
+   prompt may be cut into chunks over many steps. Blocks for the whole
+   prompt are taken at admission, so a later chunk never needs a block.
 3. Finished requests are retired by `finish` as soon as the engine sees their
    last token, so their blocks serve the next step's admissions.
 
