@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from minisys.bench.metrics import SLO, RequestTrace, percentile, poisson_arrivals, summarize
@@ -41,3 +42,6 @@ def test_poisson_arrivals_rate_and_seed():
     assert abs(gaps.mean() - 0.25) < 0.01 and abs(gaps.std() - 0.25) < 0.01   # exponential: mean = std
     assert t == poisson_arrivals(20000, rate=4.0, seed=1) and t != poisson_arrivals(20000, 4.0, seed=2)
     assert poisson_arrivals(3, float("inf")) == [0.0, 0.0, 0.0]
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError):
+            poisson_arrivals(3, bad)

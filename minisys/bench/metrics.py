@@ -80,7 +80,7 @@ def poisson_arrivals(num: int, rate: float, seed: int = 0) -> list[float]:
 
     Exponential gaps with mean 1/rate: a Poisson process, seeded.
     """
-    if rate <= 0:
+    if not rate > 0:                      # also refuses NaN
         raise ValueError("rate must be > 0 (use float('inf') to send everything at once)")
     if math.isinf(rate):
         return [0.0] * num
