@@ -181,6 +181,18 @@ def test_greedy_speculation_equals_plain_decoding(tiny, tiny_ref, method, k, blo
         assert engine.stats.preemptions > 0
 
 
+def test_separate_draft_model_from_a_directory(tiny, tiny_ref, tiny_dirs):
+    """A draft loaded from its own checkpoint (another tiny model with the same tokenizer)."""
+    model, tok = tiny
+    cfg = EngineConfig(block_size=4, num_kv_blocks=64, max_num_seqs=4, speculative_method="draft",
+                       speculative_model=str(tiny_dirs["llama-tied"]), num_speculative_tokens=3)
+    engine = LLMEngine(model, tok, cfg)
+    assert engine.proposer.model is not model and engine.proposer.model.config.num_layers == 2
+    done = serve(engine, greedy_reqs(tok))
+    assert {rid: o.outputs[0].token_ids for rid, o in done.items()} == tiny_ref
+    assert engine.stats.spec.draft_forwards > 0
+
+
 def test_sampled_speculation_is_seeded_and_leaves_nothing_behind(tiny):
     model, tok = tiny
     for method in ("ngram", "draft"):
