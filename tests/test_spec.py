@@ -181,6 +181,18 @@ def test_greedy_speculation_equals_plain_decoding(tiny, tiny_ref, method, k, blo
         assert engine.stats.preemptions > 0
 
 
+def test_separate_draft_model_from_a_directory(tiny, tiny_ref, tiny_dirs):
+    """A draft loaded from its own checkpoint (another tiny model with the same tokenizer)."""
+    model, tok = tiny
+    cfg = EngineConfig(block_size=4, num_kv_blocks=64, max_num_seqs=4, speculative_method="draft",
+                       speculative_model=str(tiny_dirs["llama-tied"]), num_speculative_tokens=3)
+    engine = LLMEngine(model, tok, cfg)
+    assert engine.proposer.model is not model and engine.proposer.model.config.num_layers == 2
+    done = serve(engine, greedy_reqs(tok))
+    assert {rid: o.outputs[0].token_ids for rid, o in done.items()} == tiny_ref
+    assert engine.stats.spec.draft_forwards > 0
+
+
 def test_sampled_speculation_is_seeded_and_leaves_nothing_behind(tiny):
     model, tok = tiny
     for method in ("ngram", "draft"):
@@ -233,14 +245,56 @@ def test_real_model_greedy_ngram_equals_eager_under_preemption(smol):
         reqs = [(str(i), tok.encode(p), SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
                 for i, p in enumerate([text, "1, 2, 3, 4, 5, 6,"])]
         ref = {rid: gen.generate(ids, sp).token_ids for rid, ids, sp in reqs}
-        for method, blocks in (("ngram", 7), ("draft", 64)):
+        for method, blocks in (("ngram", 11), ("draft", 64)):          # 11: both admitted, then preempted
             engine = LLMEngine(model, tok, EngineConfig(block_size=4, num_kv_blocks=blocks, max_num_seqs=2,
                                                         speculative_method=method, num_speculative_tokens=4,
                                                         draft_layers=4))
             done = serve(engine, reqs)
             assert {rid: o.outputs[0].token_ids for rid, o in done.items()} == ref, (method, blocks)
             assert engine.stats.spec.proposed > 0
-            if blocks == 7:
+            if blocks == 11:
                 assert engine.stats.preemptions > 0
     finally:
         model.set_attention_backend(old)
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_sampled_speculation_follows_the_target_distribution_end_to_end(tiny, method):
+    """Many seeded sequences through the engine: (token 1, token 2) ~ p(t1) p(t2 | t1), token 2 speculated.
+
+    Oracle: the target's own next-token distributions (top_k=3, temperature 1)
+    computed with `forward_sequence`; chi-square at significance 1e-3.
+    """
+    from scipy.stats import chisquare
+    from minisys.spec.verify import target_probs
+    model, tok = tiny
+    sp = dict(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True)
+    base, extra = tok.encode("the quick brown fox the quick"), []
+    for _ in range(20):             # put the likely first tokens in the prompt, so that n-gram lookup finds them
+        prompt = extra + base
+        likely = model.forward_sequence(prompt)[-1].topk(3).indices.tolist()
+        if all(t in prompt[:-1] for t in likely):
+            break
+        extra = sorted(set(extra) | set(likely))
+    p1 = target_probs(model.forward_sequence(prompt)[-1:], SamplingParams(**sp))[0]          # (V,)
+    cells = {}
+    for a in p1.nonzero().flatten().tolist():
+        p2 = target_probs(model.forward_sequence(prompt + [a])[-1:], SamplingParams(**sp))[0]
+        for b in p2.nonzero().flatten().tolist():
+            cells[(a, b)] = float(p1[a] * p2[b])
+    engine = LLMEngine(model, tok, EngineConfig(block_size=4, num_kv_blocks=1200, max_num_seqs=128,
+                                                speculative_method=method, num_speculative_tokens=2,
+                                                draft_layers=1, ngram_prompt_lookup_min=1))
+    N = 3000
+    done = serve(engine, [(str(i), prompt, SamplingParams(seed=i, **sp)) for i in range(N)])
+    assert engine.stats.spec.proposed > 500                 # token 2 was verified, not decoded plainly
+    if method == "draft":
+        assert engine.stats.spec.accepted > 0               # (the tiny model's n-gram drafts are all rejected)
+    counts = {c: 0 for c in cells}
+    for o in done.values():
+        pair = tuple(o.outputs[0].token_ids[:2])
+        assert pair in counts, f"the engine emitted {pair}, which the target cannot produce"
+        counts[pair] += 1
+    keys = sorted(cells)
+    pv = chisquare([counts[c] for c in keys], [N * cells[c] / sum(cells.values()) for c in keys]).pvalue
+    assert pv > 1e-3, f"chi-square rejects the engine's sampled speculation (p = {pv:.2e})"
