@@ -167,10 +167,14 @@ def tiny_ref(tiny):
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 @pytest.mark.parametrize("k", [1, 3, 6])
 @pytest.mark.parametrize("blocks", [64, 9])
-def test_greedy_speculation_equals_plain_decoding(tiny, tiny_ref, method, k, blocks):
+@pytest.mark.parametrize("chunked", [False, True], ids=["prefill-first", "chunked"])
+def test_greedy_speculation_equals_plain_decoding(tiny, tiny_ref, method, k, blocks, chunked):
+    """Both proposers, several k, with and without preemption, with and without chunked prefill
+    (a budget of 8 tokens: prompts span several steps beside verification runs)."""
     model, tok = tiny
     cfg = EngineConfig(block_size=4, num_kv_blocks=blocks, max_num_seqs=4, speculative_method=method,
-                       num_speculative_tokens=k, draft_layers=1)
+                       num_speculative_tokens=k, draft_layers=1, enable_chunked_prefill=chunked,
+                       max_num_batched_tokens=8 if chunked else None)
     engine = LLMEngine(model, tok, cfg)
     done = serve(engine, greedy_reqs(tok))
     assert {rid: o.outputs[0].token_ids for rid, o in done.items()} == tiny_ref
