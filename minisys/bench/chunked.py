@@ -1,13 +1,13 @@
 """Online latency: chunked prefill under a token budget vs prefill-first (lesson 05).
 
-    python -m minisys bench chunked                   # CPU size (~10 minutes on 2 cores)
+    python -m minisys bench chunked --threads 1       # CPU size (~4 minutes on 2 quiet cores)
     MINISYS_QUICK=1 python -m minisys bench chunked   # CI / notebook size
     python -m minisys bench chunked --full            # GPU size (longer prompts, higher rate)
 
 Workload (`make_online_workload`, seeded): requests arrive as a Poisson
 process at ``--rate`` per second; a fraction ``--long-frac`` are long
 prompts (1-1.5k random token ids on CPU) with short answers (a document to
-summarize), the rest short chat turns (16-96 prompt tokens, 16-48 output
+summarize), the rest short chat turns (16-96 prompt tokens, 32-64 output
 tokens). Every request is greedy with ``ignore_eos``, so it produces exactly
 its output length. The same arrivals are replayed, in wall-clock time, on
 
@@ -49,11 +49,11 @@ class OnlineRequest:
 
 @dataclass
 class WorkloadSpec:
-    num_requests: int = 24
-    rate: float = 0.2                           # requests per second
+    num_requests: int = 32
+    rate: float = 1.0                           # requests per second
     long_frac: float = 0.25
     short_prompt: tuple[int, int] = (16, 96)
-    short_output: tuple[int, int] = (16, 48)
+    short_output: tuple[int, int] = (32, 64)
     long_prompt: tuple[int, int] = (1024, 1536)
     long_output: tuple[int, int] = (4, 8)
     seed: int = 0
