@@ -229,16 +229,36 @@ class Scheduler:
         """
         while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            alloc = self.allocator.allocate(req.request_id, req.all_token_ids)
-            if not alloc:
+            if not self._admit_head():
                 break
-            self.waiting.popleft()
-            req.num_computed_tokens = alloc.num_cached_tokens
-            req.transition(RequestStatus.RUNNING)
-            self.running.append(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             budget -= n
             out.scheduled.append(ScheduledRequest(req, n))
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """FCFS admission while sequences, tokens and blocks allow (stop at the first that does not fit)."""
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if req.num_tokens > budget:                           # upper bound (no prefix hit)
+                break
+            if not self._admit_head():
+                break
+            n = req.num_tokens - req.num_computed_tokens
+            budget -= n
+            out.scheduled.append(ScheduledRequest(req, n))
+
+    def _admit_head(self) -> bool:
+        """Blocks for the head of the waiting queue's whole prompt (prefix-cache hits included);
+        on success it becomes RUNNING with its cached tokens counted as computed."""
+        req = self.waiting[0]
+        alloc = self.allocator.allocate(req.request_id, req.all_token_ids)
+        if not alloc:
+            return False
+        self.waiting.popleft()
+        req.num_computed_tokens = alloc.num_cached_tokens
+        req.transition(RequestStatus.RUNNING)
+        self.running.append(req)
+        return True
 
     # ------------------------------------------------------------ speculative decoding (lesson 06)
     def _schedule_speculative(self, req: Request, out: SchedulerOutput) -> bool:
@@ -267,23 +287,6 @@ class Scheduler:
         req = s.request
         req.num_computed_tokens -= rejected
         self.allocator.truncate(req.request_id, req.num_computed_tokens)
-
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        """FCFS admission while sequences, tokens and blocks allow (stop at the first that does not fit)."""
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            if req.num_tokens > budget:                           # upper bound (no prefix hit)
-                break
-            alloc = self.allocator.allocate(req.request_id, req.all_token_ids)
-            if not alloc:
-                break
-            self.waiting.popleft()
-            req.num_computed_tokens = alloc.num_cached_tokens
-            req.transition(RequestStatus.RUNNING)
-            self.running.append(req)
-            n = req.num_tokens - req.num_computed_tokens
-            budget -= n
-            out.scheduled.append(ScheduledRequest(req, n))
 
     def preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Preemption by recompute: free the blocks, keep the tokens, re-queue at the head."""
