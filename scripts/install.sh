@@ -21,8 +21,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
         $PIP install "${TORCH_SPEC:-torch>=2.4}"
     else
         echo ">> no GPU: installing the CPU build of torch"
-        $PIP install "${TORCH_SPEC:-torch==2.13.0}" \
-            --extra-index-url https://download.pytorch.org/whl/cpu
+        CPU_INDEX=https://download.pytorch.org/whl/cpu
+        if "$VENV/bin/python" -c "import urllib.request as u; u.urlopen('$CPU_INDEX/', timeout=5)" 2>/dev/null; then
+            $PIP install "${TORCH_SPEC:-torch==2.13.0}" --extra-index-url "$CPU_INDEX"
+        else                    # PyTorch's index unreachable: the package registry / find-links only
+            $PIP install "${TORCH_SPEC:-torch==2.13.0}"
+        fi
     fi
 fi
 echo ">> installing requirements.txt"
