@@ -122,12 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-layers", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1 if quick else 3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16"],
+                   help="model dtype for every method (auto: bf16 where the CPU has native bf16)")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     from ..model import load
-    model, tok = load(None, device="cpu", attention_backend="paged", quiet=True)
+    from .throughput import resolve_dtype
+    model, tok = load(None, device="cpu", dtype=resolve_dtype(a.dtype, "cpu"), attention_backend="paged",
+                      quiet=True)
     methods = {"plain": {},
                "ngram": {"speculative_method": "ngram", "num_speculative_tokens": a.k_ngram,
                          "ngram_prompt_lookup_min": a.ngram_min},
