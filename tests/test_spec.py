@@ -217,7 +217,7 @@ def test_sampled_speculation_is_seeded_and_leaves_nothing_behind(tiny):
 def test_self_draft_shares_weights_and_checks_layers(tiny):
     model, _ = tiny
     d = SelfDraftModel(model, 1)
-    assert d.lm_head is model.lm_head and len(d.layers) == 1 and d.config.num_layers == 1
+    assert d.lm_head is model.lm_head and len(d.model.layers) == 1 and d.config.num_layers == 1
     with pytest.raises(ValueError, match="draft_layers"):
         SelfDraftModel(model, model.config.num_layers + 1)
 

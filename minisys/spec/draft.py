@@ -34,35 +34,24 @@ from .proposer import Proposal, Proposer
 from .rejection import sample_categorical
 
 
-class SelfDraftModel(nn.Module):
-    """The target's embeddings, its first ``num_layers`` decoder layers, its final norm and LM head (shared weights)."""
+class SelfDraftModel(LlamaModel):
+    """The target's embeddings, its first ``num_layers`` decoder layers, its final norm and LM head.
+
+    A `LlamaModel` whose modules are the target's own (shared weights, no
+    copy), so `forward`, `device` and `dtype` are the target's code.
+    """
 
     def __init__(self, target: LlamaModel, num_layers: int) -> None:
-        super().__init__()
+        nn.Module.__init__(self)                 # not LlamaModel.__init__: no new weights
         if not 1 <= num_layers <= target.config.num_layers:
             raise ValueError(f"draft_layers must be in [1, {target.config.num_layers}], got {num_layers}")
         self.config = replace(target.config, num_layers=num_layers)
-        self.embed_tokens, self.norm, self.lm_head = target.model.embed_tokens, target.model.norm, target.lm_head
-        self.layers = nn.ModuleList(list(target.model.layers)[:num_layers])   # layer_idx 0..N-1: fits the draft cache
+        self.rope = target.rope
+        self.model = nn.Module()
+        self.model.embed_tokens, self.model.norm = target.model.embed_tokens, target.model.norm
+        self.model.layers = nn.ModuleList(list(target.model.layers)[:num_layers])  # layer_idx 0..N-1: fits the draft cache
+        self.lm_head = target.lm_head
         self.attention = target.attention
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
-
-    @torch.inference_mode()
-    def forward(self, input_ids, positions, meta, kv_cache=None, logits_indices=None) -> torch.Tensor:
-        """Same contract as `LlamaModel.forward`: (T,) ids -> (T or len(logits_indices), V) fp32 logits."""
-        x = self.embed_tokens(input_ids)                                 # (T, C)
-        for layer in self.layers:
-            x = layer(x, positions, meta, self.attention, kv_cache)
-        if logits_indices is not None:
-            x = x[logits_indices]
-        return self.lm_head(self.norm(x)).float()
 
 
 def draft_probs_from_logits(logits: torch.Tensor, params) -> torch.Tensor:
