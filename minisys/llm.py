@@ -25,7 +25,6 @@ from .engine.config import EngineConfig
 from .engine.eager import EagerGenerator
 from .engine.llm_engine import LLMEngine
 from .engine.outputs import RequestOutput
-from .engine.sampler import make_generator
 from .engine.sampling_params import SamplingParams
 from .model.loader import load
 
@@ -126,9 +125,7 @@ class LLM:
     def _run_one(self, text: str | None, ids: list[int], sp: SamplingParams, progress) -> RequestOutput:
         request_id = str(self._next_id)
         self._next_id += 1
-        generator = make_generator(sp.seed, self.model.device)   # one generator for all n samples
-        outputs = [self.runner.generate(ids, sp, index=i, generator=generator,
-                                        on_token=lambda _ev: progress.token())
+        outputs = [self.runner.generate(ids, sp, index=i, on_token=lambda _ev: progress.token())
                    for i in range(sp.n)]
         progress.request_done()
         return RequestOutput(request_id, text, ids, outputs, finished=True)

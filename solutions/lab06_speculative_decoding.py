@@ -140,7 +140,7 @@ def serve(k):
     spec = {} if k == 0 else {"speculative_method": "ngram", "num_speculative_tokens": k}
     engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64, **spec))
     if k:
-        engine.proposer = YourNgram()
+        engine.speculator.proposer = YourNgram()
     engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=max_tokens))
     t0 = time.perf_counter()
     while engine.has_unfinished():

@@ -158,13 +158,12 @@ def test_engine_config_resolves_kv_pool_from_a_byte_budget(tiny):
 
 def test_inverse_cdf_sampling_follows_the_distribution():
     """sample_rows draws from softmax(logits / T) (chi-square-free check: frequencies vs probabilities)."""
-    from types import SimpleNamespace
-    from minisys.engine.model_runner import sample_rows
+    from minisys.sampling import sample_rows
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
     g = torch.Generator().manual_seed(0)
-    r = SimpleNamespace(params=SamplingParams(temperature=0.7), generator=g)
-    counts = torch.bincount(torch.tensor([sample_rows(logits, [r])[0] for _ in range(4000)]), minlength=5)
+    warm = SamplingParams(temperature=0.7)
+    counts = torch.bincount(torch.tensor([sample_rows(logits, [warm], [g])[0] for _ in range(4000)]), minlength=5)
     expect = torch.softmax(logits[0] / 0.7, -1)
     assert torch.allclose(counts / 4000, expect, atol=0.03) and counts[4] == 0
-    top1 = SimpleNamespace(params=SamplingParams(temperature=1.0, top_k=1), generator=g)
-    assert {sample_rows(logits.repeat(2, 1), [top1, r])[0] for _ in range(50)} == {0}
+    top1 = SamplingParams(temperature=1.0, top_k=1)
+    assert {sample_rows(logits.repeat(2, 1), [top1, warm], [g, g])[0] for _ in range(50)} == {0}

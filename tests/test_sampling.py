@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minisys.engine.sampler import apply_top_k, apply_top_p, sample_next_token, make_generator
+from minisys.sampling import apply_top_k, apply_top_p, sample_next_token, make_generator
 from minisys.engine.sampling_params import SamplingParams
 
 

@@ -15,7 +15,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from minisys.spec.rejection import accept_all, greedy_verify, rejection_sample, sample_categorical
+from minisys.sampling import sample_categorical
+from minisys.spec.rejection import accept_all, greedy_verify, rejection_sample
 
 SIGNIFICANCE = 1e-3
 N = 20_000

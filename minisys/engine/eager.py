@@ -20,9 +20,9 @@ from ..attention.base import AttentionMetadata
 from ..kv.contiguous import ContiguousKVCache
 from ..model.llama import LlamaModel
 from ..model.tokenizer import Tokenizer
+from ..sampling import make_generator, sample_next_token, sequence_seed
 from .output_processor import OutputProcessor, StepEvent
 from .outputs import CompletionOutput
-from .sampler import make_generator, sample_next_token
 from .sampling_params import SamplingParams
 
 
@@ -47,12 +47,17 @@ class EagerGenerator:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
                              f"{need} exceeds the model's context of {self.max_model_len} tokens")
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams,
+    def stream(self, prompt_ids: list[int], params: SamplingParams, index: int = 0,
                generator: torch.Generator | None = None) -> Iterator[StepEvent]:
-        """Yield one `StepEvent` per generated token until a stop condition holds."""
+        """Yield one `StepEvent` per generated token until a stop condition holds.
+
+        Sequence ``index`` of the request draws from its own generator, seeded as
+        the engine seeds it (`minisys.sampling.sequence_seed`), unless one is given.
+        """
         self.check_prompt(prompt_ids, params)
         device = self.model.device
-        generator = generator or make_generator(params.seed, device)
+        if generator is None and not params.greedy:
+            generator = make_generator(sequence_seed(params.seed, index), device)
         max_new = params.max_tokens or (self.max_model_len - len(prompt_ids))
         cache = (ContiguousKVCache(self.model.config, len(prompt_ids) + max_new, 1,
                                    self.model.dtype, device) if self.use_kv_cache else None)
@@ -77,7 +82,7 @@ class EagerGenerator:
                  on_token: Callable[[StepEvent], None] | None = None) -> CompletionOutput:
         """Run `stream` to the end and collect a `CompletionOutput`."""
         ids, text, last = [], "", None
-        for last in self.stream(prompt_ids, params, generator):
+        for last in self.stream(prompt_ids, params, index, generator):
             ids.append(last.token_id)
             text += last.text_delta
             if on_token:

@@ -22,14 +22,15 @@ import time
 from dataclasses import dataclass, field
 
 from ..model.llama import LlamaModel
-from ..spec.metrics import SpecMetrics
 from ..model.tokenizer import Tokenizer
+from ..sampling import make_generator, sequence_seed
+from ..spec.metrics import SpecMetrics
+from ..spec.speculator import Speculator
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .outputs import CompletionOutput, RequestOutput
 from .request import Request
-from .sampler import make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
@@ -71,7 +72,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config)
         self.runner = ModelRunner(model, self.config.num_kv_blocks, self.config.block_size)
         self.stats = EngineStats()
-        self.proposer = make_proposer(self.config, model)          # None unless speculative_method is set
+        self.speculator = Speculator.from_config(self.config, model, self.stats.spec)   # None: no speculation
         self._groups: dict[str, _Group] = {}
         self._seq_group: dict[str, _Group] = {}
 
@@ -94,8 +95,7 @@ class LLMEngine:
             max_tokens = max_len - len(prompt_ids) + 1      # over the context: check_fits refuses it
         gen = None
         if make_gen and not params.greedy:
-            seed = params.seed if params.seed is None or index == 0 else hash((params.seed, index)) & (2**62 - 1)
-            gen = make_generator(seed, self.model.device)
+            gen = make_generator(sequence_seed(params.seed, index), self.model.device)
         return Request(seq_id, list(prompt_ids), params, gen, max_tokens=max_tokens)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -123,8 +123,8 @@ class LLMEngine:
         for s in group.seqs:
             if not s.is_finished:
                 self.scheduler.finish(s, "abort")
-            if self.proposer is not None:
-                self.proposer.release(s.request_id)
+            if self.speculator is not None:
+                self.speculator.release(s.request_id)
             self._seq_group.pop(s.request_id, None)
         return True
 
@@ -138,18 +138,15 @@ class LLMEngine:
     # ------------------------------------------------------------ one iteration
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, process the new tokens; return the outputs of the requests touched."""
-        draft_probs = self._propose() if self.proposer is not None else {}     # speculative decoding
-        sched = self.scheduler.schedule()
+        spec = self.speculator
+        if spec is None:
+            sched = self.scheduler.schedule()
+        else:                                       # lesson 06: slots for the drafts the pool can fit
+            sched = self.scheduler.schedule(spec.propose(self.scheduler.running))
         self.stats.preemptions += len(sched.preempted)
-        for r in self.scheduler.running + list(self.scheduler.waiting):
-            r.spec_token_ids = []                   # the scheduled ones carry theirs in ScheduledRequest
         if sched.is_empty:
             return []
-        if any(s.spec_token_ids for s in sched.scheduled):
-            token_lists = self.runner.execute_speculative(sched, self.scheduler.allocator, draft_probs)
-        else:
-            token_lists = [[t] if t is not None else []           # None: a prefill chunk inside the prompt
-                           for t in self.runner.execute(sched, self.scheduler.allocator)]
+        token_lists = self.runner.execute(sched, self.scheduler.allocator)   # [] for a chunk inside a prompt
         self.scheduler.update_computed(sched)
         touched: dict[str, _Group] = {}
         generated = 0
@@ -166,11 +163,11 @@ class LLMEngine:
                 group.texts[i] += event.text_delta
                 if event.finish_reason is not None:
                     self.scheduler.finish(req, event.finish_reason)
-                    if self.proposer is not None:
-                        self.proposer.release(req.request_id)
+                    if spec is not None:
+                        spec.release(req.request_id)
                     break
             if s.spec_token_ids:
-                self._count_speculative(s, tokens)
+                spec.record(len(s.spec_token_ids), tokens)
                 if not req.is_finished:             # roll the rejected drafts' KV back
                     self.scheduler.rollback_speculative(s, len(tokens) - 1)
             touched[group.request_id] = group
@@ -182,46 +179,6 @@ class LLMEngine:
                 for s in g.seqs:
                     self._seq_group.pop(s.request_id, None)
         return outs
-
-    # ------------------------------------------------------------ speculative decoding (lesson 06)
-    def _propose(self) -> dict:
-        """Drafts for every running request that is decoding (all its tokens but the last computed).
-
-        k per request is capped so that drafts never pass ``max_tokens`` (so
-        never the context or the request's worst-case KV blocks), and the step's
-        token budget holds every running request's 1 + k tokens. Sets
-        ``req.spec_token_ids``; returns {request_id: q} for sampled draft-model drafts.
-        """
-        cfg, running = self.config, self.scheduler.running
-        room = cfg.max_num_batched_tokens - len(running)
-        reqs, ks = [], []
-        for r in running:
-            if r.num_computed_tokens != r.num_tokens - 1:
-                continue
-            k = max(0, min(cfg.num_speculative_tokens, r.max_tokens - len(r.output_token_ids) - 1, room))
-            if k:
-                reqs.append(r)
-                ks.append(k)
-                room -= k
-        if not reqs:
-            return {}
-        t0 = time.perf_counter()
-        proposals = self.proposer.propose(reqs, ks)
-        self.stats.spec.draft_seconds += time.perf_counter() - t0
-        probs = {}
-        for r, p in zip(reqs, proposals):
-            r.spec_token_ids = list(p.token_ids)
-            if p.draft_probs is not None:
-                probs[r.request_id] = p.draft_probs
-        return probs
-
-    def _count_speculative(self, s, tokens: list[int]) -> None:
-        sp = self.stats.spec
-        sp.num_verifications += 1
-        sp.proposed += len(s.spec_token_ids)
-        sp.accepted += len(tokens) - 1
-        sp.emitted += len(tokens)
-        sp.draft_forwards = getattr(self.proposer, "forwards", 0)
 
     def _count(self, sched: SchedulerOutput, generated: int) -> None:
         st = self.stats
@@ -243,18 +200,3 @@ class LLMEngine:
     def kv_usage(self) -> float:
         alloc = self.scheduler.allocator
         return alloc.num_used / alloc.num_blocks
-
-
-def make_proposer(config: EngineConfig, model: LlamaModel):
-    """The proposer ``config.speculative_method`` asks for (None when speculation is off)."""
-    if config.speculative_method is None:
-        return None
-    if config.speculative_method == "ngram":
-        from ..spec.ngram import NgramProposer
-        return NgramProposer(config.ngram_prompt_lookup_max, config.ngram_prompt_lookup_min)
-    from ..spec.draft import DraftModelProposer, SelfDraftModel
-    if config.speculative_model is None:
-        return DraftModelProposer(SelfDraftModel(model, config.draft_layers), model.config.vocab_size)
-    from ..model import load
-    draft, _ = load(config.speculative_model, device=str(model.device), dtype=model.dtype, quiet=True)
-    return DraftModelProposer(draft, model.config.vocab_size)

@@ -6,13 +6,16 @@ Batch assembly (the scheduler said which requests feed how many tokens):
     positions    (T,)  num_computed, num_computed + 1, ... per request
     slot_mapping (T,)  where each fed token's K/V are written in the pool
     block_tables (B, max_blocks)   each request's blocks (the paged attention reads them)
-    logits_indices (B,)            the last fed token of each request: the LM head runs only there
+    LM-head rows                   the last fed token of each request that samples (+ its k drafts'
+                                   positions when speculating): the LM head runs only there
 
 A prefill chunk and a decode token look the same here: a run of ``n >= 1``
 tokens after ``num_computed`` cached ones, so prefills and decodes share one
 forward. Sampling is per request with its own `SamplingParams` and its own
-``torch.Generator`` (see `sample_rows`), so a seeded request draws the same
-tokens whatever it is batched with; greedy rows are argmax-ed together.
+``torch.Generator`` (`minisys.sampling`, the sampler the eager baseline uses
+too), so a seeded request draws the same tokens whatever it is batched with;
+`minisys.spec.verify.verify_rows` turns the logits into tokens, with or
+without drafts.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from ..attention.base import AttentionMetadata
 from ..kv.block_allocator import BlockAllocator
 from ..kv.paged import PagedKVCache
 from ..model.llama import LlamaModel
-from .sampler import apply_temperature, apply_top_k, apply_top_p
+from ..spec.verify import verify_rows
 from .scheduler import SchedulerOutput
 
 
@@ -67,10 +70,12 @@ def build_batch(out: SchedulerOutput, allocator: BlockAllocator, device) -> Step
 
 
 class ModelRunner:
-    """Owns the paged KV pool; `execute` runs one scheduled step and returns one token per request.
+    """Owns the paged KV pool; `execute` runs one scheduled step and returns the tokens each request emits.
 
-    A request whose chunk stops inside its prompt (chunked prefill) gets
-    ``None``: its K/V are written, nothing is sampled, its generator is untouched.
+    A request whose chunk stops inside its prompt (chunked prefill) emits
+    nothing: its K/V are written, nothing is sampled, its generator is
+    untouched. A decoding request emits one token; a speculating one (it fed
+    its last token + k drafts, lesson 06) emits its accepted drafts + one.
     """
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
@@ -79,76 +84,21 @@ class ModelRunner:
                                   return_pools=getattr(model.attention, "reads_block_tables", False))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, allocator: BlockAllocator) -> list[int | None]:
-        for src, dst in out.block_copies:
-            self.cache.copy_block(src, dst)
-        batch = build_batch(out, allocator, self.model.device)
-        rows = [i for i, s in enumerate(out.scheduled) if s.samples]      # chunks inside a prompt: no token
-        indices = batch.logits_indices if len(rows) == len(out.scheduled) else batch.logits_indices[rows]
-        logits = self.model(batch.input_ids, batch.positions, batch.meta, kv_cache=self.cache,
-                            logits_indices=indices)                              # (len(rows), V)
-        picked = sample_rows(logits, [out.scheduled[i].request for i in rows]) if rows else []
-        tokens: list[int | None] = [None] * len(out.scheduled)
-        for i, t in zip(rows, picked):
-            tokens[i] = t
-        return tokens
+    def execute(self, out: SchedulerOutput, allocator: BlockAllocator) -> list[list[int]]:
+        """One forward over every scheduled token; the LM head runs only at the rows that sample.
 
-    @torch.inference_mode()
-    def execute_speculative(self, out: SchedulerOutput, allocator: BlockAllocator,
-                            draft_probs: dict | None = None) -> list[list[int]]:
-        """Like `execute`, for a step where some requests feed [last token] + k drafts (lesson 06).
-
-        The LM head runs at all k + 1 fed positions of a speculating request
-        (p_0 .. p_k: the target's prediction after the last token and after
-        each draft) and at the last position of the others, all in this one
-        forward; `minisys.spec.verify.verify_rows` turns them into 1 .. k + 1
-        emitted tokens per request.
+        Those rows are, per emitting request, its last ``1 + k`` fed positions
+        (k = its drafts, 0 without speculation): the target's next-token
+        distributions after the last token and after each draft.
         """
-        from ..spec.verify import verify_rows
         for src, dst in out.block_copies:
             self.cache.copy_block(src, dst)
         batch = build_batch(out, allocator, self.model.device)
+        emitting = [s for s in out.scheduled if s.samples]               # chunks inside a prompt: none
         ends = batch.meta.cu_seqlens_q[1:].tolist()
-        emitting = [i for i, s in enumerate(out.scheduled) if s.samples]   # chunks inside a prompt: none
-        rows = [r for i in emitting
-                for r in range(ends[i] - 1 - len(out.scheduled[i].spec_token_ids), ends[i])]
+        rows = [r for s, end in zip(out.scheduled, ends) if s.samples
+                for r in range(end - 1 - len(s.spec_token_ids), end)]
         logits = self.model(batch.input_ids, batch.positions, batch.meta, kv_cache=self.cache,
-                            logits_indices=torch.tensor(rows, device=self.model.device))   # (rows, V)
-        picked = verify_rows(logits, [out.scheduled[i] for i in emitting], draft_probs or {})
-        tokens: list[list[int]] = [[] for _ in out.scheduled]
-        for i, t in zip(emitting, picked):
-            tokens[i] = t
-        return tokens
-
-
-def sample_rows(logits: torch.Tensor, requests) -> list[int]:
-    """One token per row of logits (B, V), each request with its own params and generator.
-
-    Greedy rows: one argmax. Sampled rows are grouped by (temperature, top_k,
-    top_p) and filtered together; each row then draws ONE uniform number u
-    from its own generator and takes the token where its CDF crosses u
-    (inverse-CDF sampling). The draw depends only on the request's generator
-    and its own logits row, never on its batch companions; and one random
-    number per row replaces a ``multinomial`` call per request (the slow part
-    of sampling on a CPU).
-    """
-    tokens = [0] * len(requests)
-    greedy = [i for i, r in enumerate(requests) if r.params.greedy]
-    if greedy:
-        picked = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(requests) \
-            else logits.argmax(dim=-1).tolist()
-        for i, t in zip(greedy, picked):
-            tokens[i] = t
-    groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(requests):
-        if not r.params.greedy:
-            groups.setdefault((r.params.temperature, r.params.top_k, r.params.top_p), []).append(i)
-    for (temperature, top_k, top_p), rows in groups.items():
-        x = apply_temperature(logits[rows], temperature)                    # (b, V)
-        x = apply_top_p(apply_top_k(x, top_k), top_p)
-        cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)                      # (b, V)
-        u = torch.cat([torch.rand(1, generator=requests[i].generator, device=logits.device) for i in rows])
-        idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-        for i, t in zip(rows, idx.clamp_(max=logits.shape[-1] - 1).tolist()):
-            tokens[i] = t
-    return tokens
+                            logits_indices=torch.tensor(rows, dtype=torch.long, device=self.model.device))
+        picked = iter(verify_rows(logits, emitting) if emitting else [])                  # logits (rows, V)
+        return [next(picked) if s.samples else [] for s in out.scheduled]

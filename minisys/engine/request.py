@@ -62,9 +62,6 @@ class Request:
     finish_reason: str | None = None           # "stop" | "length" | "abort"
     num_preemptions: int = 0
     max_tokens: int = 16                       # resolved budget of new tokens (params or context)
-    # speculative decoding (lesson 06): drafts proposed for the next step, set by the engine before
-    # `Scheduler.schedule`, fed after the last token if the scheduler finds slots for them, cleared after the step
-    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -44,10 +44,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping
 
 from ..kv.block_allocator import BlockAllocator
 from .config import EngineConfig
 from .request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..spec.proposer import Proposal
 
 
 def split_budget(budget: int, num_decodes: int, remaining: list[int]) -> list[int]:
@@ -74,6 +80,7 @@ class ScheduledRequest:
     num_tokens: int            # tokens fed this step: request.all_token_ids[computed : computed + num_tokens]
     spec_token_ids: list[int] = field(default_factory=list)   # speculative drafts fed after the last token
     # (then num_tokens == 1 + len(spec_token_ids) and the fed tokens are [last token] + drafts; lesson 06)
+    draft_probs: torch.Tensor | None = None    # (k, V) q of sampled drafts; None = one-hot (n-gram, greedy)
 
     @property
     def is_prefill(self) -> bool:
@@ -166,10 +173,12 @@ class Scheduler:
         req.finish_reason = reason
 
     # ------------------------------------------------------------ the step decision
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: Mapping[str, Proposal] | None = None) -> SchedulerOutput:
+        """This step's decision. ``drafts`` (speculative decoding, lesson 06): {request_id: Proposal}
+        from `minisys.spec.Speculator.propose`; each gets slots if the pool has them, else is dropped."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        prefilling = self._schedule_running(out)
+        prefilling = self._schedule_running(out, drafts or {})
         budget -= sum(s.num_tokens for s in out.scheduled)        # 1 per decode (1 + k with drafts)
         if self.config.enable_chunked_prefill:
             budget = self._schedule_chunks(out, prefilling, budget)
@@ -183,7 +192,7 @@ class Scheduler:
         """A running request with uncomputed prompt tokens (all their slots already reserved)."""
         return self.allocator.tables[req.request_id].num_tokens == req.num_tokens > req.num_computed_tokens
 
-    def _schedule_running(self, out: SchedulerOutput) -> list[Request]:
+    def _schedule_running(self, out: SchedulerOutput, drafts: Mapping[str, Proposal]) -> list[Request]:
         """Give every decoding request a slot for its next token, preempting the newest on shortage.
 
         Schedules the decodes (1 token each) and returns the running requests
@@ -198,7 +207,8 @@ class Scheduler:
                 kept.append(req)
                 prefilling.append(req)
                 continue
-            if req.spec_token_ids and self._schedule_speculative(req, out):
+            draft = drafts.get(req.request_id)
+            if draft is not None and self._schedule_speculative(req, draft, out):
                 kept.append(req)                                  # last token + its drafts got slots
                 continue
             while not (res := self.allocator.append_slot(req.request_id, req.all_token_ids[-1])):
@@ -261,16 +271,16 @@ class Scheduler:
         return True
 
     # ------------------------------------------------------------ speculative decoding (lesson 06)
-    def _schedule_speculative(self, req: Request, out: SchedulerOutput) -> bool:
-        """Reserve slots for the last token + ``req.spec_token_ids`` at once; False (nothing changed)
+    def _schedule_speculative(self, req: Request, draft: Proposal, out: SchedulerOutput) -> bool:
+        """Reserve slots for the last token + the draft tokens at once; False (nothing changed)
         when the pool cannot hold them all: the request then decodes one token as usual (drafts are
         dropped before anything is preempted for them)."""
-        fed = [req.all_token_ids[-1]] + req.spec_token_ids
+        fed = [req.all_token_ids[-1]] + list(draft.token_ids)
         res = self.allocator.append_slots(req.request_id, fed)
         if not res:
             return False
         out.block_copies += [r.copy for r in res if r.copy is not None]
-        out.scheduled.append(ScheduledRequest(req, len(fed), list(req.spec_token_ids)))
+        out.scheduled.append(ScheduledRequest(req, len(fed), list(draft.token_ids), draft.draft_probs))
         return True
 
     def rollback_speculative(self, s: ScheduledRequest, num_accepted: int) -> None:
@@ -292,7 +302,6 @@ class Scheduler:
         """Preemption by recompute: free the blocks, keep the tokens, re-queue at the head."""
         self.allocator.free(req.request_id)
         req.num_computed_tokens = 0
-        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         req.transition(RequestStatus.PREEMPTED)

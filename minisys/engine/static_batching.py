@@ -17,11 +17,10 @@ from __future__ import annotations
 from ..kv.paged_runner import PagedRunner
 from ..model.llama import LlamaModel
 from ..model.tokenizer import Tokenizer
-from .model_runner import sample_rows
 from .output_processor import OutputProcessor
 from .outputs import CompletionOutput
 from .request import Request
-from .sampler import make_generator
+from ..sampling import make_generator, sample_rows
 from .sampling_params import SamplingParams
 
 
@@ -53,7 +52,7 @@ class StaticBatchGenerator:
         for r in reqs:
             runner.add(r.request_id, r.prompt_token_ids)
         while True:
-            tokens = sample_rows(runner.step(seq_ids), reqs)            # every row, finished or not
+            tokens = sample_rows(runner.step(seq_ids), params, [r.generator for r in reqs])  # every row
             self.steps += 1
             for i, (r, p, t) in enumerate(zip(reqs, procs, tokens)):
                 if p.finish_reason is None:

@@ -30,7 +30,6 @@ from typing import Any, AsyncIterator, Callable
 from ..engine.eager import EagerGenerator
 from ..engine.llm_engine import LLMEngine
 from ..engine.outputs import CompletionOutput, RequestOutput
-from ..engine.sampler import make_generator
 from ..engine.sampling_params import SamplingParams
 
 
@@ -255,10 +254,9 @@ class AsyncEagerEngine(_AsyncEngineBase):
                 self._current = None
 
     async def _serve(self, rid: str, ids: list[int], params: SamplingParams, prompt: str | None) -> None:
-        generator = await self._call(make_generator, params.seed, self.runner.model.device)
         outs = [CompletionOutput(i, "", []) for i in range(params.n)]
         for i in range(params.n):
-            it = self.runner.stream(ids, params, generator)
+            it = self.runner.stream(ids, params, i)      # sequence i: its own seeded generator
             while True:
                 if rid not in self._queues:               # aborted: stop before the next forward
                     return

@@ -29,9 +29,8 @@ from torch import nn
 from ..attention.base import AttentionMetadata
 from ..kv.contiguous import ContiguousKVCache
 from ..model.llama import LlamaModel
-from ..engine.sampler import apply_temperature, apply_top_k, apply_top_p
+from ..sampling import probs_from_logits, sample_categorical, uniforms
 from .proposer import Proposal, Proposer
-from .rejection import sample_categorical
 
 
 class SelfDraftModel(LlamaModel):
@@ -52,12 +51,6 @@ class SelfDraftModel(LlamaModel):
         self.model.layers = nn.ModuleList(list(target.model.layers)[:num_layers])  # layer_idx 0..N-1: fits the draft cache
         self.lm_head = target.lm_head
         self.attention = target.attention
-
-
-def draft_probs_from_logits(logits: torch.Tensor, params) -> torch.Tensor:
-    """logits (1, V) -> the distribution the request samples from (temperature, top-k, top-p applied)."""
-    x = apply_top_p(apply_top_k(apply_temperature(logits.float(), params.temperature), params.top_k), params.top_p)
-    return torch.softmax(x, dim=-1)
 
 
 @dataclass
@@ -110,9 +103,8 @@ class DraftModelProposer(Proposer):
             if req.params.greedy:
                 tok = int(logits.argmax(-1))
             else:
-                q = draft_probs_from_logits(logits, req.params)           # (1, V)
-                u = torch.rand(1, generator=req.generator, device=q.device)
-                tok = int(sample_categorical(q, u)[0])
+                q = probs_from_logits(logits, req.params)                 # (1, V)
+                tok = int(sample_categorical(q, uniforms(req.generator, 1, 1, q.device)[:, 0])[0])
                 probs.append(q[0])
             tokens.append(tok)
             feed = [tok]

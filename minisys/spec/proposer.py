@@ -31,6 +31,7 @@ class Proposer(ABC):
     """``propose(requests, ks)``: one `Proposal` per request, at most ``ks[i]`` tokens for request i."""
 
     name = "proposer"
+    forwards = 0            # model forward passes spent proposing (a draft model counts its own)
 
     @abstractmethod
     def propose(self, requests: list, ks: list[int]) -> list[Proposal]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ..sampling import sample_categorical, uniforms
+
 
 def greedy_verify(target_logits: torch.Tensor, draft_tokens: list[int]) -> list[int]:
     """target_logits (k+1, V) at the last token and each draft -> the emitted tokens (accepted + one)."""
@@ -31,20 +33,6 @@ def greedy_verify(target_logits: torch.Tensor, draft_tokens: list[int]) -> list[
     while a < len(draft_tokens) and draft_tokens[a] == best[a]:
         a += 1
     return draft_tokens[:a] + [best[a]]
-
-
-def _uniforms(n: int, generators, B: int, device) -> torch.Tensor:
-    """(B, n) uniforms in [0, 1): row i from ``generators[i]`` (or one generator / the global RNG for all)."""
-    if isinstance(generators, (list, tuple)):
-        return torch.stack([torch.rand(n, generator=g, device=device) for g in generators])
-    return torch.rand(B, n, generator=generators, device=device)
-
-
-def sample_categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw: probs (B, V) (rows need not sum to 1), u (B,) in [0, 1) -> tokens (B,)."""
-    cdf = probs.cumsum(dim=-1)                                           # (B, V)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    return idx.clamp_(max=probs.shape[-1] - 1)
 
 
 def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor | None, draft_tokens: torch.Tensor,
@@ -67,7 +55,7 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor | Non
         draft_probs.scatter_(-1, draft_tokens.unsqueeze(-1), 1.0)
     p_x = target_probs[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)   # (B, k)
     q_x = draft_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)           # (B, k)
-    u = _uniforms(k + 1, generators, B, dev)                                       # (B, k+1)
+    u = uniforms(generators, k + 1, B, dev)                                       # (B, k+1)
     accept = u[:, :k] * q_x < p_x                                       # u < p/q, i.e. prob min(1, p/q)
     num_accepted = accept.long().cumprod(dim=-1).sum(dim=-1)            # (B,) accepted prefix length
     residual = (target_probs[:, :k] - draft_probs).clamp_(min=0)        # (B, k, V) max(0, p - q)
@@ -88,6 +76,6 @@ def accept_all(target_probs: torch.Tensor, draft_probs: torch.Tensor | None, dra
                generators=None) -> tuple[torch.Tensor, torch.Tensor]:
     """WRONG on purpose: keep every draft, then a bonus token from p_k. Its output follows q, not p."""
     B, k1, _ = target_probs.shape
-    u = _uniforms(1, generators, B, target_probs.device)[:, 0]
+    u = uniforms(generators, 1, B, target_probs.device)[:, 0]
     bonus = sample_categorical(target_probs[:, -1], u)
     return torch.cat([draft_tokens, bonus.unsqueeze(1)], dim=1), torch.full((B,), k1 - 1, dtype=torch.long)

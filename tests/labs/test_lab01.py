@@ -16,7 +16,8 @@ from minisys.engine.sampling_params import SamplingParams
 
 
 def reference_impl():
-    from minisys.engine import eager, sampler
+    from minisys import sampling as sampler
+    from minisys.engine import eager
     return types.SimpleNamespace(
         apply_top_k=sampler.apply_top_k,
         apply_top_p=sampler.apply_top_p,

@@ -141,7 +141,7 @@ def test_student_ngram_in_the_real_engine_equals_plain_decoding(impl, tiny_dirs)
     def serve(spec):
         engine = LLMEngine(model, tok, EngineConfig(block_size=4, num_kv_blocks=24, max_num_seqs=3, **spec))
         if spec:
-            engine.proposer = Student()
+            engine.speculator.proposer = Student()
         for i, t in enumerate(["the quick brown fox the quick", "over the lazy dog over", "fox fox fox"]):
             engine.add_request(str(i), tok.encode(t), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
         done = {}
