@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Any, Sequence, Union
 
 import torch
@@ -25,7 +26,7 @@ from .engine.config import EngineConfig
 from .engine.eager import EagerGenerator
 from .engine.llm_engine import LLMEngine
 from .engine.outputs import RequestOutput
-from .engine.sampling_params import SamplingParams
+from .engine.sampling_params import RequestOutputKind, SamplingParams
 from .model.loader import load
 
 PromptType = Union[str, dict[str, Any]]   # "text" | {"prompt": "text"} | {"prompt_token_ids": [...]}
@@ -62,13 +63,11 @@ class LLM:
             raise ValueError(f"a prompt is a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, "
                              f"or a list of them; got {type(prompts).__name__}")
         params = _params_per_prompt(sampling_params, len(prompt_list))
-        requests = [self._tokenize(p) for p in prompt_list]      # validate all before running any
-        for (text, ids), sp in zip(requests, params):
-            self.runner.check_prompt(ids, sp)
-            if self.engine is not None:
-                self.engine.check_request(ids, sp)
-        if self.engine is not None:
+        requests = [self._tokenize(p) for p in prompt_list]
+        if self.engine is not None:        # add_request validates; a refusal aborts those added before it
             return self._run_engine(requests, params, use_tqdm)
+        for (text, ids), sp in zip(requests, params):             # validate all before running any
+            self.runner.check_prompt(ids, sp)
         results = []
         with _Progress(len(requests), enabled=use_tqdm) as progress:
             for (text, ids), sp in zip(requests, params):
@@ -105,7 +104,8 @@ class LLM:
             for (text, prompt_ids), sp in zip(requests, params):
                 rid = str(self._next_id)
                 self._next_id += 1
-                engine.add_request(rid, prompt_ids, sp, prompt=text)
+                engine.add_request(rid, prompt_ids, replace(sp, output_kind=RequestOutputKind.FINAL_ONLY),
+                                   prompt=text)
                 ids.append(rid)
             with _Progress(len(requests), enabled=use_tqdm) as progress:
                 while engine.has_unfinished():

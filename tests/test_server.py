@@ -596,21 +596,27 @@ def test_engine_failure_fails_its_requests_and_the_server_recovers(smol):
         assert engine.scheduler.allocator.num_free == engine.scheduler.allocator.num_blocks
 
 
-def test_output_slot_keeps_the_newest_and_errors_win():
-    from minisys.engine.outputs import RequestOutput
+def test_output_slot_merges_unread_deltas_and_errors_win():
+    """Deltas a slow reader has not taken are added up, per choice, in order; nothing is lost."""
+    from minisys.engine.outputs import CompletionOutput, RequestOutput
     from minisys.server.async_engine import OutputSlot
+
+    def delta(i, text, ids, finish=None):
+        return RequestOutput("r", None, [1], [CompletionOutput(i, text, ids, finish)], finished=finish is not None)
 
     async def main():
         slot = OutputSlot()
-        for k in range(3):
-            slot.put_nowait(RequestOutput(str(k), None, [1], []))
+        for item in [delta(0, "He", [5]), delta(1, "x", [9]), delta(0, "llo", [6, 7], "stop")]:
+            slot.put_nowait(item)
         first = await slot.get()
         slot.put_nowait(ValueError("boom"))
-        slot.put_nowait(RequestOutput("late", None, [1], []))
+        slot.put_nowait(delta(1, "late", [3]))
         return first, await slot.get()
 
     first, second = asyncio.run(main())
-    assert first.request_id == "2"
+    assert [(c.index, c.text, c.token_ids, c.finish_reason) for c in first.outputs] == \
+        [(0, "Hello", [5, 6, 7], "stop"), (1, "x", [9], None)]
+    assert first.finished
     assert isinstance(second, ValueError)
 
 

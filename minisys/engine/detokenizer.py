@@ -11,23 +11,26 @@ from ..model.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:
+    """Keeps only the decode window (the tokens from ``prefix_offset`` on), not the whole sequence:
+    the sequence's token ids live in its record (`Request`); this object owns the emitted text."""
+
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix_offset = 0   # start of the window decoded for context
-        self.read_offset = 0     # tokens before this were already emitted
-        self.text = ""           # everything emitted so far
+        self.window: list[int] = []  # tokens from the start of the context window to the newest
+        self.read_offset = 0         # window[:read_offset] were already emitted (kept as decode context)
+        self.text = ""               # everything emitted so far
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly '')."""
-        self.ids.append(token_id)
+        self.window.append(token_id)
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-        prefix = decode(self.ids[self.prefix_offset:self.read_offset])
-        full = decode(self.ids[self.prefix_offset:])
+        prefix = decode(self.window[:self.read_offset])
+        full = decode(self.window)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             delta = full[len(prefix):]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self.window = self.window[self.read_offset:]      # the emitted tail becomes the next context
+            self.read_offset = len(self.window)
             self.text += delta
             return delta
         return ""

@@ -31,7 +31,7 @@ from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .outputs import CompletionOutput, RequestOutput
 from .request import Request
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
 
@@ -55,14 +55,16 @@ class EngineStats:
 
 @dataclass
 class _Group:
-    """A user request: its n sequences and their output processors."""
+    """A user request: its n sequences (each owns its token ids) and their output processors (each
+    owns its text). ``sent[i]``: output tokens of sequence i already returned (DELTA outputs)."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
+    params: SamplingParams
     seqs: list[Request]
     procs: list[OutputProcessor]
-    texts: list[str]
+    sent: list[int]
 
 
 class LLMEngine:
@@ -77,41 +79,41 @@ class LLMEngine:
         self._seq_group: dict[str, _Group] = {}
 
     # ------------------------------------------------------------ requests in
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError (with the reason) when the request could never be served."""
+    def _check_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError (with the reason) for a prompt no model could run; the KV and context
+        limits are the scheduler's check (`Scheduler.check_fits`), made when the request is queued."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.model.config.vocab_size
         bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        self.scheduler.check_fits(self._make_seq("check", prompt_token_ids, params, 0, make_gen=False))
 
-    def _make_seq(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, index: int,
-                  make_gen: bool = True) -> Request:
+    def _make_seq(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, index: int) -> Request:
         max_len = self.config.max_model_len
         max_tokens = params.max_tokens or max(max_len - len(prompt_ids), 1)
         if params.max_tokens is None and len(prompt_ids) >= max_len:
             max_tokens = max_len - len(prompt_ids) + 1      # over the context: check_fits refuses it
         gen = None
-        if make_gen and not params.greedy:
+        if not params.greedy:
             gen = make_generator(sequence_seed(params.seed, index), self.model.device)
         return Request(seq_id, list(prompt_ids), params, gen, max_tokens=max_tokens)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     prompt: str | None = None) -> None:
-        """Queue a request (``params.n`` sequences); ValueError if it can never be served."""
+        """Queue a request (``params.n`` sequences); ValueError, and nothing queued, if it can never
+        be served. This is the request's one validation."""
         params = params or SamplingParams()
         request_id = str(request_id)
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        self.check_request(prompt_token_ids, params)
+        self._check_prompt(prompt_token_ids)
         seqs = [self._make_seq(f"{request_id}#{i}", prompt_token_ids, params, i) for i in range(params.n)]
+        self.scheduler.add(*seqs)                   # the context and KV-pool limits, checked once
         procs = [OutputProcessor(self.tokenizer, params, len(prompt_token_ids), self.config.max_model_len)
                  for _ in seqs]
-        group = _Group(request_id, prompt, list(prompt_token_ids), seqs, procs, [""] * len(seqs))
+        group = _Group(request_id, prompt, list(prompt_token_ids), params, seqs, procs, [0] * len(seqs))
         for s in seqs:
-            self.scheduler.add(s)
             self._seq_group[s.request_id] = group
         self._groups[request_id] = group
 
@@ -160,7 +162,6 @@ class LLMEngine:
                 req.output_token_ids.append(token)
                 generated += 1
                 event = group.procs[i].append(token)
-                group.texts[i] += event.text_delta
                 if event.finish_reason is not None:
                     self.scheduler.finish(req, event.finish_reason)
                     if spec is not None:
@@ -172,12 +173,15 @@ class LLMEngine:
                     self.scheduler.rollback_speculative(s, len(tokens) - 1)
             touched[group.request_id] = group
         self._count(sched, generated)
-        outs = [self._output(g) for g in touched.values()]
-        for o in outs:
-            if o.finished:
-                g = self._groups.pop(o.request_id)
+        outs = []
+        for g in touched.values():
+            finished = all(s.is_finished for s in g.seqs)
+            if finished:
+                del self._groups[g.request_id]
                 for s in g.seqs:
                     self._seq_group.pop(s.request_id, None)
+            if finished or g.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outs.append(self._output(g, finished))
         return outs
 
     def _count(self, sched: SchedulerOutput, generated: int) -> None:
@@ -190,11 +194,16 @@ class LLMEngine:
         alloc = self.scheduler.allocator
         st.max_kv_usage = max(st.max_kv_usage, alloc.num_used / alloc.num_blocks)
 
-    def _output(self, g: _Group) -> RequestOutput:
-        outs = [CompletionOutput(i, g.texts[i], list(s.output_token_ids), p.finish_reason, p.stop_reason)
-                for i, (s, p) in enumerate(zip(g.seqs, g.procs))]
-        return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, outs,
-                             finished=all(s.is_finished for s in g.seqs))
+    def _output(self, g: _Group, finished: bool) -> RequestOutput:
+        """The request's output as ``params.output_kind`` asks: whole so far, or only what is new."""
+        outs = []
+        for i, (s, p) in enumerate(zip(g.seqs, g.procs)):
+            if g.params.output_kind is RequestOutputKind.DELTA:
+                text, ids, g.sent[i] = p.take_delta(), s.output_token_ids[g.sent[i]:], len(s.output_token_ids)
+            else:
+                text, ids = p.text, list(s.output_token_ids)
+            outs.append(CompletionOutput(i, text, ids, p.finish_reason, p.stop_reason))
+        return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, outs, finished=finished)
 
     @property
     def kv_usage(self) -> float:

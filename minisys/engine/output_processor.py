@@ -28,31 +28,50 @@ class StepEvent:
 
 
 class OutputProcessor:
+    """One sequence's output side: it owns the text (the token ids stay in the sequence's record).
+
+    Invariant: the deltas returned by `append` (and collected by `take_delta`)
+    add up to `text`, and, once finished, to the final text.
+    """
+
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, num_prompt_tokens: int,
                  max_model_len: int) -> None:
         self.params, self.tokenizer = params, tokenizer
         self.num_prompt_tokens, self.max_model_len = num_prompt_tokens, max_model_len
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
-        self.token_ids: list[int] = []
+        self.num_tokens = 0       # output tokens seen
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
         self.emitted = 0          # characters of detok.text already streamed
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.text = ""            # final text once finished
+        self.final_text: str | None = None   # set once finished (cut at a stop string)
+        self._pending = ""        # released text not yet collected by `take_delta`
+
+    @property
+    def text(self) -> str:
+        """The text released so far (the whole output once finished)."""
+        return self.final_text if self.final_text is not None else self.detok.text[:self.emitted]
+
+    def take_delta(self) -> str:
+        """The text released since the last call (the streaming side's one copy of each delta)."""
+        out, self._pending = self._pending, ""
+        return out
 
     def append(self, token_id: int) -> StepEvent:
         if self.finish_reason is not None:
             raise RuntimeError("append() after the output finished")
-        self.token_ids.append(token_id)
+        self.num_tokens += 1
         delta = self.detok.push(token_id)
-        d = check_stop(self.token_ids, self.detok.text, len(delta), self.params,
+        d = check_stop(token_id, self.num_tokens, self.detok.text, len(delta), self.params,
                        self.tokenizer.eos_token_ids, self.max_model_len, self.num_prompt_tokens)
         if d.finish_reason is not None:
-            self.finish_reason, self.stop_reason, self.text = d.finish_reason, d.stop_reason, d.text or ""
-            out = self.text[self.emitted:]
-            self.emitted = len(self.text)
+            self.finish_reason, self.stop_reason, self.final_text = d.finish_reason, d.stop_reason, d.text or ""
+            out = self.final_text[self.emitted:]
+            self.emitted = len(self.final_text)
+            self._pending += out
             return StepEvent(token_id, out, d.finish_reason, d.stop_reason)
         safe = max(self.emitted, len(self.detok.text) - self.holdback)
         out = self.detok.text[self.emitted:safe]
         self.emitted = safe
+        self._pending += out
         return StepEvent(token_id, out)

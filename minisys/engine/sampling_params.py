@@ -1,8 +1,22 @@
 """`SamplingParams`: how to pick tokens and when to stop, in vLLM's shape."""
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.Enum):
+    """What each `RequestOutput` of a running request carries (vLLM's names).
+
+    CUMULATIVE: every sequence's whole text and token ids so far; DELTA: only
+    what is new since the previous output (what a streaming server sends);
+    FINAL_ONLY: one output, when the request finishes (what `LLM.generate` needs).
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -30,6 +44,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,6 +71,8 @@ class SamplingParams:
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:

@@ -150,14 +150,19 @@ class Scheduler:
             raise ValueError(f"request {req.request_id!r} may need a prefill of {worst - 1} tokens, over "
                              f"max_num_batched_tokens ({self.config.max_num_batched_tokens})")
 
-    def add(self, req: Request) -> None:
-        """Queue a new WAITING request (after `check_fits`)."""
-        if req.status is not RequestStatus.WAITING or req.num_computed_tokens:
-            raise ValueError(f"request {req.request_id!r} is {req.status.name}, not a new WAITING request")
-        self.check_fits(req)
-        req.arrival = self._arrivals
-        self._arrivals += 1
-        self.waiting.append(req)
+    def add(self, *reqs: Request) -> None:
+        """Queue new WAITING sequences of ONE user request (its ``n`` samples: same prompt, same
+        limits), checked once by `check_fits`; ValueError and nothing queued if they can never run."""
+        for req in reqs:
+            if req.status is not RequestStatus.WAITING or req.num_computed_tokens:
+                raise ValueError(f"request {req.request_id!r} is {req.status.name}, not a new WAITING request")
+        if len({(r.num_prompt_tokens, r.max_tokens) for r in reqs}) > 1:
+            raise ValueError("sequences added together must share their prompt length and max_tokens")
+        self.check_fits(reqs[0])
+        for req in reqs:
+            req.arrival = self._arrivals
+            self._arrivals += 1
+            self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -47,7 +47,6 @@ class StaticBatchGenerator:
         reqs = [Request(str(i), list(p), sp, None if sp.greedy else make_generator(sp.seed, self.model.device))
                 for i, (p, sp) in enumerate(zip(prompts, params))]
         procs = [OutputProcessor(self.tokenizer, sp, len(p), max_len) for p, sp in zip(prompts, params)]
-        texts = [""] * len(reqs)
         seq_ids = [r.request_id for r in reqs]
         for r in reqs:
             runner.add(r.request_id, r.prompt_token_ids)
@@ -56,7 +55,8 @@ class StaticBatchGenerator:
             self.steps += 1
             for i, (r, p, t) in enumerate(zip(reqs, procs, tokens)):
                 if p.finish_reason is None:
-                    texts[i] += p.append(t).text_delta
+                    r.output_token_ids.append(t)
+                    p.append(t)
                 else:
                     self.padded_tokens += 1
             if all(p.finish_reason is not None for p in procs):
@@ -65,5 +65,5 @@ class StaticBatchGenerator:
                 runner.append(r.request_id, t)
         for r in reqs:
             runner.free(r.request_id)
-        return [CompletionOutput(0, texts[i], p.token_ids, p.finish_reason, p.stop_reason)
-                for i, p in enumerate(procs)]
+        return [CompletionOutput(0, p.text, r.output_token_ids, p.finish_reason, p.stop_reason)
+                for r, p in zip(reqs, procs)]

@@ -13,17 +13,16 @@ class StopDecision:
     text: str | None = None               # the output text, cut at a stop string
 
 
-def check_stop(token_ids: list[int], text: str, new_text_len: int, params: SamplingParams,
+def check_stop(last: int, num_output_tokens: int, text: str, new_text_len: int, params: SamplingParams,
                eos_token_ids: tuple[int, ...], max_total_tokens: int | None = None,
                num_prompt_tokens: int = 0) -> StopDecision:
-    """Check the stop conditions after appending the newest token.
+    """Check the stop conditions after appending the newest token ``last`` (the ``num_output_tokens``-th).
 
     `text` is the output text so far and `new_text_len` how many of its last
     characters arrived with this token; a stop string can only end inside
     those, so we search just the tail (a stop string spanning tokens is found
     because we search from up to len(stop) - 1 characters before the new text).
     """
-    last = token_ids[-1]
     if not params.ignore_eos and last in eos_token_ids:
         return StopDecision("stop", last if last in params.stop_token_ids else None, text)
     if last in params.stop_token_ids:
@@ -34,8 +33,8 @@ def check_stop(token_ids: list[int], text: str, new_text_len: int, params: Sampl
         if idx != -1:
             end = idx + len(s) if params.include_stop_str_in_output else idx
             return StopDecision("stop", s, text[:end])
-    if params.max_tokens is not None and len(token_ids) >= params.max_tokens:
+    if params.max_tokens is not None and num_output_tokens >= params.max_tokens:
         return StopDecision("length", None, text)
-    if max_total_tokens is not None and num_prompt_tokens + len(token_ids) >= max_total_tokens:
+    if max_total_tokens is not None and num_prompt_tokens + num_output_tokens >= max_total_tokens:
         return StopDecision("length", None, text)
     return StopDecision()

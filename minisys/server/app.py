@@ -52,7 +52,7 @@ class _Choice:
 
 @dataclass
 class _Tracker:
-    """Per-request bookkeeping: each choice's text so far (for deltas), usage, and the latency metrics.
+    """Per-request bookkeeping: each choice's text so far (the non-streamed body), usage, latency metrics.
 
     Choice ``index = prompt_index * n + choice_index`` (as vLLM numbers batched prompts).
     """
@@ -77,12 +77,12 @@ class _Tracker:
             ch = self.choices[idx]
             if ch.finish_reason is not None:
                 continue
-            delta = c.text[len(ch.text):]
-            new_tokens += len(c.token_ids) - ch.num_tokens
-            ch.text, ch.num_tokens = c.text, len(c.token_ids)
+            new_tokens += len(c.token_ids)                     # outputs are deltas (RequestOutputKind.DELTA)
+            ch.text += c.text
+            ch.num_tokens += len(c.token_ids)
             ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
-            if delta or ch.finish_reason is not None:
-                events.append((idx, delta, ch))
+            if c.text or ch.finish_reason is not None:
+                events.append((idx, c.text, ch))
         self._observe(new_tokens)
         return events
 

@@ -38,12 +38,13 @@ class EngineDeadError(RuntimeError):
 
 
 class OutputSlot:
-    """A one-item mailbox that keeps only the newest output (or an error).
+    """A one-item mailbox: unread outputs are merged into one (or replaced by an error).
 
-    Outputs are cumulative (each carries every choice's whole text and token
-    ids so far), so replacing an unread output by a newer one loses nothing:
-    a client that reads slowly gets bigger deltas, not an ever-growing queue
-    (backpressure without unbounded memory). An error replaces anything unread.
+    Outputs are deltas (``RequestOutputKind.DELTA``: each carries only the new
+    text and token ids), so a newer output is *added* to an unread one
+    (`RequestOutput.add`): a client that reads slowly gets bigger deltas, not
+    an ever-growing queue (backpressure without unbounded memory), and nothing
+    is lost. An error replaces anything unread.
     """
 
     def __init__(self) -> None:
@@ -51,7 +52,9 @@ class OutputSlot:
         self._ready = asyncio.Event()
 
     def put_nowait(self, item: RequestOutput | BaseException) -> None:
-        if not isinstance(self._item, BaseException):
+        if isinstance(self._item, RequestOutput) and isinstance(item, RequestOutput):
+            self._item = self._item.add(item)
+        elif not isinstance(self._item, BaseException):
             self._item = item
         self._ready.set()
 
@@ -254,19 +257,15 @@ class AsyncEagerEngine(_AsyncEngineBase):
                 self._current = None
 
     async def _serve(self, rid: str, ids: list[int], params: SamplingParams, prompt: str | None) -> None:
-        outs = [CompletionOutput(i, "", []) for i in range(params.n)]
         for i in range(params.n):
             it = self.runner.stream(ids, params, i)      # sequence i: its own seeded generator
             while True:
                 if rid not in self._queues:               # aborted: stop before the next forward
                     return
                 ev = await self._call(next, it)
-                o = outs[i]
-                outs[i] = CompletionOutput(i, o.text + ev.text_delta, o.token_ids + [ev.token_id],
-                                           ev.finish_reason, ev.stop_reason)
                 done = ev.finish_reason is not None
-                self._deliver(RequestOutput(rid, prompt, ids, [CompletionOutput(**vars(c)) for c in outs],
-                                            finished=done and i == params.n - 1))
+                delta = CompletionOutput(i, ev.text_delta, [ev.token_id], ev.finish_reason, ev.stop_reason)
+                self._deliver(RequestOutput(rid, prompt, ids, [delta], finished=done and i == params.n - 1))
                 if done:
                     break
 

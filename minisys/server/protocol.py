@@ -15,7 +15,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import RequestOutputKind, SamplingParams
 
 MAX_N = 128     # choices per request: more would let one request fill the whole batch many times over
 
@@ -72,7 +72,8 @@ class _SamplingRequest(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=self.seed,
             max_tokens=self._max_tokens(), stop=self.stop, stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens,
+            output_kind=RequestOutputKind.DELTA)        # the server streams what is new, once
 
 
 PromptInput = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
