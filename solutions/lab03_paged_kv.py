@@ -290,7 +290,7 @@ print(f"decode step, batch {t.batch}, mean context {t.mean_context:.0f}: "
 # %% tags=["benchmark"]
 from minisys.attention.paged import PagedAttention
 from minisys.engine.eager import greedy_generate
-from minisys.kv.paged_runner import PagedRunner
+from minisys.engine.paged_runner import PagedRunner
 from minisys.model import load
 
 model, tokenizer = load(device="cpu", quiet=True)

@@ -16,7 +16,7 @@ from minisys.engine.eager import greedy_generate, next_token_logits
 from minisys.kv import ContiguousKVCache
 from minisys.kv.block_allocator import BlockAllocator
 from minisys.kv.paged import PagedKVCache, block_table_tensor, context_slots
-from minisys.kv.paged_runner import PagedRunner
+from minisys.engine.paged_runner import PagedRunner
 from minisys.model import LlamaModel, ModelConfig
 
 TINY = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,

@@ -14,12 +14,12 @@ baseline slightly kinder than a padded implementation.)
 """
 from __future__ import annotations
 
-from ..kv.paged_runner import PagedRunner
 from ..model.llama import LlamaModel
 from ..model.tokenizer import Tokenizer
 from .model_runner import sample_rows
 from .output_processor import OutputProcessor
 from .outputs import CompletionOutput
+from .paged_runner import PagedRunner
 from .request import Request
 from .sampler import make_generator
 from .sampling_params import SamplingParams

@@ -8,7 +8,7 @@ this module only moves tensors.
 
 The model calls ``update(layer, k, v, meta)`` as with any `KVCache`. The step's
 `AttentionMetadata` carries two extra tensors (built by
-`minisys.kv.paged_runner.PagedRunner`, later by the engine's scheduler):
+`minisys.engine.paged_runner.PagedRunner`, later by the engine's scheduler):
 
 - ``slot_mapping`` (T,): the slot each new token's K/V is written to;
 - ``block_tables`` (B, max_blocks): each sequence's block ids, padded with 0.
@@ -65,7 +65,7 @@ class PagedKVCache(KVCache):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         if meta.slot_mapping is None or meta.block_tables is None:
             raise ValueError("a paged KV cache needs meta.slot_mapping and meta.block_tables "
-                             "(build the step with minisys.kv.paged_runner.PagedRunner)")
+                             "(build the step with minisys.engine.paged_runner.PagedRunner)")
         k_flat = self.k[layer].view(self.num_slots, *self.k.shape[-2:])     # (slots, Hkv, D), a view
         v_flat = self.v[layer].view(self.num_slots, *self.v.shape[-2:])
         slots = meta.slot_mapping.to(k_flat.device)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from ..attention.base import AttentionMetadata
+from ..kv.block_allocator import Allocation, BlockAllocator
+from ..kv.paged import PagedKVCache, block_table_tensor
 from ..model.llama import LlamaModel
-from .block_allocator import Allocation, BlockAllocator
-from .paged import PagedKVCache, block_table_tensor
 
 
 class PagedRunner:
