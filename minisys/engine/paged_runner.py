@@ -30,8 +30,7 @@ class PagedRunner:
                  enable_prefix_caching: bool = True, seed: int | None = None, fill: str = "zeros") -> None:
         self.model = model
         self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching, seed)
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device, fill,
-                                  return_pools=getattr(model.attention, "reads_block_tables", False))
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device, fill)
         self.num_computed: dict[object, int] = {}
 
     def add(self, seq_id, prompt_ids: list[int]) -> Allocation:
