@@ -181,7 +181,7 @@ print("after free: free blocks", alloc.num_free)
 # `k_pool` of shape `(num_blocks, block_size, Hkv, D)`, a block table and the
 # number of tokens, return the `(num_tokens, Hkv, D)` keys of the sequence —
 # without a Python loop over tokens (index the pool with the table, reshape, cut).
-# minisys's `PagedKVCache` does this for a whole batch (`minisys/kv/paged.py`),
+# minisys's `PagedKV.gather` does this for a whole batch (`minisys/attention/views.py`),
 # and `minisys/attention/paged.py` folds the gather into batched attention.
 
 # %%
