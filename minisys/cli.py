@@ -1,5 +1,9 @@
 """Command-line entry points: generate, chat, serve, grade, labs, bench.
 
+``generate`` and ``chat`` stream one conversation on the eager path
+(``LLM(engine="eager")``: a contiguous KV cache sized to the request);
+``serve`` runs the engine (continuous batching over a paged KV cache).
+
     python -m minisys generate "What is the capital of France?"
     python -m minisys chat
     python -m minisys grade labs/01-tokens-to-text.ipynb [--results results.json]
@@ -18,7 +22,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    "or SmolLM2-135M-Instruct from the package cache)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attention", default="auto", help="attention backend (auto, reference, sdpa, ...)")
+    p.add_argument("--attention", default="auto",
+                   help="attention backend (auto, reference, sdpa, tiled, decode, decode-splitk, paged)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
 
 
@@ -32,9 +37,11 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def _llm(args):
+    """An `LLM` on the eager path: `generate` and `chat` stream one conversation token by token,
+    so they need no engine (and no paged KV pool sized for many requests)."""
     from .llm import LLM
     return LLM(args.model, device=args.device, dtype=args.dtype, attention_backend=args.attention,
-               use_kv_cache=not args.no_kv_cache)
+               use_kv_cache=not args.no_kv_cache, engine="eager")
 
 
 def _params(args):

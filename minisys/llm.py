@@ -11,7 +11,9 @@ lesson 04): every request is added, the engine steps until all are done, and
 the outputs come back in input order. ``LLM(engine="eager")`` runs the same
 API one request at a time on the eager baseline (later lessons compare the
 two behind one API); ``engine_config=EngineConfig(...)`` sets the engine's
-limits (KV blocks, max_num_seqs, ...).
+limits (KV blocks, max_num_seqs, ...). ``attention_backend`` goes to the
+model as given; the default ``"auto"`` reads the engine's paged cache through
+its block tables and picks per call for packed K/V (`minisys.attention.auto`).
 """
 from __future__ import annotations
 
@@ -43,8 +45,6 @@ class LLM:
                      "float16": torch.float16}.get(dtype) or _bad_dtype(dtype)
         if engine not in ("llm", "eager"):
             raise ValueError(f"engine must be 'llm' (continuous batching) or 'eager', got {engine!r}")
-        if engine == "llm" and attention_backend == "auto":
-            attention_backend = "paged"      # reads K/V through block tables; sdpa for packed K/V
         self.model, self.tokenizer = load(model, device, dtype, attention_backend, quiet=quiet)
         self.runner = EagerGenerator(self.model, self.tokenizer, use_kv_cache=use_kv_cache)
         self.engine_kind = engine

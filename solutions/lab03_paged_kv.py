@@ -181,7 +181,7 @@ print("after free: free blocks", alloc.num_free)
 # `k_pool` of shape `(num_blocks, block_size, Hkv, D)`, a block table and the
 # number of tokens, return the `(num_tokens, Hkv, D)` keys of the sequence —
 # without a Python loop over tokens (index the pool with the table, reshape, cut).
-# minisys's `PagedKVCache` does this for a whole batch (`minisys/kv/paged.py`),
+# minisys's `PagedKV.gather` does this for a whole batch (`minisys/attention/views.py`),
 # and `minisys/attention/paged.py` folds the gather into batched attention.
 
 # %%
@@ -290,7 +290,7 @@ print(f"decode step, batch {t.batch}, mean context {t.mean_context:.0f}: "
 # %% tags=["benchmark"]
 from minisys.attention.paged import PagedAttention
 from minisys.engine.eager import greedy_generate
-from minisys.kv.paged_runner import PagedRunner
+from minisys.engine.paged_runner import PagedRunner
 from minisys.model import load
 
 model, tokenizer = load(device="cpu", quiet=True)

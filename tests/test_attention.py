@@ -76,9 +76,9 @@ def _backend(name, data):
 @given(batch=packed_batches(), data=st.data())
 def test_backend_equals_reference(name, batch, data):
     q, k, v, meta = batch
-    out = _backend(name, data)(q, k, v, meta)
+    out = _backend(name, data).forward_packed(q, k, v, meta)
     assert out.shape == q.shape and out.dtype == q.dtype
-    torch.testing.assert_close(out, REFERENCE(q, k, v, meta), **TOL[q.dtype])
+    torch.testing.assert_close(out, REFERENCE.forward_packed(q, k, v, meta), **TOL[q.dtype])
 
 
 @pytest.mark.parametrize("name", ["decode", "decode-splitk"])
@@ -96,7 +96,7 @@ def test_decode_backends_on_decode_only_long_context(name, data):
     k, v = torch.randn(2, S, num_kv_heads, 64, generator=g).unbind(0)
     backend = _backend(name, data) if name == "decode-splitk" and data.draw(st.booleans()) \
         else BACKENDS[name]()
-    torch.testing.assert_close(backend(q, k, v, meta), REFERENCE(q, k, v, meta), **TOL[torch.float32])
+    torch.testing.assert_close(backend.forward_packed(q, k, v, meta), REFERENCE.forward_packed(q, k, v, meta), **TOL[torch.float32])
 
 
 # ------------------------------------------------------------- the pure pieces
@@ -141,9 +141,9 @@ def test_tiled_never_allocates_a_t_by_t_tensor():
     meta = AttentionMetadata(seqlens_q=[T], context_lens=[0])
     q, k, v = torch.randn(T, 3, 16), torch.randn(T, 1, 16), torch.randn(T, 1, 16)
     with AllocationTracker() as ref_mem:
-        REFERENCE(q, k, v, meta)
+        REFERENCE.forward_packed(q, k, v, meta)
     with AllocationTracker() as tiled_mem:
-        TiledAttention()(q, k, v, meta)
+        TiledAttention().forward_packed(q, k, v, meta)
     assert ref_mem.largest_numel >= T * T, "the tracker should see the reference's score matrix"
     assert tiled_mem.largest_numel < T * T // 16, tiled_mem.largest_shape
     assert tiled_mem.peak_bytes < ref_mem.peak_bytes / 10

@@ -97,8 +97,8 @@ def test_reference_and_sdpa_agree_with_gqa_and_context():
     q = torch.randn(7, 6, 16)
     k, v = torch.randn(2, 17, 2, 16).unbind(0)
     meta = AttentionMetadata(seqlens_q=[4, 1, 2], context_lens=[3, 6, 1])
-    ref = get_backend("reference")(q, k, v, meta)
-    torch.testing.assert_close(get_backend("sdpa")(q, k, v, meta), ref, atol=1e-5, rtol=1e-5)
+    ref = get_backend("reference").forward_packed(q, k, v, meta)
+    torch.testing.assert_close(get_backend("sdpa").forward_packed(q, k, v, meta), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_backend("nope")
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minisys.attention import AttentionMetadata, get_backend
+from minisys.attention import AttentionMetadata, PackedKV, PagedKV, get_backend
 from minisys.attention.paged import PagedAttention
 from minisys.attention.reference import ReferenceAttention
 from minisys.engine.eager import greedy_generate, next_token_logits
 from minisys.kv import ContiguousKVCache
 from minisys.kv.block_allocator import BlockAllocator
 from minisys.kv.paged import PagedKVCache, block_table_tensor, context_slots
-from minisys.kv.paged_runner import PagedRunner
+from minisys.engine.paged_runner import PagedRunner
 from minisys.model import LlamaModel, ModelConfig
 
 TINY = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -60,15 +60,44 @@ def _garbage_pool_batch(seqlens_q, context_lens, bs=4, num_blocks=40, hq=6, hkv=
     ([1, 4, 6, 2], [9, 0, 3, 13]),      # mixed: decode, prefill, chunked prefills
 ])
 def test_paged_attention_matches_reference(seqlens_q, context_lens):
+    """The block-table read and the naive gather path, against the reference on packed K/V."""
     q, k_pool, v_pool, k, v, meta = _garbage_pool_batch(seqlens_q, context_lens)
-    expected = ReferenceAttention()(q, k, v, meta)
-    got = PagedAttention()(q, k_pool, v_pool, meta)
+    expected = ReferenceAttention().forward_packed(q, k, v, meta)
+    got = PagedAttention().forward_paged(q, k_pool, v_pool, meta)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     idx = context_slots(meta.block_tables, meta.seqlens_k, k_pool.shape[1])
     assert torch.equal(k_pool.view(-1, *k_pool.shape[2:])[idx], k)      # the gather path
+    gathered = PagedKV(k_pool, v_pool).gather(meta)
+    assert torch.equal(gathered.k, k) and torch.equal(gathered.v, v)
+    via_gather = ReferenceAttention().forward_paged(q, k_pool, v_pool, meta)   # default: gather, then packed
+    torch.testing.assert_close(via_gather, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, via_gather, atol=1e-4, rtol=1e-4)
+    auto = get_backend("auto").forward_paged(q, k_pool, v_pool, meta)         # auto: the block-table read
+    torch.testing.assert_close(auto, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_cache_update_writes_slots_and_gathers_context():
+def test_views_call_the_backend_method_of_their_kind():
+    """PackedKV -> forward_packed, PagedKV -> forward_paged: named methods, no capability flags."""
+    calls = []
+
+    class Spy(ReferenceAttention):
+        def forward_packed(self, q, k, v, meta):
+            calls.append("packed")
+            return super().forward_packed(q, k, v, meta)
+
+        def forward_paged(self, q, k_pool, v_pool, meta):
+            calls.append("paged")
+            return super().forward_paged(q, k_pool, v_pool, meta)
+
+    q, k_pool, v_pool, k, v, meta = _garbage_pool_batch([2, 1], [3, 4])
+    PackedKV(k, v).attend(Spy(), q, meta)
+    assert calls == ["packed"]
+    calls.clear()
+    PagedKV(k_pool, v_pool).attend(Spy(), q, meta)
+    assert calls == ["paged", "packed"]                 # the default paged read gathers, then runs packed
+
+
+def test_cache_write_then_read_gathers_context():
     cache = PagedKVCache(TINY, num_blocks=10, block_size=4, fill="garbage")
     alloc = BlockAllocator(10, 4, seed=3)
     t = alloc.allocate("s", list(range(6))).table
@@ -76,16 +105,36 @@ def test_cache_update_writes_slots_and_gathers_context():
     v = torch.randn(6, 2, 16)
     meta = AttentionMetadata(seqlens_q=[6], context_lens=[0], slot_mapping=torch.tensor(t.slots(0, 6)),
                              block_tables=block_table_tensor([t.block_ids]))
-    kc, vc = cache.update(1, k, v, meta)
+    cache.write(1, k, v, meta)
+    view = cache.read(1, meta)
+    assert isinstance(view, PagedKV) and view.k_pool.data_ptr() == cache.k[1].data_ptr()   # the pool, no copy
+    kc, vc = view.gather(meta).k, view.gather(meta).v
     assert torch.equal(kc, k) and torch.equal(vc, v)
     alloc.append_slot("s", 6)
     k1, v1 = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
     meta = AttentionMetadata(seqlens_q=[1], context_lens=[6], slot_mapping=torch.tensor(t.slots(6, 7)),
                              block_tables=block_table_tensor([t.block_ids]))
-    kc, _ = cache.update(1, k1, v1, meta)
+    cache.write(1, k1, v1, meta)
+    kc = cache.read(1, meta).gather(meta).k
     assert torch.equal(kc, torch.cat([k, k1]))
     with pytest.raises(ValueError, match="slot_mapping"):
-        cache.update(0, k, v, AttentionMetadata(seqlens_q=[6], context_lens=[0]))
+        cache.write(0, k, v, AttentionMetadata(seqlens_q=[6], context_lens=[0]))
+    with pytest.raises(ValueError, match="block_tables"):
+        cache.read(0, AttentionMetadata(seqlens_q=[6], context_lens=[0]))
+
+
+def test_contiguous_cache_write_then_read_packs_every_sequence():
+    cache = ContiguousKVCache(TINY, max_len=12, max_batch=2)
+    k, v = torch.randn(2, 7, 2, 16).unbind(0)
+    meta = AttentionMetadata(seqlens_q=[4, 3], context_lens=[0, 0])
+    cache.write(0, k, v, meta)
+    k1, v1 = torch.randn(2, 2, 2, 16).unbind(0)
+    meta = AttentionMetadata(seqlens_q=[1, 1], context_lens=[4, 3])
+    cache.write(0, k1, v1, meta)
+    view = cache.read(0, meta)
+    assert isinstance(view, PackedKV)
+    assert torch.equal(view.k, torch.cat([k[:4], k1[:1], k[4:], k1[1:]]))       # (S, Hkv, D), cu_seqlens_k order
+    assert torch.equal(view.v, torch.cat([v[:4], v1[:1], v[4:], v1[1:]]))
 
 
 def _contiguous_logits(model, seqs, steps):
@@ -101,16 +150,22 @@ def _contiguous_logits(model, seqs, steps):
     return out
 
 
-@pytest.mark.parametrize("backend", ["paged", "sdpa", "reference"])
-def test_tiny_model_batched_paged_equals_contiguous(backend):
-    """A batch of sequences prefilled together, then decoded together, on a garbage pool."""
+@pytest.mark.parametrize("backend", ["paged", "auto", "sdpa", "reference"])
+def test_tiny_model_batched_paged_equals_contiguous(backend, monkeypatch):
+    """A batch of sequences prefilled together, then decoded together, on a garbage pool.
+
+    ``paged`` (and ``auto``, on pools) reads through the block tables; ``sdpa``
+    and ``reference`` take the gather path.
+    """
+    gathers = []
+    real_gather = PagedKV.gather
+    monkeypatch.setattr(PagedKV, "gather", lambda self, meta: gathers.append(1) or real_gather(self, meta))
     model = tiny_model(backend)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 11, 1, 8)]
     extra = [torch.randint(0, 300, (6,), generator=g).tolist() for _ in prompts]
     want = _contiguous_logits(tiny_model("reference"), prompts, extra)
     runner = PagedRunner(model, num_blocks=30, block_size=4, seed=7, fill="garbage")
-    assert runner.cache.return_pools == (backend == "paged")
     ids = list(range(len(prompts)))
     for i, p in zip(ids, prompts):
         runner.add(i, p)
@@ -123,6 +178,7 @@ def test_tiny_model_batched_paged_equals_contiguous(backend):
     got = torch.stack(rows, 1)                              # (B, steps, V)
     for i in ids:
         torch.testing.assert_close(got[i], want[i], atol=1e-4, rtol=1e-4)
+    assert (len(gathers) > 0) == (backend not in ("paged", "auto"))     # which read path ran
 
 
 def test_fork_copy_on_write_through_the_model():

@@ -1,19 +1,25 @@
-"""``auto``: the fastest correct backend for the tensors at hand, decided per call.
+"""``auto``: the fastest correct backend for the K/V at hand, decided per call.
 
-The rule, from ``python -m minisys bench attention`` and an A/B of whole-model
-decode steps on the course's 2-core CPU (lesson 02, section 7):
+The rule, stated once (the package docstring and `get_backend` point here).
+It follows ``python -m minisys bench attention``, ``python -m minisys bench
+paged-kv`` and an A/B of whole-model decode steps on the course's 2-core
+CPU (lessons 02 and 03):
 
-* fp32 on CPU -> `DecodeAttention`: its one-token path is a strided
-  matrix-vector product per KV head, with no copy of the cache, and was 1.3-5x
-  faster than SDPA's decode (which repeats every KV head G times first);
-  sequences with more than one new token go to SDPA, so prefills cost the same.
-* anything else (CUDA, bf16/fp16) -> `SDPAAttention`: torch's fused
-  flash / memory-efficient kernels. The decode path computes in fp32 and would
-  upcast a bf16 cache on every step; not measured on a GPU here.
+* **paged K/V** (the cache hands its block pools: the engine, `PagedRunner`)
+  -> `PagedAttention`: it reads the blocks through the block tables, batching
+  the decode sequences, instead of first copying every context out of the pool.
+* **packed K/V, fp32 on CPU** -> `DecodeAttention`: its one-token path is a
+  strided matrix-vector product per KV head, with no copy of the cache, and
+  was 1.3-5x faster than SDPA's decode (which repeats every KV head G times
+  first); sequences with more than one new token go to SDPA, so prefills
+  cost the same.
+* **packed K/V, anything else** (CUDA, bf16/fp16) -> `SDPAAttention`: torch's
+  fused flash / memory-efficient kernels. The decode path computes in fp32
+  and would upcast a bf16 cache on every step; not measured on a GPU here.
 
-The choice is made from ``q.device`` and ``q.dtype`` at call time, because the
-model builds its backend before its weights reach their device (the loader
-constructs it on the meta device).
+The packed choice is made from ``q.device`` and ``q.dtype`` at call time,
+because the model builds its backend before its weights reach their device
+(the loader constructs it on the meta device).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch
 
 from .base import AttentionBackend, AttentionMetadata
 from .decode import DecodeAttention
+from .paged import PagedAttention
 from .sdpa import SDPAAttention
 
 
@@ -30,12 +37,16 @@ class AutoAttention(AttentionBackend):
     def __init__(self) -> None:
         self.sdpa = SDPAAttention()
         self.decode = DecodeAttention(prefill=self.sdpa)
+        self.paged = PagedAttention()
 
     def pick(self, q: torch.Tensor) -> AttentionBackend:
-        """The backend ``auto`` uses for queries like ``q``."""
+        """The backend ``auto`` uses for packed K/V and queries like ``q``."""
         if q.device.type == "cpu" and q.dtype == torch.float32:
             return self.decode
         return self.sdpa
 
     def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         return self.pick(q).forward(q, k, v, meta)
+
+    def forward_paged(self, q, k_pool, v_pool, meta: AttentionMetadata) -> torch.Tensor:
+        return self.paged.forward_paged(q, k_pool, v_pool, meta)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .views import PagedKV
+
 
 @dataclass
 class AttentionMetadata:
@@ -86,17 +88,40 @@ class AttentionBackend(ABC):
     Shapes: q (T, Hq, D); k, v (S, Hkv, D) with Hq a multiple of Hkv
     (grouped-query attention: query head h reads KV head h // (Hq // Hkv));
     returns (T, Hq, D) in q's dtype.
+
+    Two named entry points, one per kind of KV view (`minisys.attention.views`):
+
+    * ``forward_packed(q, k, v, meta)``: K/V packed (S, Hkv, D). It checks the
+      shapes, then runs ``forward``, the one method a backend must write.
+    * ``forward_paged(q, k_pool, v_pool, meta)``: K/V in block pools
+      (num_blocks, block_size, Hkv, D) read through ``meta.block_tables``.
+      By default the naive gather path: copy the context out of the pools
+      (`PagedKV.gather`), then ``forward_packed``. `PagedAttention` overrides
+      it to read the blocks directly.
     """
 
     name: str = "abstract"
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor: ...
+                meta: AttentionMetadata) -> torch.Tensor:
+        """The backend's kernel on packed K/V; call it through `forward_packed`, which checks shapes."""
 
-    def __call__(self, q, k, v, meta):
+    def forward_packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       meta: AttentionMetadata) -> torch.Tensor:
+        """q (T, Hq, D); k, v (S, Hkv, D) packed as ``meta.cu_seqlens_k`` -> (T, Hq, D)."""
         _check_shapes(q, k, v, meta)
         return self.forward(q, k, v, meta)
+
+    def forward_paged(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        """q (T, Hq, D); k_pool, v_pool (num_blocks, block_size, Hkv, D) -> (T, Hq, D).
+
+        The gather path: each sequence's K/V copied out of its blocks into the
+        packed layout, then ``forward_packed``.
+        """
+        packed = PagedKV(k_pool, v_pool).gather(meta)                   # (S, Hkv, D)
+        return self.forward_packed(q, packed.k, packed.v, meta)
 
     @staticmethod
     def scale(head_dim: int) -> float:

@@ -94,7 +94,7 @@ class DecodeAttention(AttentionBackend):
                 out[cq[i]] = self.decode_one(qg, ki, vi).reshape(q.shape[1:]).to(q.dtype)
             else:
                 sub = AttentionMetadata(seqlens_q=[meta.seqlens_q[i]], context_lens=[meta.context_lens[i]])
-                out[cq[i]:cq[i + 1]] = self.prefill(qi, ki, vi, sub)
+                out[cq[i]:cq[i + 1]] = self.prefill.forward_packed(qi, ki, vi, sub)
         return out
 
     def decode_one(self, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

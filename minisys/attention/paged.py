@@ -1,9 +1,12 @@
 """Paged attention: read K/V straight out of the block pool through block tables.
 
-With a paged cache in ``return_pools`` mode (see `minisys.kv.paged`), the
-model hands this backend the layer's pools, k_pool / v_pool of shape
-(num_blocks, block_size, Hkv, D), instead of packed context K/V. A step mixes
-two kinds of sequences, and they are served differently:
+A paged cache (`minisys.kv.paged`) hands attention the layer's pools, a
+`PagedKV` view: k_pool / v_pool of shape (num_blocks, block_size, Hkv, D).
+Other backends copy each sequence's context out of them first (the gather
+path, `AttentionBackend.forward_paged`); this one overrides `forward_paged`
+to read the blocks through the block tables without building the packed
+(S, Hkv, D) copy. A step mixes two kinds of sequences, and they are served
+differently:
 
 * **decode** sequences (one new query each) are batched: gather each one's
   blocks, ``k_pool[block_tables]`` -> (B, nb, block_size, Hkv, D) -> (B, K, Hkv, D),
@@ -19,8 +22,8 @@ two kinds of sequences, and they are served differently:
 
 A GPU kernel (vLLM's PagedAttention) reads the blocks in place instead of
 gathering them; in plain torch the gather is the price of paging.
-Given packed K/V (a contiguous cache, no cache at all) this backend falls
-back to `SDPAAttention`, so it is a drop-in backend either way.
+Given packed K/V (a contiguous cache, no cache at all), ``forward_packed``
+runs `SDPAAttention`, so it is a drop-in backend either way.
 """
 from __future__ import annotations
 
@@ -34,23 +37,28 @@ GROUP_SIZE = 16
 
 
 class PagedAttention(AttentionBackend):
-    name = "paged"
-    reads_block_tables = True        # PagedKVCache returns its pools to this backend
+    """Paged K/V: read through the block tables (`paged_attention`); packed K/V: SDPA."""
 
-    def __call__(self, q, k, v, meta):
-        if k.dim() == 4:
-            if meta.block_tables is None:
-                raise ValueError("paged attention over a block pool needs meta.block_tables")
-            return paged_attention(q, k, v, meta)
-        return SDPAAttention()(q, k, v, meta)
+    name = "paged"
+
+    def __init__(self) -> None:
+        self.packed = SDPAAttention()
 
     def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        return self(q, k, v, meta)
+        return self.packed.forward(q, k, v, meta)
+
+    def forward_paged(self, q, k_pool, v_pool, meta: AttentionMetadata) -> torch.Tensor:
+        return paged_attention(q, k_pool, v_pool, meta)
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     meta: AttentionMetadata) -> torch.Tensor:
     """q (T, Hq, D); k_pool, v_pool (num_blocks, block_size, Hkv, D) -> (T, Hq, D)."""
+    if meta.block_tables is None:
+        raise ValueError("paged attention over a block pool needs meta.block_tables")
+    if q.dim() != 3 or k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"expected q (T,Hq,D), pools (num_blocks,block_size,Hkv,D); got "
+                         f"{tuple(q.shape)}, {tuple(k_pool.shape)}, {tuple(v_pool.shape)}")
     out = torch.empty_like(q)
     lens_k, cu_q = meta.seqlens_k, meta.cu_seqlens_q.tolist()
     bs = k_pool.shape[1]

@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
-from ..attention import BACKENDS, AttentionMetadata
+from ..attention import BACKENDS, AttentionBackend, AttentionMetadata
 from .common import median_time, quick_mode, save_result
 from .memory import AllocationTracker
 
@@ -38,7 +38,9 @@ QUICK_DECODE = [1024, 4096, 16384, 65536]
 FULL_DECODE = [1024, 4096, 16384, 65536, 262144]
 REFERENCE_MAX = 4096            # the reference's scores at T = 8192 are 2.4 GB per copy
 
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+# a backend (timed through its forward_packed), or any function of packed (q, k, v, meta)
+Attention = Union[AttentionBackend, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata],
+                                             torch.Tensor]]
 
 
 @dataclass
@@ -64,6 +66,8 @@ def make_inputs(seqlens_q: list[int], context_lens: list[int], dtype=torch.float
 
 def measure(phase: str, length: int, name: str, fn: Attention, inputs, repeats: int) -> Row:
     """Median time of fn(*inputs) (untracked), then one tracked call for memory."""
+    if isinstance(fn, AttentionBackend):
+        fn = fn.forward_packed
     seconds = median_time(lambda: fn(*inputs), repeats=repeats)
     with AllocationTracker() as mem:
         fn(*inputs)

@@ -16,7 +16,7 @@ It sees what goes through the dispatcher (all tensor ops, factories such as
 every op down: time code without it.
 
     with AllocationTracker() as mem:
-        out = backend(q, k, v, meta)
+        out = backend.forward_packed(q, k, v, meta)
     print(mem.peak_bytes, mem.largest_shape)
 """
 from __future__ import annotations

@@ -138,21 +138,21 @@ def decode_attention_times(requests: list[Request], block_size: int = 16, device
     meta_p = AttentionMetadata(seqlens_q=[1] * B, context_lens=ctx,
                                slot_mapping=torch.tensor([t.slot(c) for t, c in zip(tables, ctx)], device=device),
                                block_tables=block_table_tensor([t.block_ids for t in tables], device))
-    gather = PagedKVCache(cfg, num_blocks, block_size, dtype, device)
-    pools = PagedKVCache(cfg, num_blocks, block_size, dtype, device, return_pools=True)
+    pools = PagedKVCache(cfg, num_blocks, block_size, dtype, device)
     paged = PagedAttention()
 
     def run_contiguous():
-        kc, vc = contiguous.update(0, k, v, meta_c)
-        return sdpa(q, kc, vc, meta_c)
+        contiguous.write(0, k, v, meta_c)
+        return contiguous.read(0, meta_c).attend(sdpa, q, meta_c)      # sdpa.forward_packed
 
     def run_gather():
-        kc, vc = gather.update(0, k, v, meta_p)
-        return sdpa(q, kc, vc, meta_p)
+        pools.write(0, k, v, meta_p)
+        kv = pools.read(0, meta_p).gather(meta_p)                        # the packed (S, Hkv, D) copy
+        return sdpa.forward_packed(q, kv.k, kv.v, meta_p)
 
     def run_paged():
-        kp, vp = pools.update(0, k, v, meta_p)
-        return paged(q, kp, vp, meta_p)
+        pools.write(0, k, v, meta_p)
+        return pools.read(0, meta_p).attend(paged, q, meta_p)           # paged.forward_paged
 
     with torch.no_grad():
         times = interleaved_median_ms([run_contiguous, run_gather, run_paged], repeats)

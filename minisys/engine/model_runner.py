@@ -80,8 +80,7 @@ class ModelRunner:
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
         self.model = model
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device,
-                                  return_pools=getattr(model.attention, "reads_block_tables", False))
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, allocator: BlockAllocator) -> list[list[int]]:

@@ -14,11 +14,11 @@ baseline slightly kinder than a padded implementation.)
 """
 from __future__ import annotations
 
-from ..kv.paged_runner import PagedRunner
 from ..model.llama import LlamaModel
 from ..model.tokenizer import Tokenizer
 from .output_processor import OutputProcessor
 from .outputs import CompletionOutput
+from .paged_runner import PagedRunner
 from .request import Request
 from ..sampling import make_generator, sample_rows
 from .sampling_params import SamplingParams

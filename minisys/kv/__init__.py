@@ -1,7 +1,7 @@
 """KV caches: the interface, the contiguous cache (eager baseline), the paged cache (lesson 03).
 
 `BlockAllocator` (pure Python) decides which blocks a sequence owns;
-`PagedKVCache` holds the tensors; `minisys.kv.paged_runner.PagedRunner`
+`PagedKVCache` holds the tensors; `minisys.engine.paged_runner.PagedRunner`
 drives a model on them.
 """
 from .base import KVCache

@@ -6,16 +6,22 @@ or not. Lesson 03 measures how much of it holds real tokens, and replaces it
 with a paged cache.
 
 Layout: ``k[layer]`` and ``v[layer]`` are (max_batch, max_len, Hkv, D).
-Invariant: after `update` for sequence i, positions
-``[0, context_lens[i] + seqlens_q[i])`` of its slot hold valid keys/values.
+Invariant: after `write` for sequence i, positions
+``[0, context_lens[i] + seqlens_q[i])`` of its slot hold valid keys/values;
+`read` hands them back packed, a `PackedKV`.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..attention.base import AttentionMetadata
-from ..model.config import ModelConfig
+from ..attention.views import PackedKV
 from .base import KVCache
+
+if TYPE_CHECKING:                       # kv/ imports nothing from model/ at run time
+    from ..model.config import ModelConfig
 
 
 class ContiguousKVCache(KVCache):
@@ -32,16 +38,19 @@ class ContiguousKVCache(KVCache):
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def update(self, layer, k, v, meta: AttentionMetadata):
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        """k, v (T, Hkv, D): sequence i's rows go to positions ctx .. ctx + q_len - 1 of its slot."""
         cq = meta.cu_seqlens_q.tolist()
-        ks, vs = [], []
         for i, (slot, ctx, q_len) in enumerate(zip(meta.cache_slots, meta.context_lens, meta.seqlens_q)):
             if ctx + q_len > self.max_len:
                 raise ValueError(f"sequence needs {ctx + q_len} positions; the cache holds {self.max_len}")
             self.k[layer, slot, ctx:ctx + q_len] = k[cq[i]:cq[i + 1]]
             self.v[layer, slot, ctx:ctx + q_len] = v[cq[i]:cq[i + 1]]
-            ks.append(self.k[layer, slot, :ctx + q_len])    # (ctx + q_len, Hkv, D), a view
-            vs.append(self.v[layer, slot, :ctx + q_len])
+
+    def read(self, layer: int, meta: AttentionMetadata) -> PackedKV:
+        """Every sequence's first ``seqlens_k[i]`` positions, packed (S, Hkv, D)."""
+        ks = [self.k[layer, slot, :n] for slot, n in zip(meta.cache_slots, meta.seqlens_k)]  # (n, Hkv, D) views
+        vs = [self.v[layer, slot, :n] for slot, n in zip(meta.cache_slots, meta.seqlens_k)]
         if len(ks) == 1:                                     # one sequence: no copy
-            return ks[0], vs[0]
-        return torch.cat(ks), torch.cat(vs)
+            return PackedKV(ks[0], vs[0])
+        return PackedKV(torch.cat(ks), torch.cat(vs))

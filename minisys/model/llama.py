@@ -6,13 +6,19 @@
 1-D tensor, their positions, and `AttentionMetadata` saying which rows belong
 to which sequence. The attention backend and the KV cache are plugged in
 from outside, so later lessons swap them without touching this file.
+
+The contract between them, in `Attention.forward`: the cache *writes* the new
+tokens' K/V (``kv_cache.write``) and hands back a view of what the step may
+attend to (``kv_cache.read``); the view calls the backend's method for its
+kind: ``forward_packed`` for packed K/V (contiguous cache, or no cache),
+``forward_paged`` for a paged cache's block pools (`minisys.attention.views`).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..attention import AttentionBackend, AttentionMetadata, get_backend
+from ..attention import AttentionBackend, AttentionMetadata, PackedKV, get_backend
 from ..kv.base import KVCache
 from .config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU
@@ -37,9 +43,12 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)     # (T, Hkv, D)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)     # (T, Hkv, D)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v, meta)           # (S, Hkv, D) context + new
-        o = backend(q, k, v, meta)                                       # (T, Hq, D)
+        if kv_cache is None:
+            kv = PackedKV(k, v)                                          # the new tokens only, (T, Hkv, D)
+        else:
+            kv_cache.write(self.layer_idx, k, v, meta)                   # store this step's K/V
+            kv = kv_cache.read(self.layer_idx, meta)                     # PackedKV (S, Hkv, D) or PagedKV pools
+        o = kv.attend(backend, q, meta)   # backend.forward_packed / forward_paged -> (T, Hq, D)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 
 

@@ -23,11 +23,11 @@ def reference_impl():
 
     def naive_attention(q, k, v):
         meta = AttentionMetadata(seqlens_q=[q.shape[0]], context_lens=[k.shape[0] - q.shape[0]])
-        return ReferenceAttention()(q, k, v, meta)
+        return ReferenceAttention().forward_packed(q, k, v, meta)
 
     def splitk_decode(q, k, v, num_splits):
         meta = AttentionMetadata(seqlens_q=[1], context_lens=[k.shape[0] - 1])
-        return SplitKDecodeAttention(num_splits=num_splits)(q.unsqueeze(0), k, v, meta)[0]
+        return SplitKDecodeAttention(num_splits=num_splits).forward_packed(q.unsqueeze(0), k, v, meta)[0]
 
     return types.SimpleNamespace(
         naive_attention=naive_attention,

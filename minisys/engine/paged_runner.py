@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from ..attention.base import AttentionMetadata
+from ..kv.block_allocator import Allocation, BlockAllocator
+from ..kv.paged import PagedKVCache, block_table_tensor
 from ..model.llama import LlamaModel
-from .block_allocator import Allocation, BlockAllocator
-from .paged import PagedKVCache, block_table_tensor
 
 
 class PagedRunner:
@@ -30,8 +30,7 @@ class PagedRunner:
                  enable_prefix_caching: bool = True, seed: int | None = None, fill: str = "zeros") -> None:
         self.model = model
         self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching, seed)
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device, fill,
-                                  return_pools=getattr(model.attention, "reads_block_tables", False))
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device, fill)
         self.num_computed: dict[object, int] = {}
 
     def add(self, seq_id, prompt_ids: list[int]) -> Allocation:
