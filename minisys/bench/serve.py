@@ -111,7 +111,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--goodput", nargs="*", default=["ttft:2000", "tpot:200"], help="SLOs, ms: ttft:X tpot:Y e2el:Z")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None)
-    p.add_argument("--server-args", default="", help="with --compare: extra args for both servers")
+    p.add_argument("--server-args", default="", help="with --compare: extra args for both servers, e.g. "
+                   "--threads 1 (engine flags such as --max-num-seqs are refused by --engine eager)")
     p.add_argument("--name", default=None, help="result name under bench/results/")
     p.add_argument("--out", default="bench/results")
     return p.parse_args(argv)
