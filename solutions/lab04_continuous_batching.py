@@ -115,7 +115,7 @@ from minisys.engine.request import Request
 from minisys.engine.sampling_params import SamplingParams
 
 demo = Scheduler(EngineConfig(block_size=4, num_kv_blocks=6, max_num_seqs=4, max_num_batched_tokens=64,
-                              max_model_len=64, enable_prefix_caching=False))
+                              max_model_len=64, enable_prefix_caching=False, enable_chunked_prefill=False))
 for i in range(3):
     demo.add(Request(f"r{i}", list(range(10 * i, 10 * i + 8)), SamplingParams(max_tokens=8), max_tokens=8))
 for step in range(3):
@@ -162,7 +162,7 @@ def build_batch(scheduled: list, allocator) -> dict:
 
 # %% tags=["benchmark"]
 demo2 = Scheduler(EngineConfig(block_size=4, num_kv_blocks=8, max_num_seqs=4, max_num_batched_tokens=64,
-                               max_model_len=64))
+                               max_model_len=64, enable_chunked_prefill=False))
 demo2.add(Request("a", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4), max_tokens=4))
 first = schedule(demo2)
 demo2.update_computed(first)
@@ -193,7 +193,8 @@ out_tokens = sum(n for _, n in work)
 
 
 def serve(max_num_seqs):
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max_num_seqs, num_kv_blocks=512))
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max_num_seqs, num_kv_blocks=512,
+                                                      enable_chunked_prefill=False))   # prefill-first, like yours
     engine.scheduler.schedule = lambda: schedule(engine.scheduler)          # your scheduler
     t0, done = time.perf_counter(), {}
     for i, ((p, _), sp) in enumerate(zip(work, params_for(work))):

@@ -19,7 +19,7 @@
 #
 # The last cells start the minisys server from this notebook (a subprocess),
 # stream one request through your parser, then drive the server with the
-# benchmark client (`minisys/bench/serve.py`, with *your* arrival generator)
+# benchmark client (`minisys/bench/sse_client.py`, with *your* arrival generator)
 # at increasing request rates, and do the same against the eager baseline
 # behind the same API. The plot shows latency against load for both.
 #
@@ -234,7 +234,7 @@ def goodput(traces: list, duration: float, ttft_ms=None, tpot_ms=None) -> float:
 #
 # Now the server: `python -m minisys serve --engine llm` (continuous
 # batching, paged KV cache) in a subprocess on a free port.
-# `minisys.bench.serve.launched_server` starts it, waits until `GET /health`
+# `minisys.bench.server_process.launched_server` starts it, waits until `GET /health`
 # answers, and stops it when the `with` block ends, even on an error. First
 # one request, read with `httpx` exactly as the benchmark reads it: every
 # network read stamped with the clock, then your three functions.
@@ -244,16 +244,20 @@ import time
 
 import httpx
 
-from minisys.bench import serve as bench_serve
+from minisys.bench.metrics import SLO
+from minisys.bench.serve import bench_url
+from minisys.bench.serve_report import plot, table
+from minisys.bench.serve_workload import make_requests
+from minisys.bench.server_process import launched_server
+from minisys.bench.sse_client import ClientConfig, run_async, served_model
 
 quick = os.environ.get("MINISYS_QUICK", "0") not in ("", "0")
-requests = bench_serve.make_requests(4 if quick else 16, (4, 16), (8, 16) if quick else (32, 64), seed=0)
+requests = make_requests(4 if quick else 16, (4, 16), (8, 16) if quick else (32, 64), seed=0)
 rates = [2.0, math.inf] if quick else [0.25, 0.5, 1.0, 2.0, math.inf]
-bench_serve.poisson_arrivals = poisson_arrivals              # the benchmark sends at YOUR arrival times
 
 
 async def one_stream(url, prompt, max_tokens):
-    body = {"model": bench_serve.served_model(url), "prompt": prompt, "max_tokens": max_tokens,
+    body = {"model": served_model(url), "prompt": prompt, "max_tokens": max_tokens,
             "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
     reads = []
     async with httpx.AsyncClient(timeout=None) as client:
@@ -266,18 +270,18 @@ async def one_stream(url, prompt, max_tokens):
 
 results = {}
 for name, engine in [("minisys", "llm"), ("eager", "eager")]:
-    with bench_serve.launched_server(["--engine", engine]) as url:
+    with launched_server(["--engine", engine]) as url:
         if name == "minisys":
-            arrival, reads = bench_serve.run_async(one_stream(url, "The three primary colors are", 12))
+            arrival, reads = run_async(one_stream(url, "The three primary colors are", 12))
             events = parse_sse(reads)
             trace = trace_from_events(arrival, events)
             text = "".join(c["text"] for _, d in events if d != "[DONE]" for c in json.loads(d)["choices"])
             print(f"{len(reads)} reads, {len(events)} events, text {text!r}")
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in latency_metrics(trace).items()
                    if k != "itls"}, f"{len(trace.token_times)} arrivals, {trace.output_tokens} tokens")
-        cfg = bench_serve.ClientConfig(url)
-        results[name] = bench_serve.bench_url(cfg, requests, rates, seed=0, slo=bench_serve.SLO(2000, 200))
-    print(bench_serve.table({name: results[name]}))
+        results[name] = bench_url(ClientConfig(url), requests, rates, seed=0, slo=SLO(2000, 200),
+                                  arrivals=poisson_arrivals)    # the benchmark sends at YOUR arrival times
+    print(table({name: results[name]}))
 
 # %% [markdown]
 # ## 7. Latency against load
@@ -296,7 +300,7 @@ import matplotlib
 matplotlib.use("Agg")
 from pathlib import Path
 
-path = bench_serve.plot(results, Path("lab_outputs/lab07_latency_vs_rate.png"),
-                        f"{len(requests)} requests: minisys vs eager server")
-print(bench_serve.table(results, baseline="eager"))
+path = plot(results, Path("lab_outputs/lab07_latency_vs_rate.png"),
+            f"{len(requests)} requests: minisys vs eager server")
+print(table(results, baseline="eager"))
 print("plot:", path)

@@ -18,8 +18,9 @@ import time
 
 import pytest
 
-from minisys.bench import serve
-from minisys.bench.metrics import SLO, poisson_arrivals, summarize
+from minisys.bench import serve, serve_report, server_process, sse_client
+from minisys.bench.metrics import SLO, RequestTrace, poisson_arrivals, summarize
+from minisys.bench.serve_workload import BenchRequest, make_requests
 
 EVENTS = ['{"a": 1}', '{"b": "h\u00e9llo \u4e16\u754c \U0001f600"}', "line one\nline two", "[DONE]"]
 WIRE = ('data: {"a": 1}\r\n\r\n'
@@ -31,11 +32,11 @@ WIRE = ('data: {"a": 1}\r\n\r\n'
 
 
 def test_sse_decoder_whole_and_split_everywhere():
-    assert serve.SSEDecoder().feed(WIRE) == EVENTS
+    assert sse_client.SSEDecoder().feed(WIRE) == EVENTS
     for cut in range(1, len(WIRE)):                       # inside CRLF, inside UTF-8 characters, everywhere
-        d = serve.SSEDecoder()
+        d = sse_client.SSEDecoder()
         assert d.feed(WIRE[:cut]) + d.feed(WIRE[cut:]) == EVENTS, cut
-    d = serve.SSEDecoder()
+    d = sse_client.SSEDecoder()
     assert [e for i in range(len(WIRE)) for e in d.feed(WIRE[i:i + 1])] == EVENTS
 
 
@@ -53,8 +54,8 @@ async def scripted(items):
 def run_scripted(times_and_bytes, arrival=10.0):
     """consume_stream over chunks that 'arrive' at the given clock values."""
     clock_values = iter([t for t, _ in times_and_bytes])
-    trace = serve.RequestTrace(arrival=arrival)
-    text = asyncio.run(serve.consume_stream(scripted([b for _, b in times_and_bytes]), trace,
+    trace = RequestTrace(arrival=arrival)
+    text = asyncio.run(sse_client.consume_stream(scripted([b for _, b in times_and_bytes]), trace,
                                             clock=lambda: next(clock_values)))
     return trace, text
 
@@ -88,19 +89,19 @@ def test_stream_without_usage_counts_chunks_and_errors_fail():
 
 
 def test_request_body_follows_the_openai_api():
-    cfg = serve.ClientConfig("http://x", model="m")
-    body = serve.request_body(cfg, serve.BenchRequest("hi", 9))
+    cfg = sse_client.ClientConfig("http://x", model="m")
+    body = sse_client.request_body(cfg, BenchRequest("hi", 9))
     assert body == {"model": "m", "prompt": "hi", "max_tokens": 9, "temperature": 0.0, "stream": True,
                     "stream_options": {"include_usage": True}, "ignore_eos": True}
-    chat = serve.request_body(serve.ClientConfig("http://x", "m", "/v1/chat/completions", ignore_eos=False),
-                              serve.BenchRequest("hi", 9))
+    chat_cfg = sse_client.ClientConfig("http://x", "m", "/v1/chat/completions", ignore_eos=False)
+    chat = sse_client.request_body(chat_cfg, BenchRequest("hi", 9))
     assert chat["messages"] == [{"role": "user", "content": "hi"}] and chat["max_completion_tokens"] == 9
     assert "max_tokens" not in chat and "ignore_eos" not in chat
 
 
 def test_workload_is_seeded_and_within_ranges():
-    a = serve.make_requests(50, (3, 6), (10, 20), seed=4)
-    assert a == serve.make_requests(50, (3, 6), (10, 20), seed=4) != serve.make_requests(50, (3, 6), (10, 20), 5)
+    a = make_requests(50, (3, 6), (10, 20), seed=4)
+    assert a == make_requests(50, (3, 6), (10, 20), seed=4) != make_requests(50, (3, 6), (10, 20), 5)
     assert all(3 <= len(r.prompt.split()) <= 6 and 10 <= r.max_tokens <= 20 for r in a)
     assert serve.parse_rates("1, 2.5,inf") == [1.0, 2.5, math.inf]
     with pytest.raises(ValueError):
@@ -188,8 +189,8 @@ def fake():
 
 
 def test_client_against_fake_server_reports_scripted_latencies(fake):
-    reqs = [serve.BenchRequest("one two three", 5) for _ in range(4)]
-    cfg = serve.ClientConfig(fake.url)
+    reqs = [BenchRequest("one two three", 5) for _ in range(4)]
+    cfg = sse_client.ClientConfig(fake.url)
     [summary] = serve.bench_url(cfg, reqs, [math.inf], seed=0, slo=SLO(ttft_ms=1000, tpot_ms=1000))
     assert cfg.model == "fake" and fake.bodies[-1]["model"] == "fake"     # taken from /v1/models
     assert fake.bodies[-1]["stream"] is True and fake.bodies[-1]["stream_options"] == {"include_usage": True}
@@ -205,9 +206,9 @@ def test_client_against_fake_server_reports_scripted_latencies(fake):
 
 
 def test_poisson_send_times_and_failed_requests(fake):
-    reqs = [serve.BenchRequest("a b", 5) for _ in range(6)] + [serve.BenchRequest("bad", 5)]
-    cfg = serve.ClientConfig(fake.url, model="fake")
-    traces, texts, duration = asyncio.run(serve.run_workload(cfg, reqs, rate=8.0, seed=3))
+    reqs = [BenchRequest("a b", 5) for _ in range(6)] + [BenchRequest("bad", 5)]
+    cfg = sse_client.ClientConfig(fake.url, model="fake")
+    traces, texts, duration = asyncio.run(sse_client.run_workload(cfg, reqs, rate=8.0, seed=3))
     offsets = poisson_arrivals(7, 8.0, seed=3)
     sent = sorted(t.arrival for t in traces)
     start = sent[0] - offsets[0]
@@ -219,23 +220,40 @@ def test_poisson_send_times_and_failed_requests(fake):
     assert duration >= offsets[5] + 0.6 - TOL
 
 
+def test_bench_url_sends_at_the_given_arrival_times(fake):
+    """Lab 07 passes its own arrival generator: the sends must follow it, not the built-in Poisson one."""
+    wanted = [0.0, 0.35, 0.7]
+    calls = []
+
+    def arrivals(num, rate, seed):
+        calls.append((num, rate, seed))
+        return wanted[:num]
+
+    cfg = sse_client.ClientConfig(fake.url)
+    [summary] = serve.bench_url(cfg, [BenchRequest("a b", 5)] * 3, [2.0], seed=7, slo=None, arrivals=arrivals)
+    assert calls == [(3, 2.0, 7)] and summary["completed"] == 3
+    sent = sorted(fake.received[-3:])
+    assert all(abs((s - sent[0]) - w) < TOL for s, w in zip(sent, wanted))
+
+
 def test_wait_healthy_reports_a_dead_server():
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
     with pytest.raises(RuntimeError, match="code 3"):
-        serve.wait_healthy(f"http://127.0.0.1:{serve.free_port()}", proc, timeout=20)
+        server_process.wait_healthy(f"http://127.0.0.1:{server_process.free_port()}", proc, timeout=20)
 
 
 def test_table_and_json_handle_inf_and_nan():
     s = {"rate": math.inf, "completed": 2, "output_throughput": 10.0, "p50_tpot_ms": math.nan}
     b = {"rate": math.inf, "completed": 2, "output_throughput": 2.0}
-    text = serve.table({"minisys": [s], "eager": [b]}, baseline="eager")
+    text = serve_report.table({"minisys": [s], "eager": [b]}, baseline="eager")
     assert "minisys@inf" in text and "5.00x" in text
-    assert json.loads(json.dumps(serve.jsonable({"r": [math.inf, math.nan, 1.0]}))) == {"r": ["inf", "nan", 1.0]}
+    strict = json.dumps(serve_report.jsonable({"r": [math.inf, math.nan, 1.0]}))
+    assert json.loads(strict) == {"r": ["inf", "nan", 1.0]}
 
 
 def test_run_async_works_inside_a_running_loop(fake):
     """A Jupyter kernel runs an event loop: bench_url must still work from there."""
     async def inside():
-        return serve.bench_url(serve.ClientConfig(fake.url), [serve.BenchRequest("x y", 5)], [math.inf], 0, None)
+        return serve.bench_url(sse_client.ClientConfig(fake.url), [BenchRequest("x y", 5)], [math.inf], 0, None)
     [summary] = asyncio.run(inside())
     assert summary["completed"] == 1 and summary["output_tokens"] == 5

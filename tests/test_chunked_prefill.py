@@ -278,7 +278,7 @@ def test_seeded_sampling_is_the_same_with_and_without_chunks(tiny, tiny_cases):
     reqs, _ = tiny_cases
     sampled = [(rid, p, SamplingParams(temperature=0.9, seed=int(rid), max_tokens=6, ignore_eos=True))
                for rid, p, _ in reqs]
-    base, _ = serve(model, tok, sampled, EngineConfig(num_kv_blocks=128, max_num_seqs=3))
+    base, _ = serve(model, tok, sampled, EngineConfig(num_kv_blocks=128, max_num_seqs=3, enable_chunked_prefill=False))
     chunked, _ = serve(model, tok, sampled, EngineConfig(num_kv_blocks=128, max_num_seqs=3, max_num_batched_tokens=4,
                                                          enable_chunked_prefill=True))
     assert chunked == base

@@ -15,7 +15,8 @@ W, R, P, F = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.PREEMPT
 
 def make_sched(blocks=16, block_size=4, max_num_seqs=4, batched=64, max_len=256, prefix=True):
     cfg = EngineConfig(block_size=block_size, num_kv_blocks=blocks, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=batched, max_model_len=max_len, enable_prefix_caching=prefix)
+                       max_num_batched_tokens=batched, max_model_len=max_len, enable_prefix_caching=prefix,
+                       enable_chunked_prefill=False)            # lesson 04's prefill-first policy
     s = Scheduler(cfg)
     s.allocator.debug = True
     return s

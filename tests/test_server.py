@@ -620,19 +620,6 @@ def test_output_slot_merges_unread_deltas_and_errors_win():
     assert isinstance(second, ValueError)
 
 
-def test_histogram_buckets_are_cumulative():
-    import numpy as np
-
-    from minisys.server.metrics import Histogram
-    rng = np.random.default_rng(0)
-    values = rng.exponential(0.3, size=500)
-    h = Histogram((0.05, 0.1, 0.5, 1.0, 2.0))
-    for v in values:
-        h.observe(float(v))
-    assert h.counts == [int((values <= b).sum()) for b in h.buckets]
-    assert h.count == 500 and h.sum == pytest.approx(values.sum())
-
-
 def test_unknown_fields_are_ignored_and_content_parts_accepted(server, client):
     """As vLLM: extra fields are ignored (wrong types of known fields are 400s, above)."""
     r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "frobnicate": [1]})

@@ -82,7 +82,8 @@ def engine_config(work: list[OnlineRequest], budget: int | None, max_num_seqs: i
     blocks = sum(-(-(len(w.prompt_ids) + w.max_tokens) // block_size) for w in work) + max_num_seqs
     if budget is None:
         return EngineConfig(block_size=block_size, num_kv_blocks=blocks, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max(2048, worst, max_num_seqs), max_model_len=max(worst, 2048))
+                            max_num_batched_tokens=max(2048, worst, max_num_seqs), max_model_len=max(worst, 2048),
+                            enable_chunked_prefill=False)
     return EngineConfig(block_size=block_size, num_kv_blocks=blocks, max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=budget, max_model_len=max(worst, 2048), enable_chunked_prefill=True)
 

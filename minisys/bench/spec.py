@@ -68,7 +68,8 @@ def run(model, tok, ids: list[list[int]], spec: dict, max_num_seqs: int, max_tok
     from ..engine.llm_engine import LLMEngine
     from ..engine.sampling_params import SamplingParams
     blocks = sum(-(-(len(p) + max_tokens + 16) // 16) for p in ids) + 4
-    engine = LLMEngine(model, tok, EngineConfig(num_kv_blocks=blocks, max_num_seqs=max_num_seqs, **spec))
+    engine = LLMEngine(model, tok, EngineConfig(num_kv_blocks=blocks, max_num_seqs=max_num_seqs,
+                                                enable_chunked_prefill=False, **spec))   # as lesson 06 measured
     sp = SamplingParams(temperature=0, max_tokens=max_tokens)
     outputs = {}
     waves = [[i] for i in range(len(ids))] if max_num_seqs == 1 else [list(range(len(ids)))]

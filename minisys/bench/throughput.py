@@ -52,7 +52,8 @@ def run_engine(model, tok, work, max_num_seqs: int, kv_blocks: int | None = None
     worst = max(len(p) + n for p, n in work)
     blocks = kv_blocks or sum(-(-(len(p) + n) // block_size) for p, n in work) + max_num_seqs
     cfg = EngineConfig(block_size=block_size, num_kv_blocks=blocks, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=max(2048, worst, max_num_seqs))
+                       max_num_batched_tokens=max(2048, worst, max_num_seqs),
+                       enable_chunked_prefill=False)            # lesson 04's policy, as its numbers were measured
     engine = LLMEngine(model, tok, cfg)
     t = time.perf_counter()
     for i, ((p, _), sp) in enumerate(zip(work, params_for(work))):

@@ -9,7 +9,7 @@ memory on a GPU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,49 +18,52 @@ from ..model.config import ModelConfig
 DEFAULT_CPU_KV_BYTES = 512 * 2**20
 DEFAULT_GPU_KV_FRACTION = 0.5
 DEFAULT_CHUNKED_BUDGET = 512        # tokens per step with chunked prefill (vLLM 0.x's default then)
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine limits. ``None`` fields are filled in from the model by `resolve`.
 
-    * ``block_size``: token slots per KV block.
-    * ``num_kv_blocks`` | ``kv_cache_bytes`` | ``kv_memory_fraction``: the pool size (at most one).
-    * ``max_num_seqs``: sequences running at once (the batch limit).
-    * ``max_num_batched_tokens``: tokens in one forward (prefill tokens + decode tokens).
-      Without chunked prefill a whole prompt (+ output, after a preemption) must fit in it;
-      default ``max(max_model_len, 2048)``. With chunked prefill it is the per-step token
-      budget that prompts are cut to fit; default ``DEFAULT_CHUNKED_BUDGET`` (512).
-    * ``max_model_len``: prompt + output tokens of one sequence; default the model's context.
-    * ``enable_prefix_caching``: reuse full prompt blocks already in the pool.
-    * ``enable_chunked_prefill`` (vLLM's name): decodes first, then prompts cut into chunks
-      that fill the rest of ``max_num_batched_tokens`` (Sarathi-Serve, lesson 05). False is
-      the prefill-first policy of lesson 04: a prompt is prefilled whole in one step.
+    Each field's meaning is its ``metadata["help"]`` (one place: the server's
+    ``--help`` prints the same text, see `minisys.server.engine_args`); its
+    default is the dataclass default. Names are vLLM's.
 
-    Speculative decoding (lesson 06, `minisys.spec`; vLLM's names):
-
-    * ``speculative_method``: None (off), ``"ngram"`` (prompt lookup) or ``"draft"`` (a draft model).
-    * ``num_speculative_tokens``: k, drafts proposed per decoding request per step.
-    * ``ngram_prompt_lookup_max`` / ``_min``: the n-gram sizes tried, longest first.
-    * ``speculative_model``: a local model directory sharing the target's tokenizer; None = self-draft,
-      the target's own first ``draft_layers`` layers + its final norm and LM head.
+    * The KV pool size: at most one of ``num_kv_blocks`` | ``kv_cache_bytes`` | ``kv_memory_fraction``.
+    * ``max_num_batched_tokens`` without chunked prefill must hold a whole prompt (+ output, after a
+      preemption); with it, prompts are cut to fit the per-step budget (Sarathi-Serve, lesson 05).
+    * Chunked prefill is on by default, as in vLLM V1; off is lesson 04's prefill-first policy.
+    * Speculative decoding (lesson 06, `minisys.spec`) is off unless ``speculative_method`` is set.
     """
 
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_bytes: int | None = None
-    kv_memory_fraction: float | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = False
-    speculative_method: str | None = None
-    num_speculative_tokens: int = 4
-    ngram_prompt_lookup_max: int = 4
-    ngram_prompt_lookup_min: int = 1
-    speculative_model: str | None = None
-    draft_layers: int = 8
+    block_size: int = field(default=16, metadata={"help": "token slots per KV block"})
+    num_kv_blocks: int | None = field(default=None, metadata={
+        "help": "KV pool size in blocks (default: from kv_cache_bytes, kv_memory_fraction, or "
+                "512 MiB on CPU / 50% of free GPU memory)"})
+    kv_cache_bytes: int | None = field(default=None, metadata={"help": "KV pool size as a byte budget"})
+    kv_memory_fraction: float | None = field(default=None, metadata={
+        "help": "KV pool size as a fraction of free GPU memory, in (0, 1] (CUDA only)"})
+    max_num_seqs: int = field(default=64, metadata={"help": "sequences running at once (the batch limit)"})
+    max_num_batched_tokens: int | None = field(default=None, metadata={
+        "help": "tokens in one forward, prefill + decode (default: 512 with chunked prefill, "
+                "else max(max_model_len, 2048))"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "prompt + output tokens of one sequence (default: the model's context)"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse full prompt blocks already in the pool"})
+    enable_chunked_prefill: bool = field(default=True, metadata={
+        "help": "decodes first, then prompts cut into chunks that fill the rest of max_num_batched_tokens "
+                "(lesson 05, as vLLM V1); off: lesson 04's prefill-first policy, a prompt prefilled whole"})
+    speculative_method: str | None = field(default=None, metadata={
+        "help": "speculative decoding (lesson 06): ngram (prompt lookup) or draft (a draft model); "
+                "off by default (it costs compute under load)", "choices": SPECULATIVE_METHODS})
+    num_speculative_tokens: int = field(default=4, metadata={"help": "k, drafts proposed per request per step"})
+    ngram_prompt_lookup_max: int = field(default=4, metadata={"help": "longest n-gram tried by ngram"})
+    ngram_prompt_lookup_min: int = field(default=1, metadata={"help": "shortest n-gram tried by ngram"})
+    speculative_model: str | None = field(default=None, metadata={
+        "help": "draft: a local model directory sharing the target's tokenizer (default: self-draft, "
+                "the target's first draft_layers layers + its final norm and LM head)"})
+    draft_layers: int = field(default=8, metadata={"help": "layers of the self-draft model"})
 
     def __post_init__(self) -> None:
         def positive_int(name, allow_none=True):
@@ -86,7 +89,7 @@ class EngineConfig:
         self._check_speculative(positive_int)
 
     def _check_speculative(self, positive_int) -> None:
-        if self.speculative_method not in (None, "ngram", "draft"):
+        if self.speculative_method is not None and self.speculative_method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be None, 'ngram' or 'draft', got {self.speculative_method!r}")
         for name in ("num_speculative_tokens", "ngram_prompt_lookup_max", "ngram_prompt_lookup_min", "draft_layers"):
             positive_int(name, allow_none=False)

@@ -9,4 +9,5 @@
 * `app`: the FastAPI routes (completions, chat, models, health, metrics).
 * `errors`: OpenAI's error JSON and the status codes (400, 401, 404).
 * `metrics`: counters and histograms rendered as Prometheus text.
+* `launch`: ``python -m minisys serve``; `engine_args`: one flag per `EngineConfig` field.
 """

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from ..engine.outputs import RequestOutput
@@ -67,7 +67,7 @@ class _Tracker:
 
     def __post_init__(self) -> None:
         self.choices = [_Choice() for _ in range(self.n * len(self.prompt_lens))]
-        self.metrics.prompt_tokens += sum(self.prompt_lens)
+        self.metrics.prompt_tokens.inc(sum(self.prompt_lens))
 
     def update(self, prompt_index: int, out: RequestOutput) -> list[tuple[int, str, _Choice]]:
         """(index, text delta, choice) for each choice that has new text or just finished."""
@@ -96,7 +96,7 @@ class _Tracker:
         else:
             m.itl.observe(now - self.last_token_time)
         self.last_token_time = now
-        m.generation_tokens += new_tokens
+        m.generation_tokens.inc(new_tokens)
         if self.done:
             m.e2e.observe(now - self.arrival)
             m.finished([c.finish_reason for c in self.choices])
@@ -160,7 +160,7 @@ class Server:
 
     def __init__(self, engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None) -> None:
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
-        self.metrics = ServerMetrics(model_name)
+        self.metrics = ServerMetrics(model_name, engine.stats)
 
     # ------------------------------------------------------------ request in
     def check_model(self, model: Optional[str]) -> None:
@@ -190,7 +190,7 @@ class Server:
             if not s.finished:
                 s.finished = True
                 self.engine.abort(s.request_id)
-                self.metrics.requests_aborted += 1
+                self.metrics.requests_aborted.inc()
 
     async def collect(self, raw: Request, streams: list[RequestStream], tracker: _Tracker) -> None:
         """Run a non-streamed request to the end; abort it if the client disconnects meanwhile."""
@@ -261,9 +261,9 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
         return PlainTextResponse("")
 
     @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(server.metrics.render(engine.stats()),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(request: Request):
+        body, content_type = server.metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():

@@ -8,13 +8,18 @@ GPU is present, CPU + fp32 otherwise (see `minisys.model.loader`).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Optional
+
+from ..engine.config import EngineConfig
+from .engine_args import add_engine_args, engine_config_from_args, flag, given_engine_args
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The server's own flags, written here; then one flag per `EngineConfig` field (`engine_args`)."""
     p.add_argument("--model", default=None, help="local HF directory or .gguf (default: $MINISYS_MODEL "
                    "or SmolLM2-135M-Instruct from the package cache)")
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model`")
@@ -27,21 +32,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="llm", choices=["llm", "eager"],
                    help="llm: continuous batching over the paged KV cache; eager: one request at a time")
     p.add_argument("--attention", default="auto", help="attention backend (auto = paged for the llm engine)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per forward")
-    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
-                   help="decodes first, prompts in chunks under the token budget (lesson 05; default on, "
-                        "as in vLLM V1); --no-enable-chunked-prefill is lesson 04's prefill-first policy")
-    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
-                   help="speculative decoding (lesson 06); off by default (it costs compute under load)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, help="k drafts per step")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (info shows every request)")
+    add_engine_args(p)
 
 
 def model_name(args) -> str:
@@ -53,20 +47,27 @@ def model_name(args) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-def build_engine(args):
-    """(async engine, tokenizer) for the parsed arguments."""
-    from ..engine.config import EngineConfig
+def engine_config(args: argparse.Namespace) -> EngineConfig | None:
+    """The `EngineConfig` of the engine flags given (None for ``--engine eager``, which takes none).
+
+    Raises ValueError naming the flags that ``--engine eager`` cannot take, or the invalid value.
+    """
+    given = given_engine_args(args)
+    if args.engine == "eager":
+        if given:
+            named = ", ".join(flag(name, value) for name, value in given.items())
+            raise ValueError(f"--engine eager takes no engine flags, got {named} (they configure --engine llm)")
+        return None
+    return engine_config_from_args(args)
+
+
+def build_engine(args, config: EngineConfig | None):
+    """(async engine, tokenizer, model) for the parsed arguments and `engine_config`'s result."""
     from ..llm import LLM
     from .async_engine import AsyncEagerEngine, AsyncLLMEngine
 
-    config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-                          enable_chunked_prefill=args.enable_chunked_prefill,
-                          speculative_method=args.speculative_method,
-                          num_speculative_tokens=args.num_speculative_tokens)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, attention_backend=args.attention,
-              quiet=True, engine=args.engine, engine_config=config if args.engine == "llm" else None)
+              quiet=True, engine=args.engine, engine_config=config)
     engine = AsyncLLMEngine(llm.engine) if args.engine == "llm" else AsyncEagerEngine(llm.runner)
     return engine, llm.tokenizer, llm.model
 
@@ -98,10 +99,15 @@ def serve(args) -> int:
 
     from .app import build_app
 
+    try:
+        config = engine_config(args)               # refused before the model loads
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    engine, tokenizer, model = build_engine(args)
+    engine, tokenizer, model = build_engine(args, config)
     name = model_name(args)
     app = build_app(engine, tokenizer, name, api_key=args.api_key)
     kind = "continuous batching (LLMEngine)" if args.engine == "llm" else "eager baseline, one request at a time"

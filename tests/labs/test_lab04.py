@@ -39,7 +39,8 @@ def reference_impl():
 
 def make(blocks=16, bs=4, seqs=4, budget=64, prefix=False):
     return Scheduler(EngineConfig(block_size=bs, num_kv_blocks=blocks, max_num_seqs=seqs,
-                                  max_num_batched_tokens=budget, max_model_len=256, enable_prefix_caching=prefix))
+                                  max_num_batched_tokens=budget, max_model_len=256, enable_prefix_caching=prefix,
+                                  enable_chunked_prefill=False))       # lesson 04's prefill-first policy
 
 
 def req(rid, n, max_tokens, base=0):
@@ -155,7 +156,8 @@ def test_student_scheduler_in_the_real_engine_equals_eager(impl, tiny_dirs):
     prompts = [tok.encode(t) for t in ["the quick", "brown fox jumps", "over the lazy dog", "the"]]
     sps = [SamplingParams(temperature=0, max_tokens=5 + 4 * i, ignore_eos=True) for i in range(4)]
     ref = [EagerGenerator(model, tok).generate(p, sp).token_ids for p, sp in zip(prompts, sps)]
-    engine = LLMEngine(model, tok, EngineConfig(block_size=2, num_kv_blocks=12, max_num_seqs=3))
+    engine = LLMEngine(model, tok, EngineConfig(block_size=2, num_kv_blocks=12, max_num_seqs=3,
+                                                enable_chunked_prefill=False))
     engine.scheduler.schedule = lambda: impl.schedule(engine.scheduler)
     for i, (p, sp) in enumerate(zip(prompts, sps)):
         engine.add_request(str(i), p, sp)

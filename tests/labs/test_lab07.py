@@ -22,10 +22,12 @@ from minisys.bench.metrics import RequestTrace
 
 
 def reference_impl():
-    from minisys.bench import metrics, serve
+    from minisys.bench import metrics
+    from minisys.bench.recorder import record_chunk
+    from minisys.bench.sse_client import SSEDecoder
 
     def parse_sse(reads):
-        dec, out = serve.SSEDecoder(), []
+        dec, out = SSEDecoder(), []
         for t, b in reads:
             out += [(t, e) for e in dec.feed(b)]
         return out
@@ -36,7 +38,7 @@ def reference_impl():
             if data == "[DONE]":
                 break
             payload = json.loads(data)
-            serve.record_chunk(trace, payload, t)
+            record_chunk(trace, payload, t)
             saw_usage |= bool(payload.get("usage"))
             if trace.error:
                 break
