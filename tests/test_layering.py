@@ -20,10 +20,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "minisys"
 
-# Package cycles known to exist, each to be removed by the change that breaks it.
-# engine <-> spec: engine/llm_engine.py imports spec.metrics while spec/verify.py
-# imports engine.model_runner (speculative decoding is being restructured).
-KNOWN_CYCLES: list[frozenset[str]] = [frozenset({"engine", "spec"})]
 
 
 def _node(module: str) -> str | None:
@@ -138,15 +134,8 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_no_import_cycle_between_packages():
-    found = cycles(package_graph(), ignore=KNOWN_CYCLES)
+    found = cycles(package_graph())
     assert not found, f"packages importing each other at module level: {found}"
-
-
-@pytest.mark.parametrize("pair", KNOWN_CYCLES, ids=lambda p: "-".join(sorted(p)))
-@pytest.mark.xfail(strict=True, reason="a known package cycle (see KNOWN_CYCLES); when this passes, "
-                                       "delete the pair from KNOWN_CYCLES")
-def test_known_cycle_is_gone(pair):
-    assert not any(pair <= set(c) for c in cycles(package_graph()))
 
 
 def test_kv_imports_nothing_from_model():

@@ -31,7 +31,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--engine", default="llm", choices=["llm", "eager"],
                    help="llm: continuous batching over the paged KV cache; eager: one request at a time")
-    p.add_argument("--attention", default="auto", help="attention backend (auto = paged for the llm engine)")
+    p.add_argument("--attention", default="auto",
+                   help="attention backend (auto: paged K/V through the block tables; packed fp32 on CPU: "
+                        "decode; else sdpa)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (info shows every request)")
