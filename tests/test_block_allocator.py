@@ -213,7 +213,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def invariants_hold(self):
         self.a.check_invariants()
         for sid, toks in self.tokens.items():
-            assert self.a.table(sid).token_ids == toks
+            assert self.a.table(sid).num_tokens == len(toks) and self.a.held_tokens(sid) == toks
         # a slot written by one sequence is never a slot another sequence can still write:
         # the partial (writable) last block of each live sequence is private, or shared only by forks
         owners: dict[int, set] = {}

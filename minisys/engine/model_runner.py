@@ -51,9 +51,8 @@ def build_batch(out: SchedulerOutput, allocator: BlockAllocator, device) -> Step
     for s in out.scheduled:
         req, start = s.request, s.request.num_computed_tokens
         end = start + s.num_tokens
-        table = allocator.tables[req.request_id]
-        blocks = table.block_ids
-        ids += table.token_ids[start:end]
+        blocks = allocator.tables[req.request_id].block_ids
+        ids += req.token_slice(start, min(end, req.num_tokens)) + s.spec_token_ids   # drafts fed after the last
         positions += range(start, end)
         slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
         tables.append(blocks)

@@ -32,6 +32,7 @@ class PagedRunner:
         self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching, seed)
         self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device, fill)
         self.num_computed: dict[object, int] = {}
+        self.token_ids: dict[object, list[int]] = {}     # each sequence's tokens (the allocator keeps none)
 
     def add(self, seq_id, prompt_ids: list[int]) -> Allocation:
         """Allocate a new sequence; raise MemoryError when the pool cannot hold its prompt."""
@@ -39,22 +40,25 @@ class PagedRunner:
         if not res:
             raise MemoryError(res.reason)
         self.num_computed[seq_id] = res.num_cached_tokens
+        self.token_ids[seq_id] = list(prompt_ids)
         return res
 
     def append(self, seq_id, token_id: int) -> None:
         res = self.allocator.append_slot(seq_id, token_id)
         if not res:
             raise MemoryError(res.reason)
+        self.token_ids[seq_id].append(token_id)
         if res.copy is not None:
             self.cache.copy_block(*res.copy)
 
     def fork(self, parent, child) -> None:
         self.allocator.fork(parent, child)
         self.num_computed[child] = self.num_computed[parent]
+        self.token_ids[child] = list(self.token_ids[parent])
 
     def free(self, seq_id) -> None:
         self.allocator.free(seq_id)
-        del self.num_computed[seq_id]
+        del self.num_computed[seq_id], self.token_ids[seq_id]
 
     @torch.no_grad()
     def step(self, seq_ids: list) -> torch.Tensor:
@@ -63,10 +67,10 @@ class PagedRunner:
         starts = [self.num_computed[s] for s in seq_ids]
         device = self.model.device
         feed, slots = [], []
-        for t, start in zip(tables, starts):
+        for s, t, start in zip(seq_ids, tables, starts):
             if start >= t.num_tokens:
                 raise ValueError("a sequence has no new token to compute: append one first")
-            feed += t.token_ids[start:]
+            feed += self.token_ids[s][start:]
             slots += t.slots(start, t.num_tokens)
         meta = AttentionMetadata(
             seqlens_q=[t.num_tokens - s for t, s in zip(tables, starts)], context_lens=starts,

@@ -183,7 +183,7 @@ class Scheduler:
         from `minisys.spec.Speculator.propose`; each gets slots if the pool has them, else is dropped."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        prefilling = self._schedule_running(out, drafts or {})
+        prefilling = self._schedule_running(out, drafts)
         budget -= sum(s.num_tokens for s in out.scheduled)        # 1 per decode (1 + k with drafts)
         if self.config.enable_chunked_prefill:
             budget = self._schedule_chunks(out, prefilling, budget)
@@ -197,7 +197,8 @@ class Scheduler:
         """A running request with uncomputed prompt tokens (all their slots already reserved)."""
         return self.allocator.tables[req.request_id].num_tokens == req.num_tokens > req.num_computed_tokens
 
-    def _schedule_running(self, out: SchedulerOutput, drafts: Mapping[str, Proposal]) -> list[Request]:
+    def _schedule_running(self, out: SchedulerOutput,
+                          drafts: Mapping[str, Proposal] | None = None) -> list[Request]:
         """Give every decoding request a slot for its next token, preempting the newest on shortage.
 
         Schedules the decodes (1 token each) and returns the running requests
@@ -212,7 +213,7 @@ class Scheduler:
                 kept.append(req)
                 prefilling.append(req)
                 continue
-            draft = drafts.get(req.request_id)
+            draft = drafts.get(req.request_id) if drafts else None
             if draft is not None and self._schedule_speculative(req, draft, out):
                 kept.append(req)                                  # last token + its drafts got slots
                 continue

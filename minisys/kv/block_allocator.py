@@ -63,15 +63,20 @@ class Refusal:
 
 @dataclass
 class BlockTable:
-    """A sequence's blocks in order and the tokens they hold."""
+    """A sequence's blocks in order and how many token slots they cover.
+
+    The sequence's token ids belong to its owner (the engine's `Request`),
+    not to the table: the allocator sees each token once, when it is
+    allocated or appended, and keeps only what prefix caching needs to hash
+    a block when it fills: ``tail``, the tokens of the partial last block
+    (always empty with prefix caching off). Full blocks keep their own tokens
+    with their hash (`_Block.token_ids`).
+    """
 
     block_ids: list[int]
-    token_ids: list[int]
+    num_tokens: int
     block_size: int
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+    tail: list[int] = field(default_factory=list)    # tokens of the partial last block (prefix caching on)
 
     def slot(self, pos: int) -> int:
         """Slot of token ``pos`` in the flat pool: block_id * block_size + offset."""
@@ -167,6 +172,15 @@ class BlockAllocator:
             raise AllocatorError(f"unknown sequence {seq_id!r} (never allocated, or already freed)")
         return self.tables[seq_id]
 
+    def held_tokens(self, seq_id) -> list[int]:
+        """The tokens the allocator knows the sequence's blocks hold: each full block's hashed tokens,
+        then the tail (for tests and debugging; prefix caching on only, else nothing is kept)."""
+        if not self.enable_prefix_caching:
+            raise AllocatorError("with prefix caching off the allocator keeps no token ids")
+        t = self.table(seq_id)
+        full = [tok for b in t.block_ids[:t.num_tokens // self.block_size] for tok in self.blocks[b].token_ids]
+        return full + t.tail
+
     # ------------------------------------------------------------ allocate / append
     def allocate(self, seq_id, token_ids: list[int]) -> Allocation | Refusal:
         """Give a new sequence blocks for its prompt, reusing cached full blocks.
@@ -192,10 +206,12 @@ class BlockAllocator:
             block_ids.append(b)
         new = [self._take(self._pop_free()) for _ in range(need)]
         block_ids += new
-        table = BlockTable(block_ids, token_ids, self.block_size)
+        num_full = len(token_ids) // self.block_size
+        table = BlockTable(block_ids, len(token_ids), self.block_size,
+                           token_ids[num_full * self.block_size:] if self.enable_prefix_caching else [])
         self.tables[seq_id] = table
-        for i in range(len(hits), len(token_ids) // self.block_size):   # newly filled blocks
-            self._register_full(table, i)
+        for i in range(len(hits), num_full):                             # newly filled blocks
+            self._register_full(table, i, token_ids[i * self.block_size:(i + 1) * self.block_size])
         self._debug_check()
         return Allocation(table, len(hits) * self.block_size, new)
 
@@ -217,9 +233,12 @@ class BlockAllocator:
                 self._release(last)
                 table.block_ids[-1] = dst
                 copy = (last, dst)
-        table.token_ids.append(token_id)
+        table.num_tokens += 1
+        if self.enable_prefix_caching:
+            table.tail.append(token_id)
         if table.num_tokens % self.block_size == 0:
-            self._register_full(table, len(table.block_ids) - 1)
+            self._register_full(table, len(table.block_ids) - 1, table.tail)
+            table.tail = []
         self._debug_check()
         return AppendResult(table.slot(pos), copy)
 
@@ -249,16 +268,21 @@ class BlockAllocator:
         table = self.table(seq_id)
         if not 0 < num_tokens <= table.num_tokens:
             raise AllocatorError(f"truncate {seq_id!r} to {num_tokens} tokens: it has {table.num_tokens}")
-        keep = self.blocks_for(num_tokens)
+        keep, offset = self.blocks_for(num_tokens), num_tokens % self.block_size
         last = table.block_ids[keep - 1]
-        if num_tokens % self.block_size and self.blocks[last].hash is not NO_HASH:
+        if self.enable_prefix_caching and offset:            # the new partial block's tokens
+            blk = self.blocks[last]
+            table.tail = list(blk.token_ids[:offset]) if blk.hash is not NO_HASH else table.tail[:offset]
+        elif self.enable_prefix_caching:
+            table.tail = []
+        if offset and self.blocks[last].hash is not NO_HASH:
             if self.blocks[last].ref_count > 1:
                 raise AllocatorError(f"truncate {seq_id!r} into shared full block {last}")
             self._drop_hash(last)
         for b in reversed(table.block_ids[keep:]):
             self._release(b)
         del table.block_ids[keep:]
-        del table.token_ids[num_tokens:]
+        table.num_tokens = num_tokens
         self._debug_check()
 
     def fork(self, parent_id, child_id) -> BlockTable:
@@ -268,7 +292,7 @@ class BlockAllocator:
             raise AllocatorError(f"sequence {child_id!r} already exists")
         for b in parent.block_ids:
             self.blocks[b].ref_count += 1
-        child = BlockTable(list(parent.block_ids), list(parent.token_ids), self.block_size)
+        child = BlockTable(list(parent.block_ids), parent.num_tokens, self.block_size, list(parent.tail))
         self.tables[child_id] = child
         self._debug_check()
         return child
@@ -299,15 +323,15 @@ class BlockAllocator:
             parent = h
         return hits
 
-    def _register_full(self, table: BlockTable, i: int) -> None:
-        """Block i of the table just became full: give it its chained hash."""
+    def _register_full(self, table: BlockTable, i: int, token_ids: list[int]) -> None:
+        """Block i of the table just became full with ``token_ids``: give it its chained hash."""
         if not self.enable_prefix_caching:
             return
         blk = self.blocks[table.block_ids[i]]
         if blk.hash is not NO_HASH:
             return                                           # a prefix-cache hit: already hashed
         parent = self.blocks[table.block_ids[i - 1]].hash if i > 0 else NO_HASH
-        toks = tuple(table.token_ids[i * self.block_size:(i + 1) * self.block_size])
+        toks = tuple(token_ids)
         blk.parent_hash, blk.token_ids, blk.hash = parent, toks, chain_hash(parent, toks)
         self._hash_to_block.setdefault(blk.hash, blk.block_id)
 
@@ -369,9 +393,12 @@ class BlockAllocator:
                 parent = NO_HASH
                 for i in range(t.num_tokens // self.block_size):
                     blk = self.blocks[t.block_ids[i]]
-                    expect = chain_hash(parent, t.token_ids[i * self.block_size:(i + 1) * self.block_size])
-                    assert blk.hash == expect, f"sequence {sid!r} block {i}: hash does not match tokens"
-                    parent = expect
+                    assert blk.hash is not NO_HASH and blk.parent_hash == parent, \
+                        f"sequence {sid!r} block {i}: full but not hashed, or not chained to block {i - 1}"
+                    parent = blk.hash
+                assert len(t.tail) == t.num_tokens % self.block_size, f"sequence {sid!r}: tail length"
+            else:
+                assert not t.tail, f"sequence {sid!r}: a tail kept with prefix caching off"
         for blk in self.blocks:
             assert blk.ref_count == counts[blk.block_id], \
                 f"block {blk.block_id}: refcount {blk.ref_count}, held by {counts[blk.block_id]} tables"
