@@ -17,15 +17,25 @@ and calls the exercise functions on it::
 
 Executed namespaces are cached for the session. When a cell raises, every test
 that uses ``impl`` fails with a message naming the cell.
+
+Under the grader (a test child, see ``runner``) two more options apply:
+``--lab-root DIR`` is the working directory the notebook's cells run in, and
+``--lab-guard FILE`` lists the names the notebook may not use
+(:mod:`minisys.grading.guard`): they are guarded before its cells run and the
+namespace is sealed after. The grading channel is told when the cells start
+and end, so that the grader can time the notebook apart from the tests.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
+from minisys.grading import guard
+from minisys.grading.collector import PLUGIN_NAME
 from minisys.grading.namespace import LoadedLab, load_lab
 
 __all__ = [
@@ -47,6 +57,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="PATH",
         help="grade this notebook: `impl` is only the namespace of its code cells",
     )
+    parser.addoption("--lab-root", default=None, metavar="DIR",
+                     help="working directory for the notebook's cells (default: the repository)")
+    parser.addoption("--lab-guard", default=None, metavar="FILE",
+                     help="JSON {lab, forbidden}: names the notebook may not use")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -88,11 +102,33 @@ def impl(request: pytest.FixtureRequest, lab_namespace_cache: dict) -> object:
         module_name = "lab_notebook"
     key = (kind, str(path))
     if key not in lab_namespace_cache:
-        lab_namespace_cache[key] = load_lab(path, find_lab_root(test_file), module_name)
+        if kind == "notebook":
+            lab_namespace_cache[key] = _load_graded_notebook(request.config, path, test_file)
+        else:
+            lab_namespace_cache[key] = load_lab(path, find_lab_root(test_file), module_name)
     loaded: LoadedLab = lab_namespace_cache[key]  # type: ignore[assignment]
     if loaded.error is not None:
         pytest.fail(loaded.error.message(loaded.origin), pytrace=False)
     return loaded.namespace
+
+
+def _load_graded_notebook(config: pytest.Config, path: Path, test_file: Path) -> LoadedLab:
+    """Run the notebook's cells with the lab's guard on; tell the grader when."""
+    channel = config.pluginmanager.get_plugin(PLUGIN_NAME)
+    guard_file = config.getoption("lab_guard", default=None)
+    root = config.getoption("lab_root", default=None) or find_lab_root(test_file)
+    known: dict[int, str] = {}
+    lab = lab_number(test_file)
+    if guard_file:
+        spec = json.loads(Path(guard_file).read_text(encoding="utf-8"))
+        known = guard.install(spec["forbidden"], lab)
+    if channel is not None:
+        channel.send({"kind": "loading"})
+    loaded = load_lab(path, root, "lab_notebook")
+    if channel is not None:
+        channel.send({"kind": "loaded"})
+    guard.seal_namespace(loaded.namespace, known, lab)
+    return loaded
 
 
 def _reference(module: object) -> object:
