@@ -35,13 +35,14 @@ from pathlib import Path
 import pytest
 
 from minisys.grading import guard
-from minisys.grading.collector import PLUGIN_NAME
+from minisys.grading.collector import PLUGIN_NAME, missing_hardware
 from minisys.grading.namespace import LoadedLab, load_lab
 
 __all__ = [
     "pytest_addoption",
     "pytest_configure",
     "pytest_generate_tests",
+    "pytest_collection_modifyitems",
     "lab_namespace_cache",
     "impl",
 ]
@@ -67,6 +68,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # Also declared in pyproject.toml; repeated so that labs outside this repo work.
     config.addinivalue_line("markers", "points(n): points a lab test is worth in the grader")
     config.addinivalue_line("markers", "exercise(name): the lab exercise a test grades")
+    config.addinivalue_line("markers", "hardware(name): the test needs this hardware (cuda)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``@pytest.mark.hardware("cuda")`` tests skip where it is missing (the grader: not gradable)."""
+    for item in items:
+        reason = missing_hardware(item)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=f"not gradable here: {reason}"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -287,7 +287,7 @@ def run_lab(tree: GradingTree, args: list[str], limits: Limits) -> LabRun:
 def _first_manifest(run: ChildRun) -> list[dict]:
     if run.manifest is None or run.errors or not run.manifest:
         errors = "\n".join(run.errors)
-        raise GradingError(f"the lab's tests could not be collected ({_why(run)}):\n"
+        raise GradingError(f"pytest could not grade: the lab's tests could not be collected ({_why(run)}):\n"
                            f"{errors}\n{run.output[-3000:]}")
     return run.manifest
 
