@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import pytest
 
 from minisys.grading import protocol
+from minisys.grading.integrity import Snapshot
 
 OUTPUT_LIMIT = 4000  # characters of failure text kept per test
 PLUGIN_NAME = "minisys-grade-channel"
@@ -78,6 +79,8 @@ class GradeChannel:
         self._key, self._out = key, out_fd
         self._outcome: dict[str, tuple[str, str, str]] = {}
         self._errors: list[str] = []
+        self._snapshot: Snapshot | None = None
+        self._tampered = False
 
     def send(self, message: dict) -> None:
         data = protocol.encode(self._key, message)
@@ -98,6 +101,15 @@ class GradeChannel:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.send({"kind": "manifest", "errors": self._errors,
                    "tests": [asdict(manifest_row(item)) for item in session.items]})
+        self._snapshot = Snapshot(session.config)  # no student code has run yet
+
+    def check_integrity(self) -> bool:
+        """Send ``tampered`` (once) if pytest or the grader changed since collection."""
+        changes = self._snapshot.changes() if self._snapshot is not None else []
+        if changes and not self._tampered:
+            self._tampered = True
+            self.send({"kind": "tampered", "changes": changes[:20]})
+        return not self._tampered
 
     def pytest_runtest_logstart(self, nodeid: str) -> None:
         self.send({"kind": "start", "nodeid": nodeid})
@@ -116,12 +128,15 @@ class GradeChannel:
         self._outcome[report.nodeid] = (outcome, reason, report.longreprtext[-OUTPUT_LIMIT:])
 
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        if not self.check_integrity():
+            return
         outcome, reason, output = self._outcome.get(nodeid, ("failed", "no report", ""))
         self.send({"kind": "result", "nodeid": nodeid, "outcome": outcome,
                    "reason": reason, "output": output})
 
     def pytest_sessionfinish(self) -> None:
-        self.send({"kind": "done"})
+        if self.check_integrity():
+            self.send({"kind": "done"})
 
 
 def _reason(report: pytest.TestReport) -> str:

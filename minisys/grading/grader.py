@@ -139,16 +139,17 @@ def lab_test_files(tests_dir: Path, lab: str) -> list[Path]:
     return files + sorted((tests_dir / "hidden").glob(f"test_lab{lab}*.py")) if files else []
 
 
-def lab_forbidden(tests_dir: Path, lab: str) -> list[str]:
-    """The lab's forbidden names: from ``guard-labNN.json`` beside the tests, else derived."""
+def lab_guard_spec(tests_dir: Path, lab: str) -> dict:
+    """The lab's guard (:func:`guard.lab_spec`): ``guard-labNN.json`` beside the tests
+    (a bundle ships it), else derived from ``solutions/`` and the lab's tests."""
     shipped = tests_dir / f"guard-lab{lab}.json"
     if shipped.is_file():
-        return list(json.loads(shipped.read_text(encoding="utf-8"))["forbidden"])
+        return json.loads(shipped.read_text(encoding="utf-8"))
     solutions = sorted((tests_dir.parents[1] / "solutions").glob(f"lab{lab}_*.py"))
     test_file = tests_dir / f"test_lab{lab}.py"
     if len(solutions) != 1 or not test_file.is_file():
-        return []
-    return guard.forbidden_names(test_file, solutions[0])
+        return {"lab": lab, "forbidden": [], "exercises": []}
+    return guard.lab_spec(lab, test_file, solutions[0])
 
 
 def grade(
@@ -171,12 +172,12 @@ def grade(
     if not files:
         raise GradingError(f"no tests for lab {lab}: {tests_dir / f'test_lab{lab}.py'} does not exist")
     limits = limits or (Limits(load=timeout, test=timeout) if timeout else Limits())
-    forbidden = lab_forbidden(tests_dir, lab)
-    flags = guard.scan_code(_code_cells(notebook_path), forbidden)
+    spec = lab_guard_spec(tests_dir, lab)
+    flags = guard.scan_code(_code_cells(notebook_path), spec["forbidden"])
     with tempfile.TemporaryDirectory(prefix="minisys-grade-") as scratch:
         tree = GradingTree(Path(scratch), files, tests_dir / "conftest.py")
         guard_file = Path(scratch) / "guard.json"
-        guard_file.write_text(json.dumps({"lab": lab, "forbidden": forbidden}), encoding="utf-8")
+        guard_file.write_text(json.dumps(spec), encoding="utf-8")
         args = [f"--lab-notebook={notebook_path}", f"--lab-guard={guard_file}",
                 f"--lab-root={tests_dir.parents[1]}"]
         run = run_lab(tree, args, limits)

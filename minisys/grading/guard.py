@@ -151,6 +151,27 @@ def forbidden_names(test_file: Path, solution: Path) -> list[str]:
     return sorted(forbidden.values())
 
 
+def exercise_names(solution: Path) -> list[str]:
+    """Top-level functions and classes of a solution that contain an exercise region."""
+    lab = parse_solution(solution)
+    names = []
+    for cell in lab.cells:
+        if cell.kind != "code" or "### BEGIN SOLUTION" not in cell.source:
+            continue
+        for node in ast.parse(cell.source).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                segment = ast.get_source_segment(cell.source, node) or ""
+                if "### BEGIN SOLUTION" in segment:
+                    names.append(node.name)
+    return names
+
+
+def lab_spec(lab: str, test_file: Path, solution: Path) -> dict:
+    """What the test child needs: ``{"lab", "forbidden", "exercises"}`` (JSON-ready)."""
+    return {"lab": lab, "forbidden": forbidden_names(test_file, solution),
+            "exercises": exercise_names(solution)}
+
+
 def _solution_references(solution: Path) -> set[str]:
     """The minisys names the scaffolding of a solution (stubs in place) references."""
     lab = parse_solution(solution)
@@ -194,8 +215,18 @@ def _message(name: str, lab: str) -> str:
 
 
 def _called_from_notebook() -> bool:
+    """Whether notebook code is anywhere on the stack above the wrapper.
+
+    The whole stack, not only the caller: a notebook that hands the tests a
+    function defined elsewhere (a lambda around the reference, the test
+    module's own ``reference_impl()``) still has its frame on the stack.
+    """
     frame = sys._getframe(2)  # 0: this function, 1: the wrapper, 2: its caller
-    return bool(NOTEBOOK_FILE.match(frame.f_code.co_filename))
+    while frame is not None:
+        if NOTEBOOK_FILE.match(frame.f_code.co_filename):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _guarded(function: Callable, name: str, lab: str) -> Callable:
@@ -240,9 +271,30 @@ def install(forbidden: list[str], lab: str) -> dict[int, str]:
     return known
 
 
-def seal_namespace(namespace: types.ModuleType, known: dict[int, str], lab: str) -> list[str]:
-    """Replace notebook globals that are (or derive from) forbidden objects; return their names."""
+def defined_in_notebook(value: object, namespace: types.ModuleType) -> bool:
+    """A function compiled from a notebook cell, or a class created in the namespace."""
+    if isinstance(value, type):
+        return value.__module__ == namespace.__name__
+    code = getattr(value, "__code__", None)
+    return code is not None and bool(NOTEBOOK_FILE.match(code.co_filename))
+
+
+def seal_namespace(namespace: types.ModuleType, known: dict[int, str], lab: str,
+                   exercises: Iterable[str] = ()) -> list[str]:
+    """Replace notebook globals the notebook may not hand in; return their names.
+
+    Replaced: globals that are (or derive from) forbidden objects, and the
+    lab's exercise names (``exercises``) bound to anything not defined in the
+    notebook (an import, a ``functools.partial``, another module's function).
+    """
     replaced = []
+    for key in exercises:
+        value = getattr(namespace, key, None)
+        if value is not None and not defined_in_notebook(value, namespace):
+            where = getattr(value, "__module__", None) or type(value).__name__
+            setattr(namespace, key, _stand_in(f"{key} from {where} (not defined in the notebook)",
+                                              lab))
+            replaced.append(key)
     for key, value in list(vars(namespace).items()):
         hit = known.get(id(value))
         if hit is None and isinstance(value, type):

@@ -61,7 +61,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--lab-root", default=None, metavar="DIR",
                      help="working directory for the notebook's cells (default: the repository)")
     parser.addoption("--lab-guard", default=None, metavar="FILE",
-                     help="JSON {lab, forbidden}: names the notebook may not use")
+                     help="JSON {lab, forbidden, exercises}: what the notebook may not use or import")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -127,17 +127,18 @@ def _load_graded_notebook(config: pytest.Config, path: Path, test_file: Path) ->
     channel = config.pluginmanager.get_plugin(PLUGIN_NAME)
     guard_file = config.getoption("lab_guard", default=None)
     root = config.getoption("lab_root", default=None) or find_lab_root(test_file)
-    known: dict[int, str] = {}
     lab = lab_number(test_file)
+    spec = {"forbidden": [], "exercises": []}
     if guard_file:
         spec = json.loads(Path(guard_file).read_text(encoding="utf-8"))
-        known = guard.install(spec["forbidden"], lab)
+    known = guard.install(spec["forbidden"], lab)
     if channel is not None:
         channel.send({"kind": "loading"})
-    loaded = load_lab(path, root, "lab_notebook")
+    loaded = load_lab(path, root, "lab_notebook", definitions_only=True)
     if channel is not None:
+        channel.check_integrity()
         channel.send({"kind": "loaded"})
-    guard.seal_namespace(loaded.namespace, known, lab)
+    guard.seal_namespace(loaded.namespace, known, lab, spec["exercises"])
     return loaded
 
 

@@ -81,7 +81,8 @@ class Limits:
 class GradingTree:
     """A private copy of a lab's tests, and the hash that says it is unchanged.
 
-    Layout: ``ROOT/pytest.ini``, ``ROOT/tests/labs/conftest.py``,
+    Layout: ``ROOT/pytest.ini``, ``ROOT/tests/conftest.py`` (the shared
+    fixtures, when the repository has them), ``ROOT/tests/labs/conftest.py``,
     ``ROOT/tests/labs/test_labNN*.py`` and ``ROOT/tests/labs/hidden/test_labNN*.py``.
     """
 
@@ -91,6 +92,9 @@ class GradingTree:
         (labs / "hidden").mkdir(parents=True)
         (self.root / "pytest.ini").write_text(PYTEST_INI, encoding="utf-8")
         shutil.copy(conftest, labs / "conftest.py")
+        shared = conftest.parent.parent / "conftest.py"
+        if shared.is_file():
+            shutil.copy(shared, labs.parent / "conftest.py")
         self.files = []
         for path in test_files:
             target = labs / ("hidden" if path.parent.name == "hidden" else "") / path.name
@@ -131,7 +135,7 @@ def run_child(tree: GradingTree, targets: list[str], args: list[str], limits: Li
     log = tempfile.TemporaryFile()
     command = [sys.executable, "-I", "-c", BOOT, str(PACKAGE_ROOT.parent),
                "-c", str(tree.root / "pytest.ini"), "--rootdir", str(tree.root),
-               "--confcutdir", str(tree.root / "tests" / "labs"),
+               "--confcutdir", str(tree.root / "tests"),
                "-p", "no:cacheprovider", "-p", "minisys.grading.collector",
                f"--grade-channel={key_r}:{out_w}", "-q", "--color=no", *args, *targets]
     env = {**os.environ, **QUICK_ENV, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
@@ -219,6 +223,9 @@ def _accept(run: ChildRun, message: dict, expected: set[str] | None) -> str:
                                             str(message.get("output", "")))
         run.current = None
         return ""
+    if kind == "tampered":
+        return "the code under test changed pytest or the grader: " + ", ".join(
+            map(str, message.get("changes", [])))
     if kind == "done":
         if run.current is not None:
             return "done in the middle of a test"
@@ -299,17 +306,17 @@ def _why(run: ChildRun) -> str:
 def _charge_failure(run: ChildRun, manifest: list[dict], observed: dict[str, Observed],
                     notes: list[str]) -> None:
     """Score 0 for what a child that stopped early was doing, so the next one moves on."""
+    if run.stopped.startswith("protocol violation"):
+        notes.append(f"grading stopped: {run.stopped}")
+        for row in manifest:
+            observed.setdefault(row["nodeid"], Observed("failed", f"grading stopped: {run.stopped}"))
+        return
     if run.phase == "loading":
         what = ("did not finish within the time limit" if run.stopped == "timeout"
                 else f"ended the test process ({_why(run)})")
         notes.append(f"the notebook's cells {what}")
         for row in manifest:
             observed.setdefault(row["nodeid"], Observed("failed", f"the notebook's cells {what}"))
-        return
-    if run.stopped.startswith("protocol violation"):
-        notes.append(f"grading stopped: {run.stopped}")
-        for row in manifest:
-            observed.setdefault(row["nodeid"], Observed("failed", f"grading stopped: {run.stopped}"))
         return
     if run.current is None:
         return
