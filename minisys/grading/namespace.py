@@ -125,10 +125,20 @@ DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef
                ast.Assign, ast.AnnAssign, ast.AugAssign)
 
 
+def _is_definition(node: ast.stmt) -> bool:
+    """Imports, def, class, and assignments to plain names (not ``module.attr = ...``)."""
+    if not isinstance(node, DEFINITIONS):
+        return False
+    targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+    names = [t for target in targets if target is not None for t in ast.walk(target)
+             if isinstance(t, (ast.Attribute, ast.Subscript, ast.Starred))]
+    return not names
+
+
 def definitions(source: str, filename: str) -> ast.Module:
     """``source`` parsed, keeping only its top-level definitions (see the module docstring)."""
     tree = ast.parse(source, filename)
-    tree.body = [node for node in tree.body if isinstance(node, DEFINITIONS)]
+    tree.body = [node for node in tree.body if _is_definition(node)]
     return tree
 
 
