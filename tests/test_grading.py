@@ -356,9 +356,9 @@ def test_results_json_and_table(lab: Path, tmp_path: Path, capsys) -> None:
             "--tests", str(lab / "tests" / "labs")]
     assert main_grade(argv) == 0
     data = json.loads(results.read_text())
-    assert set(data) == {"score", "max_score", "tests", "output", "visibility",
+    assert set(data) == {"score", "extra_data", "tests", "output", "visibility",
                          "stdout_visibility"}
-    assert (data["score"], data["max_score"]) == (1.0, 8.0)
+    assert (data["score"], data["extra_data"]["max_score"]) == (1.0, 8.0)
     assert "not gradable here: test_on_gpu" in data["output"]
     for test in data["tests"]:
         assert set(test) == {"name", "score", "max_score", "status", "output", "visibility"}

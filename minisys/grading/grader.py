@@ -95,12 +95,13 @@ class GradeReport:
         return [test for test in self.tests if test.outcome == NOT_GRADABLE]
 
     def to_gradescope(self) -> dict:
-        """Gradescope's autograder ``results.json`` content."""
+        """Gradescope's autograder ``results.json`` content (only keys its spec documents;
+        the maximum, the lab and the flags go in ``extra_data``)."""
         notes = [f"{len(self.not_gradable)} test(s) {NOT_GRADABLE}: "
                  + ", ".join(test.name for test in self.not_gradable)] if self.not_gradable else []
         return {
             "score": self.score,
-            "max_score": self.max_score,
+            "extra_data": {"max_score": self.max_score, "lab": self.lab, "flags": self.flags},
             "output": "\n".join([f"Lab {self.lab}: {self.score:g} / {self.max_score:g}", *notes]),
             "visibility": "visible",
             "stdout_visibility": "hidden",
