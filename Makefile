@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: serve generate chat test test-fast labs check-labs grade clean-venv
+.PHONY: serve generate chat test test-fast labs check-labs grade grade-batch bundle clean-venv
 
 $(STAMP): requirements.txt pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -32,6 +32,14 @@ check-labs: $(STAMP)
 ## grade a notebook: make grade NB=labs/01-tokens-to-text.ipynb
 grade: $(STAMP)
 	$(PY) -m minisys grade $(NB)
+
+## grade every notebook of a folder into a CSV: make grade-batch DIR=submissions
+grade-batch: $(STAMP)
+	$(PY) -m minisys grade $(DIR)/*.ipynb --csv grades.csv
+
+## the Gradescope autograder of a lab: make bundle NB=labs/03-paged-kv.ipynb
+bundle: $(STAMP)
+	$(PY) -m minisys grade --bundle $(NB) -o autograder.zip
 
 clean-venv:
 	rm -rf $(VENV)

@@ -121,7 +121,7 @@ def test_has_exercises(impl):
     assert callable(impl.add) and callable(impl.Counter)
 
 
-@pytest.mark.skip(reason="needs a GPU")
+@pytest.mark.hardware("tpu")
 def test_on_gpu(impl):
     raise AssertionError
 '''
@@ -336,7 +336,8 @@ def test_grade_solution_gives_full_marks(lab: Path) -> None:
     assert names == ["test_add", "test_add_zero[1]", "test_add_zero[2]", "test_counter",
                      "test_has_exercises", "test_on_gpu"]
     gpu = report.tests[-1]
-    assert (gpu.outcome, gpu.max_score, gpu.reason) == ("skipped", 0, "needs a GPU")
+    assert (gpu.outcome, gpu.max_score, gpu.reason) == ("not gradable here", 0, "needs tpu")
+    assert report.not_gradable == [gpu]
 
 
 def test_grade_student_notebook_gives_zero_on_exercises(lab: Path) -> None:
@@ -355,10 +356,12 @@ def test_results_json_and_table(lab: Path, tmp_path: Path, capsys) -> None:
             "--tests", str(lab / "tests" / "labs")]
     assert main_grade(argv) == 0
     data = json.loads(results.read_text())
-    assert set(data) == {"score", "max_score", "tests"}
-    assert (data["score"], data["max_score"]) == (1.0, 8.0)
+    assert set(data) == {"score", "extra_data", "tests", "output", "visibility",
+                         "stdout_visibility"}
+    assert (data["score"], data["extra_data"]["max_score"]) == (1.0, 8.0)
+    assert "not gradable here: test_on_gpu" in data["output"]
     for test in data["tests"]:
-        assert set(test) == {"name", "score", "max_score", "output", "visibility"}
+        assert set(test) == {"name", "score", "max_score", "status", "output", "visibility"}
         assert test["visibility"] == "visible" and isinstance(test["score"], float)
     assert data["tests"][0]["name"] == "test_add (add)"
     assert "NotImplementedError" in data["tests"][0]["output"]
@@ -369,7 +372,7 @@ def test_results_json_and_table(lab: Path, tmp_path: Path, capsys) -> None:
 def test_notebook_whose_cell_raises_fails_every_test(lab: Path) -> None:
     notebook = solution_notebook(lab, SOLUTION.replace("CWD = os.getcwd()", "CWD = 1 / 0"))
     report = grade(notebook, lab / "tests" / "labs")
-    graded = [test for test in report.tests if test.outcome != "skipped"]
+    graded = [test for test in report.tests if test.outcome != "not gradable here"]
     assert report.score == 0 and len(graded) == 5
     for test in graded:
         assert test.outcome == "failed"

@@ -9,10 +9,18 @@ directory and ``MINISYS_QUICK=1`` in the environment. Lines that start with
 A cell that raises does not crash anything: execution stops there and the
 error is kept in :attr:`LoadedLab.error`, so each test can fail with a message
 that names the cell.
+
+The grader loads a notebook with ``definitions_only=True``: of each cell it
+runs the top-level imports, ``def``/``class`` statements and assignments --
+what the exercises are made of -- and none of the top-level statements that
+only *do* something (calls, loops, ``if``/``with``/``try`` blocks, asserts,
+``del``): a cell that registers an ``atexit`` hook, skips, exits or patches
+pytest at top level has no effect on grading. Line numbers are kept.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import linecache
 import os
@@ -113,8 +121,30 @@ def strip_magics(source: str) -> str:
     return "\n".join("" if line.startswith(("%", "!")) else line for line in lines)
 
 
+DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+               ast.Assign, ast.AnnAssign, ast.AugAssign)
+
+
+def _is_definition(node: ast.stmt) -> bool:
+    """Imports, def, class, and assignments to plain names (not ``module.attr = ...``)."""
+    if not isinstance(node, DEFINITIONS):
+        return False
+    targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+    names = [t for target in targets if target is not None for t in ast.walk(target)
+             if isinstance(t, (ast.Attribute, ast.Subscript, ast.Starred))]
+    return not names
+
+
+def definitions(source: str, filename: str) -> ast.Module:
+    """``source`` parsed, keeping only its top-level definitions (see the module docstring)."""
+    tree = ast.parse(source, filename)
+    tree.body = [node for node in tree.body if _is_definition(node)]
+    return tree
+
+
 def execute_cells(
-    cells: list[GradingCell], root: str | Path, module_name: str = "lab_notebook"
+    cells: list[GradingCell], root: str | Path, module_name: str = "lab_notebook",
+    definitions_only: bool = False,
 ) -> LoadedLab:
     """``exec`` ``cells`` in order in a fresh module; stop at the first error."""
     module = types.ModuleType(module_name)
@@ -122,7 +152,8 @@ def execute_cells(
     with working_directory(root), environment(QUICK_ENV):
         for cell in cells:
             try:
-                exec(compile(cell.source, cell.filename, "exec"), module.__dict__)
+                code = definitions(cell.source, cell.filename) if definitions_only else cell.source
+                exec(compile(code, cell.filename, "exec"), module.__dict__)
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # noqa: BLE001 - SystemExit, pytest.skip too
@@ -130,10 +161,11 @@ def execute_cells(
     return LoadedLab(module)
 
 
-def load_lab(path: str | Path, root: str | Path, module_name: str = "lab_notebook") -> LoadedLab:
+def load_lab(path: str | Path, root: str | Path, module_name: str = "lab_notebook",
+             definitions_only: bool = False) -> LoadedLab:
     """Read ``path`` (a notebook or a solution source) and execute its cells."""
     path = Path(path)
-    loaded = execute_cells(grading_cells(path), root, module_name)
+    loaded = execute_cells(grading_cells(path), root, module_name, definitions_only)
     loaded.origin = f"notebook {path.name}" if path.suffix == ".ipynb" else f"solution {path.name}"
     return loaded
 

@@ -17,21 +17,32 @@ and calls the exercise functions on it::
 
 Executed namespaces are cached for the session. When a cell raises, every test
 that uses ``impl`` fails with a message naming the cell.
+
+Under the grader (a test child, see ``runner``) two more options apply:
+``--lab-root DIR`` is the working directory the notebook's cells run in, and
+``--lab-guard FILE`` lists the names the notebook may not use
+(:mod:`minisys.grading.guard`): they are guarded before its cells run and the
+namespace is sealed after. The grading channel is told when the cells start
+and end, so that the grader can time the notebook apart from the tests.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
+from minisys.grading import guard
+from minisys.grading.collector import PLUGIN_NAME, missing_hardware
 from minisys.grading.namespace import LoadedLab, load_lab
 
 __all__ = [
     "pytest_addoption",
     "pytest_configure",
     "pytest_generate_tests",
+    "pytest_collection_modifyitems",
     "lab_namespace_cache",
     "impl",
 ]
@@ -47,12 +58,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="PATH",
         help="grade this notebook: `impl` is only the namespace of its code cells",
     )
+    parser.addoption("--lab-root", default=None, metavar="DIR",
+                     help="working directory for the notebook's cells (default: the repository)")
+    parser.addoption("--lab-guard", default=None, metavar="FILE",
+                     help="JSON {lab, forbidden, exercises}: what the notebook may not use or import")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # Also declared in pyproject.toml; repeated so that labs outside this repo work.
     config.addinivalue_line("markers", "points(n): points a lab test is worth in the grader")
     config.addinivalue_line("markers", "exercise(name): the lab exercise a test grades")
+    config.addinivalue_line("markers", "hardware(name): the test needs this hardware (cuda)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``@pytest.mark.hardware("cuda")`` tests skip where it is missing (the grader: not gradable)."""
+    for item in items:
+        reason = missing_hardware(item)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=f"not gradable here: {reason}"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -88,11 +112,34 @@ def impl(request: pytest.FixtureRequest, lab_namespace_cache: dict) -> object:
         module_name = "lab_notebook"
     key = (kind, str(path))
     if key not in lab_namespace_cache:
-        lab_namespace_cache[key] = load_lab(path, find_lab_root(test_file), module_name)
+        if kind == "notebook":
+            lab_namespace_cache[key] = _load_graded_notebook(request.config, path, test_file)
+        else:
+            lab_namespace_cache[key] = load_lab(path, find_lab_root(test_file), module_name)
     loaded: LoadedLab = lab_namespace_cache[key]  # type: ignore[assignment]
     if loaded.error is not None:
         pytest.fail(loaded.error.message(loaded.origin), pytrace=False)
     return loaded.namespace
+
+
+def _load_graded_notebook(config: pytest.Config, path: Path, test_file: Path) -> LoadedLab:
+    """Run the notebook's cells with the lab's guard on; tell the grader when."""
+    channel = config.pluginmanager.get_plugin(PLUGIN_NAME)
+    guard_file = config.getoption("lab_guard", default=None)
+    root = config.getoption("lab_root", default=None) or find_lab_root(test_file)
+    lab = lab_number(test_file)
+    spec = {"forbidden": [], "exercises": []}
+    if guard_file:
+        spec = json.loads(Path(guard_file).read_text(encoding="utf-8"))
+    known = guard.install(spec["forbidden"], lab)
+    if channel is not None:
+        channel.send({"kind": "loading"})
+    loaded = load_lab(path, root, "lab_notebook", definitions_only=True)
+    if channel is not None:
+        channel.check_integrity()
+        channel.send({"kind": "loaded"})
+    guard.seal_namespace(loaded.namespace, known, lab, spec["exercises"])
+    return loaded
 
 
 def _reference(module: object) -> object:
