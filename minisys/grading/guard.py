@@ -183,6 +183,35 @@ def _solution_references(solution: Path) -> set[str]:
     return {name for name in names if name.startswith("minisys.")}
 
 
+RULES_HEADING = "## What the grader allows"
+
+
+def rules_paragraph(test_file: Path, solution: Path) -> str:
+    """The lesson's statement of which minisys names lab NN's notebook may use, derived from the
+    same sources the guard reads (``labs build`` writes it under `RULES_HEADING`; ``labs check``
+    fails when it drifts)."""
+    quote = lambda names: ", ".join(f"`{n}`" for n in names)
+    allowed = sorted(_solution_references(solution))
+    forbidden = forbidden_names(test_file, solution)
+    may = quote(allowed) if allowed else "none (plain Python and torch)"
+    text = f"Your notebook may use the minisys names its scaffolding already imports: {may}. "
+    if forbidden:
+        text += (f"It may not use minisys's own implementation of this lab's exercises ({quote(forbidden)}): "
+                 "the grader makes those raise when your code calls them, and ")
+    else:
+        text += "Besides, "
+    text += (f"every exercise ({quote(exercise_names(solution))}) must be defined in your notebook. "
+             "The grader runs your notebook's definitions (imports, `def`, `class`, assignments to names), "
+             "not its other top-level statements, with a time limit per test.")
+    return text
+
+
+def with_rules_section(lesson_text: str, paragraph: str) -> str:
+    """``lesson_text`` with its `RULES_HEADING` section (the last one) set to ``paragraph``."""
+    head = lesson_text.split(RULES_HEADING)[0].rstrip("\n")
+    return f"{head}\n\n{RULES_HEADING}\n\n{paragraph}\n"
+
+
 # --- the static scan (grader process) ---------------------------------------------
 
 

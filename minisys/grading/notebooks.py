@@ -20,6 +20,7 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from minisys.grading.guard import rules_paragraph, with_rules_section
 from minisys.grading.source import (
     Cell,
     LabFormatError,
@@ -68,11 +69,18 @@ def solution_sources(root: Path = REPO_ROOT) -> list[Path]:
 
 
 def expected_labs(root: Path = REPO_ROOT) -> dict[Path, bytes]:
-    """What labs/ must hold: notebook path -> bytes, generated in memory."""
+    """What labs/ must hold: notebook path -> bytes, generated in memory; plus, for each lab with a
+    lesson and tests, the lesson with its "what the grader allows" section (`guard.rules_paragraph`)."""
     expected = {}
     for source in solution_sources(root):
         lab = parse_solution(source)
         expected[root / "labs" / lab.notebook_name] = notebook_bytes(build_notebook(lab))
+        number = source.name[3:5]
+        tests = root / "tests" / "labs" / f"test_lab{number}.py"
+        for lesson in sorted((root / "lessons").glob(f"{number}-*.md")):
+            if tests.exists():
+                text = with_rules_section(lesson.read_text(encoding="utf-8"), rules_paragraph(tests, source))
+                expected[lesson] = text.encode("utf-8")
     return expected
 
 

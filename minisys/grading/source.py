@@ -1,4 +1,4 @@
-"""Read a lab's solution source: the "percent" notebook format, parsed by hand.
+"""Read a lab's solution source: the "percent" notebook format, read by jupytext.
 
 A solution source ``solutions/labNN_<slug>.py`` is a Python file that is also
 a notebook. Cells start at header lines::
@@ -9,7 +9,10 @@ a notebook. Cells start at header lines::
     # %% tags=["benchmark"]         a code cell with tags (a JSON list)
     # %% [markdown] tags=["x"]      a markdown cell with tags
 
-Inside code cells, exercise regions are marked::
+`jupytext` (the well-kept reader and writer of that format) splits the
+cells; this module adds what the course needs on top: each cell's line in
+the file (tracebacks and errors point into the solution), the layout checks
+below, and the exercise markers. Inside code cells, exercise regions are marked::
 
     ### BEGIN SOLUTION
     ...the code students write...
@@ -33,6 +36,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import jupytext
 
 BEGIN_MARKER = "### BEGIN SOLUTION"
 END_MARKER = "### END SOLUTION"
@@ -117,23 +122,33 @@ def parse_solution(path: str | Path) -> LabSource:
 
 
 def parse_percent(text: str, path: str | Path = "<solution>") -> list[Cell]:
-    """Split percent-format ``text`` into cells (markdown comments stripped)."""
-    cells: list[Cell] = []
-    header: tuple[CellKind, tuple[str, ...]] | None = None
-    body: list[tuple[int, str]] = []  # (line number, text) of the current cell
+    """Split percent-format ``text`` into cells (jupytext), after checking the layout rules."""
+    starts = _check_layout(text, path)
+    notebook = jupytext.reads(text, fmt="py:percent")
+    if len(notebook.cells) != len(starts):
+        raise LabFormatError(path, 1, f"jupytext read {len(notebook.cells)} cells, the file has "
+                                      f"{len(starts)} '# %%' headers")
+    return [Cell(cell.cell_type, cell.source, tuple(cell.metadata.get("tags", ())), line)
+            for cell, line in zip(notebook.cells, starts)]
+
+
+def _check_layout(text: str, path: str | Path) -> list[int]:
+    """Raise `LabFormatError` on text before the first header, an unreadable header, or a markdown
+    line that is not a comment; return each cell's first non-blank line (1-based)."""
+    starts: list[int] = []
+    kind: CellKind | None = None
     for number, line in enumerate(text.splitlines(), start=1):
         if CELL_HEADER.match(line):
-            if header is not None:
-                cells.append(_make_cell(header, body, path))
-            header, body = _parse_header(line, path, number), []
-        elif header is None:
+            kind = _parse_header(line, path, number)[0]
+            starts.append(0)
+        elif kind is None:
             if line.strip():
                 raise LabFormatError(path, number, "text before the first '# %%' cell header")
-        else:
-            body.append((number, line))
-    if header is not None:
-        cells.append(_make_cell(header, body, path))
-    return cells
+        elif line.strip():
+            if kind == "markdown" and not line.startswith("#"):
+                raise LabFormatError(path, number, "markdown lines must be comments ('# text')")
+            starts[-1] = starts[-1] or number
+    return [n or 1 for n in starts]
 
 
 def _parse_header(line: str, path: str | Path, number: int) -> tuple[CellKind, tuple[str, ...]]:
@@ -150,30 +165,6 @@ def _parse_header(line: str, path: str | Path, number: int) -> tuple[CellKind, t
         if not all(isinstance(tag, str) for tag in tags):
             raise LabFormatError(path, number, "tags must be strings")
     return ("markdown" if match["kind"] else "code"), tags
-
-
-def _make_cell(
-    header: tuple[CellKind, tuple[str, ...]], body: list[tuple[int, str]], path: str | Path
-) -> Cell:
-    """Trim blank lines around ``body``; for markdown, strip the comment prefix."""
-    kind, tags = header
-    while body and not body[-1][1].strip():
-        body.pop()
-    while body and not body[0][1].strip():
-        body.pop(0)
-    first_line = body[0][0] if body else 1
-    if kind == "code":
-        return Cell(kind, "\n".join(text for _, text in body), tags, first_line)
-    return Cell(kind, "\n".join(_uncomment(text, path, n) for n, text in body), tags, first_line)
-
-
-def _uncomment(line: str, path: str | Path, number: int) -> str:
-    """``# text`` -> ``text``; ``#`` or a blank line -> ``""``."""
-    if not line.strip():
-        return ""
-    if not line.startswith("#"):
-        raise LabFormatError(path, number, "markdown lines must be comments ('# text')")
-    return line[2:] if line.startswith("# ") else line[1:]
 
 
 def exercise_regions(
