@@ -25,6 +25,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="auto",
                    help="attention backend (auto, reference, sdpa, tiled, decode, decode-splitk, paged)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--rebuild-cache", action="store_true",
+                   help="convert the model into the cache again (a damaged cache is rebuilt anyway)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -41,7 +43,7 @@ def _llm(args):
     so they need no engine (and no paged KV pool sized for many requests)."""
     from .llm import LLM
     return LLM(args.model, device=args.device, dtype=args.dtype, attention_backend=args.attention,
-               use_kv_cache=not args.no_kv_cache, engine="eager")
+               use_kv_cache=not args.no_kv_cache, engine="eager", rebuild_cache=args.rebuild_cache)
 
 
 def _params(args):

@@ -39,13 +39,14 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, device: str | None = None,
                  dtype: torch.dtype | str | None = None, attention_backend: str = "auto",
                  use_kv_cache: bool = True, quiet: bool = False, engine: str = "llm",
-                 engine_config: EngineConfig | None = None) -> None:
+                 engine_config: EngineConfig | None = None, rebuild_cache: bool = False) -> None:
         if isinstance(dtype, str):
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                      "float16": torch.float16}.get(dtype) or _bad_dtype(dtype)
         if engine not in ("llm", "eager"):
             raise ValueError(f"engine must be 'llm' (continuous batching) or 'eager', got {engine!r}")
-        self.model, self.tokenizer = load(model, device, dtype, attention_backend, quiet=quiet)
+        self.model, self.tokenizer = load(model, device, dtype, attention_backend, quiet=quiet,
+                                          rebuild_cache=rebuild_cache)
         self.runner = EagerGenerator(self.model, self.tokenizer, use_kv_cache=use_kv_cache)
         self.engine_kind = engine
         self.engine = LLMEngine(self.model, self.tokenizer, engine_config) if engine == "llm" else None

@@ -27,19 +27,21 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def resolve_model_dir(model: str | os.PathLike | None = None, quiet: bool = False) -> Path:
+def resolve_model_dir(model: str | os.PathLike | None = None, quiet: bool = False,
+                      rebuild_cache: bool = False) -> Path:
+    """The Hugging Face directory to load: a local one as given, or a converted one from the cache
+    (checked against its manifest; ``rebuild_cache`` converts again)."""
     model = model or os.environ.get("MINISYS_MODEL")
     if model is None:
         from .store import default_model_dir
-        return default_model_dir(quiet=quiet)
+        return default_model_dir(quiet=quiet, rebuild=rebuild_cache)
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         from .gguf_loader import convert_gguf_to_hf_dir
-        from .store import cache_dir, sha256_of
+        from .manifest import ensure_converted, sha256_of
+        from .store import cache_dir
         out = cache_dir() / "converted" / sha256_of(path)[:16]
-        if not (out / "config.json").exists():
-            convert_gguf_to_hf_dir(path, out)
-        return out
+        return ensure_converted(out, lambda tmp: convert_gguf_to_hf_dir(path, tmp), str(path), rebuild_cache)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json); minisys loads local "
                                 "Hugging Face directories or .gguf files and never downloads from a hub")
@@ -54,15 +56,26 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no *.safetensors in {path}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:                   # safetensors raises its own error types
+            raise ValueError(f"cannot read the weights in {f}: {e}") from None
     return state
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The model's `ModelConfig` from ``path/config.json``; ValueError naming the file if it is bad."""
+    try:
+        return ModelConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path / 'config.json'} is not a valid model config ({type(e).__name__}: {e})") from None
 
 
 def load_model(path: Path, device: str | None = None, dtype: torch.dtype | None = None,
                attention_backend: str = "auto") -> LlamaModel:
     device = device or default_device()
     dtype = dtype or default_dtype(device)
-    config = ModelConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
+    config = read_config(path)
     with torch.device("meta"):
         model = LlamaModel(config, attention_backend=attention_backend)
     state = load_state_dict(path)
@@ -89,9 +102,9 @@ def _check_keys(model: LlamaModel, state: dict) -> tuple[list[str], list[str]]:
 
 def load(model: str | os.PathLike | None = None, device: str | None = None,
          dtype: torch.dtype | None = None, attention_backend: str = "auto",
-         quiet: bool = False) -> tuple[LlamaModel, Tokenizer]:
-    """Load (model, tokenizer) from the default model or a local path."""
-    path = resolve_model_dir(model, quiet=quiet)
+         quiet: bool = False, rebuild_cache: bool = False) -> tuple[LlamaModel, Tokenizer]:
+    """Load (model, tokenizer) from the default model or a local path (``rebuild_cache``: convert again)."""
+    path = resolve_model_dir(model, quiet=quiet, rebuild_cache=rebuild_cache)
     m = load_model(path, device, dtype, attention_backend)
     tok = Tokenizer.from_dir(path, eos_token_ids=m.config.eos_token_ids)
     return m, tok

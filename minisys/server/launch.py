@@ -22,6 +22,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The server's own flags, written here; then one flag per `EngineConfig` field (`engine_args`)."""
     p.add_argument("--model", default=None, help="local HF directory or .gguf (default: $MINISYS_MODEL "
                    "or SmolLM2-135M-Instruct from the package cache)")
+    p.add_argument("--rebuild-cache", action="store_true",
+                   help="convert the model into the cache again (a damaged cache is rebuilt anyway)")
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -69,7 +71,7 @@ def build_engine(args, config: EngineConfig | None):
     from .async_engine import AsyncEagerEngine, AsyncLLMEngine
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, attention_backend=args.attention,
-              quiet=True, engine=args.engine, engine_config=config)
+              quiet=True, engine=args.engine, engine_config=config, rebuild_cache=args.rebuild_cache)
     engine = AsyncLLMEngine(llm.engine) if args.engine == "llm" else AsyncEagerEngine(llm.runner)
     return engine, llm.tokenizer, llm.model
 
