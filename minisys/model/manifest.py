@@ -42,7 +42,7 @@ def verify(directory: Path) -> list[str]:
     """What is wrong with ``directory`` against its manifest ([] when every file matches)."""
     manifest = directory / MANIFEST
     if not manifest.exists():
-        return [f"{manifest} is missing (the conversion never finished)"]
+        return [f"{manifest} is missing (the conversion never finished, or an older minisys wrote this cache)"]
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
