@@ -116,7 +116,10 @@ def eager_greedy(eager, prompt_ids: list[int], max_tokens: int):
 
 
 def metrics(url: str) -> dict[str, float]:
-    return parse_metrics(httpx.get(url + "/metrics", timeout=10).text)
+    """The scrape; /metrics needs the key when one is set (issue 23), both servers here have one."""
+    r = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    r.raise_for_status()
+    return parse_metrics(r.text)
 
 
 def chat_prompt_ids(hf_tok, messages) -> list[int]:
@@ -557,8 +560,8 @@ def test_eager_server_aborts_disconnected_clients(eager_server):
 
 # ------------------------------------------------------------------ in process: an engine that fails
 def test_engine_failure_fails_its_requests_and_the_server_recovers(smol):
-    """A step that raises: its requests get an error (500 / an SSE error event), nothing stays in the
-    engine, /health stays green and the next request is served."""
+    """A step that raises: its requests get an error (500 / an SSE error event) with an error id and no
+    exception text, nothing stays in the engine, /health stays green and the next request is served."""
     from fastapi.testclient import TestClient
 
     from minisys.engine.config import EngineConfig
@@ -581,13 +584,15 @@ def test_engine_failure_fails_its_requests_and_the_server_recovers(smol):
     with TestClient(build_app(AsyncLLMEngine(engine), tok, MODEL)) as c:
         fail["next"] = True
         r = c.post("/v1/completions", json=body)
-        assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+        assert r.status_code == 500 and "injected failure" not in r.text      # issue 23: an id, no exception text
+        assert r.json()["error"]["error_id"] in r.json()["error"]["message"]
         ok = c.post("/v1/completions", json=body)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
         fail["next"] = True
         with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
             lines = [line for line in s.iter_lines() if line]
-        assert "injected failure" in json.loads(lines[-2][len("data: "):])["error"]["message"]
+        err = json.loads(lines[-2][len("data: "):])["error"]
+        assert err["error_id"] in err["message"] and "injected failure" not in "".join(lines)
         assert lines[-1] == "data: [DONE]"
         assert c.get("/health").status_code == 200
         again = c.post("/v1/completions", json=body)

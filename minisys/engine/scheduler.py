@@ -42,9 +42,9 @@ nothing waits forever.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from ..kv.block_allocator import BlockAllocator
 from .config import EngineConfig
@@ -72,6 +72,65 @@ def split_budget(budget: int, num_decodes: int, remaining: list[int]) -> list[in
         chunks.append(min(r, left))
         left -= chunks[-1]
     return chunks
+
+
+class WaitingQueue:
+    """The FCFS queue of WAITING requests: deque-like, plus O(1) removal of any request.
+
+    Supports what the scheduler (and the labs) use of a deque: ``append``,
+    ``appendleft``, ``popleft``, ``q[0]`` (the head), ``len``, truth and
+    iteration head first; and ``remove(req)`` in O(1), so aborting a
+    request's ``n`` sequences costs O(n), not a scan of the queue per
+    sequence. Invariant: at most one entry per ``request_id`` (a request is
+    queued once); the order is the queue order.
+    """
+
+    def __init__(self) -> None:
+        self._reqs: OrderedDict[str, Request] = OrderedDict()
+
+    def append(self, req: Request) -> None:
+        self._put(req)
+
+    def appendleft(self, req: Request) -> None:
+        self._put(req)
+        self._reqs.move_to_end(req.request_id, last=False)
+
+    def _put(self, req: Request) -> None:
+        if req.request_id in self._reqs:
+            raise ValueError(f"request {req.request_id!r} is already waiting")
+        self._reqs[req.request_id] = req
+
+    def popleft(self) -> Request:
+        if not self._reqs:
+            raise IndexError("pop from an empty waiting queue")
+        return self._reqs.popitem(last=False)[1]
+
+    def remove(self, req: Request) -> None:
+        """Drop ``req`` (ValueError if it is not waiting here)."""
+        if self._reqs.get(req.request_id) is not req:
+            raise ValueError(f"request {req.request_id!r} is not waiting")
+        del self._reqs[req.request_id]
+
+    def __getitem__(self, index: int) -> Request:
+        if index == 0 and self._reqs:
+            return next(iter(self._reqs.values()))
+        if index < 0:
+            index += len(self._reqs)
+        if not 0 <= index < len(self._reqs):
+            raise IndexError("waiting queue index out of range")
+        return list(self._reqs.values())[index]
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(list(self._reqs.values()))
+
+    def __len__(self) -> int:
+        return len(self._reqs)
+
+    def __bool__(self) -> bool:
+        return bool(self._reqs)
+
+    def __repr__(self) -> str:
+        return f"WaitingQueue({[r.request_id for r in self]})"
 
 
 @dataclass
@@ -128,7 +187,7 @@ class Scheduler:
         self.config = config
         self.allocator = allocator or BlockAllocator(config.num_kv_blocks, config.block_size,
                                                      config.enable_prefix_caching)
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()              # FCFS; O(1) removal (abort)
         self.running: list[Request] = []          # admission order: oldest first, newest last
         self._arrivals = 0
         self.num_preemptions = 0
@@ -173,7 +232,7 @@ class Scheduler:
             self.running.remove(req)
             self.allocator.free(req.request_id)
         elif req.status is RequestStatus.WAITING:
-            self.waiting.remove(req)
+            self.waiting.remove(req)              # O(1): see WaitingQueue
         req.transition(RequestStatus.FINISHED)
         req.finish_reason = reason
 

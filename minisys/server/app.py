@@ -15,31 +15,46 @@ engine holds back text that could still become a stop string).
 Invariant: every request added to the engine either finishes or is
 aborted; the generator's ``finally`` aborts it when the client goes away
 mid-stream or while queued (starlette cancels the stream on disconnect), and
-non-streamed requests poll ``is_disconnected``.
+non-streamed requests poll ``is_disconnected``. Each HTTP request's
+admission `Ticket` (`limits`) is released exactly when its engine requests
+are finished or aborted (`Server.finish`).
+
+Nothing heavy runs on the event loop: the body is parsed and validated,
+the chat template applied and the prompts tokenized in a worker thread
+(`asyncio.to_thread`; HF ``tokenizers`` is thread-safe and releases the
+GIL), the engine steps and detokenizes on its own thread, and a body over
+``--max-body-bytes`` is refused with a 413 before it is parsed
+(`middleware`). So ``/health`` and the other streams keep being served
+while any request is being prepared.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Callable, Optional, Union
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..model.tokenizer import Tokenizer
-from .async_engine import RequestStream
-from .errors import OpenAIError, error_body, error_response, install_error_handlers
+from .async_engine import PromptError, RequestStream
+from .errors import OpenAIError, error_body, install_error_handlers, internal_error_body
+from .limits import Admission, ServerLimits, Ticket
 from .metrics import ServerMetrics
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, ErrorCountMiddleware
 from . import protocol as P
 
 DISCONNECT_POLL_S = 0.25
+VALIDATE_CHUNK = 1000      # chat messages validated per call (pydantic holds the GIL while it validates)
+_MESSAGES = TypeAdapter(list[P.ChatMessage])
+LONG_TEXT_CHARS = 10_000   # longer texts are tokenized with the GIL released (`Server.encode`)
 
 
 @dataclass
@@ -156,11 +171,13 @@ def _sse(obj) -> str:
 
 
 class Server:
-    """The routes' shared state: engine, tokenizer, served model name, API key, metrics."""
+    """The routes' shared state: engine, tokenizer, served model name, API key, metrics, admission."""
 
-    def __init__(self, engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None) -> None:
+    def __init__(self, engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None,
+                 limits: Optional[ServerLimits] = None) -> None:
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
         self.metrics = ServerMetrics(model_name, engine.stats)
+        self.admission = Admission(limits or ServerLimits())
 
     # ------------------------------------------------------------ request in
     def check_model(self, model: Optional[str]) -> None:
@@ -169,28 +186,35 @@ class Server:
                               status=404, param="model", code="model_not_found")
 
     async def add(self, base_id: str, prompts: list[tuple[Optional[str], list[int]]],
-                  params: SamplingParams) -> list[RequestStream]:
-        """Add one engine request per prompt; on any refusal abort those already added and raise a 400."""
-        streams: list[RequestStream] = []
+                  params: SamplingParams, user: Optional[str] = None) -> tuple[list[RequestStream], Ticket]:
+        """Admit (`Admission`: 400/429 naming the limit) and add one engine request per prompt, all in
+        one engine call; on a refusal nothing stays queued or reserved (400 naming the prompt)."""
+        ticket = self.admission.admit([len(ids) for _, ids in prompts], params.n, user)
+        items = [(base_id if len(prompts) == 1 else f"{base_id}-{i}", ids, params, text)
+                 for i, (text, ids) in enumerate(prompts)]
         try:
-            for i, (text, ids) in enumerate(prompts):
-                rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-                streams.append(await self.engine.add_request(rid, ids, params, text))
-        except ValueError as e:
-            self.abort(streams)
-            where = f"prompt {i}: " if len(prompts) > 1 else ""
-            raise OpenAIError(where + str(e), param="prompt") from None
+            streams = await self.engine.add_requests(items)       # all or none
+        except PromptError as e:
+            self.admission.release(ticket)
+            where = f"prompt {e.index}: " if len(prompts) > 1 else ""
+            raise OpenAIError(where + e.reason, param="prompt") from None
         except BaseException:
-            self.abort(streams)
+            self.admission.release(ticket)
             raise
-        return streams
+        return streams, ticket
 
     def abort(self, streams: list[RequestStream]) -> None:
+        """Abort the unfinished streams (no-op for finished ones: safe to call again)."""
         for s in streams:
             if not s.finished:
                 s.finished = True
                 self.engine.abort(s.request_id)
                 self.metrics.requests_aborted.inc()
+
+    def finish(self, streams: list[RequestStream], ticket: Ticket) -> None:
+        """The HTTP request is over (answered, failed or gone): abort what is left, release its ticket."""
+        self.abort(streams)
+        self.admission.release(ticket)
 
     async def collect(self, raw: Request, streams: list[RequestStream], tracker: _Tracker) -> None:
         """Run a non-streamed request to the end; abort it if the client disconnects meanwhile."""
@@ -213,33 +237,98 @@ class Server:
                 task.cancel()
             self.abort(streams)
 
+    def encode(self, text: str) -> list[int]:
+        """`Tokenizer.encode`'s ids, without holding the GIL on a long text.
+
+        HF ``tokenizers``' ``encode`` was measured holding the GIL for the
+        whole of a multi-MB text (seconds: /health stalled with it), while
+        ``encode_batch`` releases it; same ids. TODO(integrator): a public
+        method on `minisys.model.tokenizer.Tokenizer` instead of ``_tk``.
+        """
+        hf = getattr(self.tokenizer, "_tk", None)
+        if hf is not None and len(text) > LONG_TEXT_CHARS:
+            return hf.encode_batch([text], add_special_tokens=False)[0].ids
+        return self.tokenizer.encode(text)
+
     def tokenize_prompts(self, req: P.CompletionRequest) -> list[tuple[Optional[str], list[int]]]:
+        """(text, ids) per prompt. Blocking: the routes run it in a worker thread."""
         out = []
         for p in req.prompts():
-            out.append((p, self.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)))
+            out.append((p, self.encode(p)) if isinstance(p, str) else (None, list(p)))
         return out
 
-
-class ApiKeyMiddleware:
-    """Pure ASGI (not BaseHTTPMiddleware, which hides client disconnects): 401 on /v1 without the key."""
-
-    def __init__(self, app, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(auth, self.expected):
-                body = error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                  code="invalid_api_key")
-                await JSONResponse(body, status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    def chat_prompt(self, req: P.ChatCompletionRequest) -> list[tuple[Optional[str], list[int]]]:
+        """The conversation through the chat template, tokenized. Blocking: run in a worker thread."""
+        try:
+            text = self.tokenizer.apply_chat_template(req.conversation(), req.add_generation_prompt)
+        except ValueError:
+            raise
+        except Exception as e:            # jinja2 errors from the template
+            raise OpenAIError(f"could not apply the chat template: {e}") from None
+        return [(text, self.encode(text))]
 
 
-def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` (an `AsyncLLMEngine` or `AsyncEagerEngine`, not yet started)."""
-    server = Server(engine, tokenizer, model_name, api_key)
+class _FinishingStream(StreamingResponse):
+    """A `StreamingResponse` that calls ``on_close()`` once it is over, however it ends: finished, the
+    client gone before the generator started, or an error while sending (where starlette would skip a
+    background task)."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kw) -> None:
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _parse_body(body: bytes, model: type[BaseModel]) -> BaseModel:
+    """The request model of a JSON body, with FastAPI's error shapes (RequestValidationError -> 400).
+
+    Blocking (runs in a worker thread). A long ``messages`` list is validated
+    in slices of `VALIDATE_CHUNK`: pydantic holds the GIL while it validates,
+    and 100,000 messages in one call would stall the event loop for ~1 s.
+    """
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", getattr(e, "pos", 0)),
+                                       "msg": "JSON decode error", "input": {},
+                                       "ctx": {"error": getattr(e, "msg", str(e))}}]) from None
+    messages = data.get("messages") if isinstance(data, dict) else None
+    chunked = isinstance(messages, list) and len(messages) > VALIDATE_CHUNK and "messages" in model.model_fields
+    try:
+        if not chunked:
+            return model.model_validate(data)
+        req = model.model_validate({**data, "messages": []})
+        parsed: list = []
+        for start in range(0, len(messages), VALIDATE_CHUNK):
+            try:
+                parsed += _MESSAGES.validate_python(messages[start:start + VALIDATE_CHUNK])
+            except ValidationError as e:     # indices relative to the slice -> to the whole list
+                raise RequestValidationError([{**err, "loc": ("body", "messages", err["loc"][0] + start,
+                                                              *err["loc"][1:])} for err in e.errors()]) from None
+        req.messages = parsed
+        return req
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
+async def _parse(raw: Request, model: type[BaseModel]) -> BaseModel:
+    return await asyncio.to_thread(_parse_body, await raw.body(), model)
+
+
+def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None,
+              limits: Optional[ServerLimits] = None, metrics_open: bool = False) -> FastAPI:
+    """The FastAPI app serving ``engine`` (an `AsyncLLMEngine` or `AsyncEagerEngine`, not yet started).
+
+    ``api_key``: required on /v1 (and /metrics unless ``metrics_open``);
+    ``limits``: admission and body-size limits (default `ServerLimits()`).
+    """
+    limits = limits or ServerLimits()
+    server = Server(engine, tokenizer, model_name, api_key, limits)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -251,8 +340,10 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
     app.state.server = server
     install_error_handlers(app)
 
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)        # innermost
     if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, protect_metrics=not metrics_open)
+    app.add_middleware(ErrorCountMiddleware, count=server.metrics.error)           # outermost
 
     @app.get("/health")
     async def health():
@@ -271,26 +362,27 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
         return JSONResponse(P.ModelList(data=[card]).model_dump())
 
     @app.post("/v1/completions")
-    async def completions(req: P.CompletionRequest, raw: Request):
+    async def completions(raw: Request):
+        req = await _parse(raw, P.CompletionRequest)
         server.check_model(req.model)
         try:
             params = req.to_sampling_params()
-            prompts = server.tokenize_prompts(req)
+            server.admission.check_shape(len(req.prompts()), params.n)     # before tokenizing anything
+            prompts = await asyncio.to_thread(server.tokenize_prompts, req)
         except ValueError as e:
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
         return await _respond(server, raw, req, params, prompts, P.random_id("cmpl"), chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: P.ChatCompletionRequest, raw: Request):
+    async def chat_completions(raw: Request):
+        req = await _parse(raw, P.ChatCompletionRequest)
         server.check_model(req.model)
         try:
             params = req.to_sampling_params()
-            text = tokenizer.apply_chat_template(req.conversation(), req.add_generation_prompt)
+            server.admission.check_shape(1, params.n)
+            prompts = await asyncio.to_thread(server.chat_prompt, req)
         except ValueError as e:
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
-        except Exception as e:            # jinja2 errors from the template
-            raise OpenAIError(f"could not apply the chat template: {e}") from None
-        prompts = [(text, tokenizer.encode(text))]
         return await _respond(server, raw, req, params, prompts, P.random_id("chatcmpl"), chat=True)
 
     return app
@@ -298,24 +390,24 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
 
 async def _respond(server: Server, raw: Request, req, params: SamplingParams,
                    prompts: list[tuple[Optional[str], list[int]]], request_id: str, chat: bool):
-    streams = await server.add(request_id, prompts, params)
+    streams, ticket = await server.add(request_id, prompts, params, req.user)
     tracker = _Tracker(params.n, [len(ids) for _, ids in prompts], server.metrics, streams[0].arrival)
     created = int(time.time())
     if req.stream:
         opts = req.stream_options
         include_usage = bool(opts and opts.include_usage)
         tracker.continuous_usage = bool(include_usage and opts.continuous_usage_stats)
-        gen = (_chat_stream if chat else _completion_stream)(server, streams, tracker, request_id, created,
-                                                              include_usage)
-        # the background task runs even when the client left before the generator started
-        return StreamingResponse(gen, media_type="text/event-stream",
-                                 background=BackgroundTask(server.abort, streams))
+        gen = (_chat_stream if chat else _completion_stream)(server, streams, ticket, tracker, request_id,
+                                                              created, include_usage)
+        return _FinishingStream(gen, lambda: server.finish(streams, ticket), media_type="text/event-stream")
     try:
         await server.collect(raw, streams, tracker)
     except asyncio.CancelledError:
         return JSONResponse(error_body("client disconnected"), status_code=499)
     except Exception as exc:
-        return error_response(OpenAIError(f"generation failed: {exc}", status=500, type="internal_error"))
+        return JSONResponse(internal_error_body(exc, f"generation failed for {request_id}"), status_code=500)
+    finally:
+        server.finish(streams, ticket)
     name = server.model_name
     if chat:
         choices = [P.ChatChoice(index=i, message=P.ChatResponseMessage(content=c.text),
@@ -331,9 +423,11 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams,
     return JSONResponse(body.model_dump())
 
 
-async def _stream_events(server: Server, streams: list[RequestStream], tracker: _Tracker,
+async def _stream_events(server: Server, streams: list[RequestStream], ticket: Ticket, tracker: _Tracker,
                          chunk, usage_chunk) -> AsyncIterator[str]:
-    """SSE lines: ``chunk(index, delta, choice)`` per event, the usage chunk, ``[DONE]``; aborts on exit."""
+    """SSE lines: ``chunk(index, delta, choice)`` per event, the usage chunk, ``[DONE]``; on exit aborts
+    what is left and releases the ticket. A failure is an SSE error event (an error id, no exception
+    text), counted as a 500."""
     try:
         async for i, out in _merge(streams):
             for idx, delta, ch in tracker.update(i, out):
@@ -344,13 +438,14 @@ async def _stream_events(server: Server, streams: list[RequestStream], tracker: 
         if usage_chunk is not None:
             yield _sse(usage_chunk(tracker.usage()))
     except Exception as exc:
-        yield _sse(error_body(f"generation failed: {exc}", "internal_error"))
+        server.metrics.error("500")
+        yield _sse(internal_error_body(exc, "generation failed while streaming"))
     finally:
-        server.abort(streams)          # no-op for finished requests; frees the KV blocks of the rest
+        server.finish(streams, ticket)   # no-op for finished requests; frees the KV blocks of the rest
     yield "data: [DONE]\n\n"
 
 
-def _completion_stream(server, streams, tracker, request_id, created, include_usage):
+def _completion_stream(server, streams, ticket, tracker, request_id, created, include_usage):
     name = server.model_name
 
     def chunk(idx, delta, ch):
@@ -360,10 +455,10 @@ def _completion_stream(server, streams, tracker, request_id, created, include_us
     def usage_chunk(usage):
         return P.CompletionResponse(id=request_id, created=created, model=name, choices=[], usage=usage)
 
-    return _stream_events(server, streams, tracker, chunk, usage_chunk if include_usage else None)
+    return _stream_events(server, streams, ticket, tracker, chunk, usage_chunk if include_usage else None)
 
 
-async def _chat_stream(server, streams, tracker, request_id, created, include_usage):
+async def _chat_stream(server, streams, ticket, tracker, request_id, created, include_usage):
     name = server.model_name
 
     def make(choices, usage=None):
@@ -379,5 +474,6 @@ async def _chat_stream(server, streams, tracker, request_id, created, include_us
     def usage_chunk(usage):
         return make([], usage)
 
-    async for line in _stream_events(server, streams, tracker, chunk, usage_chunk if include_usage else None):
+    async for line in _stream_events(server, streams, ticket, tracker, chunk,
+                                     usage_chunk if include_usage else None):
         yield line

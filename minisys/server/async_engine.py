@@ -3,6 +3,7 @@
     engine = AsyncLLMEngine(LLMEngine(model, tok))
     await engine.start()
     stream = await engine.add_request("r1", prompt_ids, params)  # ValueError: never servable
+    streams = await engine.add_requests([(rid, ids, params, text), ...])   # one trip, all or none
     async for out in stream:          # RequestOutput, cumulative text/token_ids per choice
         ...
     engine.abort("r1")                 # client gone: drop it, free its KV blocks
@@ -17,12 +18,18 @@ between steps, and hands each step's outputs to the requests' mailboxes
 (`OutputSlot`: the newest cumulative output wins, so a slow reader costs
 no memory).
 
+A step that raises is logged with its traceback and an error id (logger
+``minisys.server``), counted (``num_step_errors``), and fails only the
+requests in flight, with an `EngineDeadError` carrying that id and no
+exception text (the client sees the id; the log has the detail).
+
 `AsyncEagerEngine` serves the same interface one request at a time with the
 eager baseline (`EagerGenerator`): the baseline server of the benchmark.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
@@ -31,10 +38,38 @@ from ..engine.eager import EagerGenerator
 from ..engine.llm_engine import LLMEngine
 from ..engine.outputs import CompletionOutput, RequestOutput
 from ..engine.sampling_params import SamplingParams
+from .errors import new_error_id
+
+logger = logging.getLogger("minisys.server")
+
+AddItem = tuple[str, list[int], SamplingParams, "str | None"]     # (request id, prompt ids, params, prompt text)
 
 
 class EngineDeadError(RuntimeError):
-    """The engine raised while stepping; the requests that were in it cannot continue."""
+    """The engine raised while stepping; the requests that were in it cannot continue.
+
+    Its message is generic: the exception's text and traceback are in the
+    log under ``error_id``, never sent to a client.
+    """
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(f"the engine failed (error id {error_id})")
+        self.error_id = error_id
+
+
+class PromptError(ValueError):
+    """`add_requests`: item ``index`` can never be served (``reason``: the engine's message); nothing added."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index, self.reason = index, reason
+
+
+def _log_failure(what: str, num_requests: int) -> str:
+    """Log the exception being handled, with its traceback, under a new error id; return the id."""
+    error_id = new_error_id()
+    logger.error("%s (error id %s); failing %d request(s)", what, error_id, num_requests, exc_info=True)
+    return error_id
 
 
 class OutputSlot:
@@ -100,6 +135,7 @@ class _AsyncEngineBase:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.num_aborted = 0
+        self.num_step_errors = 0
 
     async def _call(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` on the engine thread (after every call submitted before it)."""
@@ -132,9 +168,29 @@ class _AsyncEngineBase:
             if out.finished:
                 del self._queues[out.request_id]
 
-    def _fail_all(self, exc: BaseException) -> list[str]:
-        """Send the error to every open request; return their ids (still to be aborted in the engine)."""
-        err = EngineDeadError(f"the engine failed while stepping: {type(exc).__name__}: {exc}")
+    async def add_requests(self, items: list[AddItem]) -> list[RequestStream]:
+        """Queue several requests, all or none: `PromptError` (with the index) if one can never be served.
+
+        The default adds one at a time; `AsyncLLMEngine` adds all in one trip to the engine thread.
+        """
+        streams: list[RequestStream] = []
+        try:
+            for i, (rid, ids, params, prompt) in enumerate(items):
+                try:
+                    streams.append(await self.add_request(rid, ids, params, prompt))
+                except ValueError as e:
+                    raise PromptError(i, str(e)) from None
+        except BaseException:
+            for s in streams:
+                self.abort(s.request_id)
+            raise
+        return streams
+
+    def _fail_all(self) -> list[str]:
+        """Log the step's exception (being handled), send an `EngineDeadError` to every open request;
+        return their ids (still to be aborted in the engine)."""
+        self.num_step_errors += 1
+        err = EngineDeadError(_log_failure("engine step failed", len(self._queues)))
         for q in self._queues.values():
             q.put_nowait(err)
         ids = list(self._queues)
@@ -176,6 +232,35 @@ class AsyncLLMEngine(_AsyncEngineBase):
         self._wake.set()
         return RequestStream(request_id, queue)
 
+    async def add_requests(self, items: list[AddItem]) -> list[RequestStream]:
+        """Queue several requests in ONE call on the engine thread, all or none (`PromptError` with the
+        index of the one refused). One trip, however many prompts: adding never waits behind a step
+        per prompt, and a client that leaves meanwhile has everything it added aborted."""
+        slots = [OutputSlot() for _ in items]
+        for (rid, *_), slot in zip(items, slots):
+            self._queues[rid] = slot                    # registered first: no output can be missed
+        try:
+            await self._call(self._add_all, items)
+        except BaseException:
+            for rid, *_ in items:
+                self._queues.pop(rid, None)
+                self._aborts.add(rid)                    # cancelled mid-add: make sure none stays queued
+            self._wake.set()
+            raise
+        self._wake.set()
+        return [RequestStream(rid, slot) for (rid, *_), slot in zip(items, slots)]
+
+    def _add_all(self, items: list[AddItem]) -> None:
+        """Engine thread: add each item; on a refusal abort those added and raise `PromptError`."""
+        added: list[str] = []
+        for i, (rid, ids, params, prompt) in enumerate(items):
+            try:
+                self.engine.add_request(rid, ids, params, prompt)
+            except ValueError as e:
+                self._apply_aborts(added)
+                raise PromptError(i, str(e)) from None
+            added.append(rid)
+
     def _apply_aborts(self, ids: list[str]) -> None:
         for rid in ids:
             self.engine.abort(rid)
@@ -193,8 +278,8 @@ class AsyncLLMEngine(_AsyncEngineBase):
                 continue
             try:
                 outs = await self._call(self.engine.step)
-            except Exception as exc:                 # a bug: fail the requests in flight, keep serving
-                await self._call(self._apply_aborts, self._fail_all(exc))
+            except Exception:                        # a bug: log it, fail the requests in flight, keep serving
+                await self._call(self._apply_aborts, self._fail_all())
                 continue
             for out in outs:
                 self._deliver(out)
@@ -207,7 +292,8 @@ class AsyncLLMEngine(_AsyncEngineBase):
         return {"num_requests_running": len(sched.running), "num_requests_waiting": len(sched.waiting),
                 "num_requests_in_engine": self.engine.num_unfinished,
                 "kv_cache_usage_perc": alloc.num_used / alloc.num_blocks,
-                "kv_blocks_total": alloc.num_blocks, "kv_blocks_free": alloc.num_free}
+                "kv_blocks_total": alloc.num_blocks, "kv_blocks_free": alloc.num_free,
+                "engine_step_errors": self.num_step_errors}
 
 
 class AsyncEagerEngine(_AsyncEngineBase):
@@ -249,10 +335,12 @@ class AsyncEagerEngine(_AsyncEngineBase):
             self._current = rid
             try:
                 await self._serve(rid, ids, params, prompt)
-            except Exception as exc:
+            except Exception:
+                self.num_step_errors += 1
+                error_id = _log_failure("eager generation failed", 1)
                 q = self._queues.pop(rid, None)
                 if q is not None:
-                    q.put_nowait(EngineDeadError(f"the engine failed: {type(exc).__name__}: {exc}"))
+                    q.put_nowait(EngineDeadError(error_id))
             finally:
                 self._current = None
 
@@ -273,4 +361,4 @@ class AsyncEagerEngine(_AsyncEngineBase):
         return {"num_requests_running": int(self._current is not None),
                 "num_requests_waiting": self._pending.qsize() if self._pending else 0,
                 "num_requests_in_engine": len(self._queues),
-                "kv_cache_usage_perc": 0.0}
+                "kv_cache_usage_perc": 0.0, "engine_step_errors": self.num_step_errors}

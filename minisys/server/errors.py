@@ -3,11 +3,19 @@
 Every failure the client can cause is a 400 with a message that says what
 to change (a validation error from pydantic, a ValueError from
 `SamplingParams` or from the engine's `add_request`); an unknown model is a
-404, a missing or wrong API key a 401. Nothing else leaks: a request refused
+404, a missing or wrong API key a 401, a body over ``--max-body-bytes`` a
+413, a full queue a 429 (`limits`). Nothing else leaks: a request refused
 here never entered the engine.
+
+A failure of the server itself (a bug, an engine step that raised) is a 500
+whose body has a generic message and an error id, never the exception's
+text; the log (logger ``minisys.server``) has the traceback under the same
+id (`internal_error_body`).
 """
 from __future__ import annotations
 
+import logging
+import uuid
 from http import HTTPStatus
 from typing import Any, Optional
 
@@ -24,6 +32,30 @@ class OpenAIError(Exception):
                  param: Optional[str] = None, code: Optional[str] = None) -> None:
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+
+
+logger = logging.getLogger("minisys.server")
+
+
+def new_error_id() -> str:
+    return f"err-{uuid.uuid4().hex[:16]}"
+
+
+def internal_error_body(exc: BaseException, context: str) -> dict:
+    """A 500's body for ``exc``: a generic message + an error id, no exception text.
+
+    The traceback is logged under the id here, unless ``exc`` already carries
+    an ``error_id`` (it was logged where it was raised, e.g. a failed engine
+    step shared by many requests): one log entry per failure.
+    """
+    error_id = getattr(exc, "error_id", None)
+    if error_id is None:
+        error_id = new_error_id()
+        logger.error("%s (error id %s)", context, error_id, exc_info=exc)
+    body = error_body(f"internal server error (error id {error_id}): the server log has the details",
+                      "internal_error")
+    body["error"]["error_id"] = error_id
+    return body
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
@@ -70,6 +102,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message, kind), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "internal_error"),
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(internal_error_body(exc, f"unhandled error in {request.method} {request.url.path}"),
                             status_code=500)

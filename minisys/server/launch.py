@@ -4,18 +4,29 @@ Binds 127.0.0.1 unless ``--host`` says otherwise. ``--engine eager`` serves
 the one-request-at-a-time baseline behind the same API (what the online
 benchmark compares against). Device and dtype default to CUDA + bf16 when a
 GPU is present, CPU + fp32 otherwise (see `minisys.model.loader`).
+
+Start-up order: the flags are checked and the port is bound *before* the
+model loads, so a busy port fails at once (exit code 1, a clear message)
+instead of after the load and the banner. The API key comes from
+``--api-key`` or, better (not visible in ``ps``), ``$MINISYS_API_KEY``
+(vLLM's ``VLLM_API_KEY`` convention); it is never printed.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
 
 from ..engine.config import EngineConfig
 from .engine_args import add_engine_args, engine_config_from_args, flag, given_engine_args
+from .limits import add_limit_args, limits_from_args
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+API_KEY_ENV = "MINISYS_API_KEY"
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +38,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1 and /metrics "
+                   f"(default: ${API_KEY_ENV}; prefer the variable: a flag is visible in ps)")
+    p.add_argument("--metrics-open", action="store_true", help="serve /metrics without the API key (scrapers)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -38,7 +51,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "decode; else sdpa)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)")
-    p.add_argument("--log-level", default="warning", help="uvicorn's log level (info shows every request)")
+    p.add_argument("--log-level", default="warning", help="log level of uvicorn and minisys (default: warning; "
+                   "errors are always logged, with a traceback and the error id the client got)")
+    p.add_argument("--access-log", action="store_true", help="log one line per request (whatever the --log-level)")
+    add_limit_args(p)
     add_engine_args(p)
 
 
@@ -77,10 +93,11 @@ def build_engine(args, config: EngineConfig | None):
 
 
 def usage_text(host: str, port: int, name: str, api_key: Optional[str]) -> str:
+    """The "Try it" banner. With a key it shows ``$MINISYS_API_KEY``, never the key itself."""
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     base = f"http://{shown}:{port}/v1"
-    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
-    key = repr(api_key) if api_key else '"EMPTY"'
+    auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if api_key else ""
+    key = f'os.environ["{API_KEY_ENV}"]' if api_key else '"EMPTY"'
     return f"""
 Try it:
   curl {base}/chat/completions -H 'Content-Type: application/json'{auth} \\
@@ -98,6 +115,33 @@ Metrics: http://{shown}:{port}/metrics   Health: http://{shown}:{port}/health   
 """
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port), as uvicorn would make it; OSError if the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # not SO_REUSEPORT: a busy port fails
+        sock.bind((host, port))
+        sock.listen(2048)                          # connections queue while the model loads
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def setup_logging(level: str) -> None:
+    """minisys's own log (logger ``minisys``) to stderr at ``level``, errors always."""
+    logger = logging.getLogger("minisys")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    numeric = logging.getLevelName(level.upper())
+    logger.setLevel(min(numeric, logging.ERROR) if isinstance(numeric, int) else logging.WARNING)
+    logger.propagate = False
+
+
 def serve(args) -> int:
     import uvicorn
 
@@ -105,21 +149,38 @@ def serve(args) -> int:
 
     try:
         config = engine_config(args)               # refused before the model loads
+        limits = limits_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    try:
+        sock = bind_socket(args.host, args.port)   # before the model loads: a busy port fails fast
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc} "
+              f"(is another server running there? pick another --port)", file=sys.stderr)
+        return 1
+    setup_logging(args.log_level)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     engine, tokenizer, model = build_engine(args, config)
     name = model_name(args)
-    app = build_app(engine, tokenizer, name, api_key=args.api_key)
+    app = build_app(engine, tokenizer, name, api_key=api_key, limits=limits, metrics_open=args.metrics_open)
     kind = "continuous batching (LLMEngine)" if args.engine == "llm" else "eager baseline, one request at a time"
     print(f"minisys serving {name} on {model.device} ({str(model.dtype).replace('torch.', '')}), "
           f"engine: {kind}, at http://{args.host}:{args.port}", flush=True)
-    print(usage_text(args.host, args.port, name, args.api_key), flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"warning: bound to {args.host} without --api-key: anyone who can reach this port can use it",
+    if api_key:
+        source = "--api-key" if args.api_key else f"${API_KEY_ENV}"
+        print(f"API key: required (from {source}); /metrics "
+              f"{'open' if args.metrics_open else 'needs it too'}", flush=True)
+    print(usage_text(args.host, args.port, name, api_key), flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: bound to {args.host} without an API key: anyone who can reach this port can use it",
               flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uv_config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
+                               timeout_graceful_shutdown=5)
+    if args.access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    uvicorn.Server(uv_config).run(sockets=[sock])
     return 0

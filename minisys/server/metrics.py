@@ -5,8 +5,10 @@ and waiting, KV blocks in use and free: `EngineGauges`); counters and
 histograms are updated by the routes as tokens stream out: prompt and
 generation tokens, finished and aborted requests, time to first token
 (TTFT), inter-token latency (ITL, one observation per engine step that gave
-the request new tokens) and end-to-end latency. Every sample carries the
-label ``model_name``.
+the request new tokens) and end-to-end latency. Failures are counted too:
+``request_errors_total{code}`` (every 4xx/5xx answered, and an SSE error
+event as ``"500"``) and ``engine_step_errors_total`` (engine steps that
+raised, read from the engine). Every sample carries the label ``model_name``.
 
 Invariant: each `ServerMetrics` owns its own ``CollectorRegistry``: no
 global state, so two apps in one process (tests, a notebook) never share
@@ -18,7 +20,7 @@ from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -35,17 +37,22 @@ GAUGE_HELP = {
     "kv_blocks_total": "KV blocks in the pool.",
     "kv_blocks_free": "KV blocks free (including free blocks holding a cached prefix).",
 }
+ENGINE_COUNTERS = {"engine_step_errors": "Engine steps that raised (their requests were failed; see the log)."}
 
 
 class EngineGauges(Collector):
-    """The engine's gauges, read at scrape time from ``read()`` (`AsyncEngine.stats`): ``{name: value}``."""
+    """The engine's gauges, read at scrape time from ``read()`` (`AsyncEngine.stats`): ``{name: value}``;
+    the names in `ENGINE_COUNTERS` are counters (exposed as ``name_total``)."""
 
     def __init__(self, model_name: str, read: Callable[[], dict[str, float]]) -> None:
         self.model_name, self.read = model_name, read
 
     def collect(self) -> Iterator[Metric]:
         for name, value in self.read().items():
-            family = GaugeMetricFamily(PREFIX + name, GAUGE_HELP.get(name, name), labels=["model_name"])
+            if name in ENGINE_COUNTERS:
+                family = CounterMetricFamily(PREFIX + name, ENGINE_COUNTERS[name], labels=["model_name"])
+            else:
+                family = GaugeMetricFamily(PREFIX + name, GAUGE_HELP.get(name, name), labels=["model_name"])
             family.add_metric([self.model_name], float(value))
             yield family
 
@@ -54,8 +61,8 @@ class ServerMetrics:
     """The server's metrics in a registry of its own.
 
     The routes call ``prompt_tokens.inc(n)``, ``generation_tokens.inc(n)``,
-    ``requests_aborted.inc()``, ``ttft`` / ``itl`` / ``e2e.observe(seconds)``
-    and `finished`; `render` is the scrape.
+    ``requests_aborted.inc()``, ``ttft`` / ``itl`` / ``e2e.observe(seconds)``,
+    `finished` and `error`; `render` is the scrape.
     """
 
     def __init__(self, model_name: str, gauges: Callable[[], dict[str, float]] | None = None) -> None:
@@ -70,6 +77,8 @@ class ServerMetrics:
                                         registry=reg).labels(model_name)
         self._success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
                                 label + ["finished_reason"], registry=reg)
+        self._errors = Counter(PREFIX + "request_errors", "Requests answered with an error, by HTTP status "
+                               "(an SSE error event counts as 500).", label + ["code"], registry=reg)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.", label,
                               buckets=TTFT_BUCKETS, registry=reg).labels(model_name)
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between streamed tokens.", label,
@@ -83,6 +92,10 @@ class ServerMetrics:
         """Count one finished choice per finish reason given (``stop``, ``length``, ...)."""
         for reason in reasons:
             self._success.labels(self.model_name, reason).inc()
+
+    def error(self, code: str) -> None:
+        """Count one request answered with an error (``code``: the HTTP status, e.g. ``"429"``)."""
+        self._errors.labels(self.model_name, code).inc()
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """(body, content type) of a scrape; ``accept`` (the request's header) may ask for OpenMetrics."""

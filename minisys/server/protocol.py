@@ -13,11 +13,11 @@ import time
 import uuid
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from ..engine.sampling_params import RequestOutputKind, SamplingParams
 
-MAX_N = 128     # choices per request: more would let one request fill the whole batch many times over
+MAX_N = 128     # the default of --max-n (`limits.ServerLimits`); the server checks n, prompts and prompts x n
 
 
 def random_id(prefix: str) -> str:
@@ -44,7 +44,7 @@ class _SamplingRequest(BaseModel):
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = 0.0
     frequency_penalty: Optional[float] = 0.0
-    user: Optional[str] = None
+    user: Optional[StrictStr] = None           # keys --max-queued-sequences-per-user; not a string: 400
     # vLLM's extensions
     top_k: Optional[StrictInt] = None
     ignore_eos: StrictBool = False
@@ -59,8 +59,6 @@ class _SamplingRequest(BaseModel):
         """ValueError for what minisys does not implement (instead of silently ignoring it)."""
         if self.presence_penalty or self.frequency_penalty:
             raise ValueError("presence_penalty and frequency_penalty are not supported by minisys")
-        if self.n > MAX_N:
-            raise ValueError(f"n must be at most {MAX_N}, got {self.n}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
 
