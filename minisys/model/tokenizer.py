@@ -42,8 +42,13 @@ class Tokenizer:
         return self._tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special tokens written in the text (e.g. <|im_start|>) map to their ids."""
-        return self._tk.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; special tokens written in the text (e.g. <|im_start|>) map to their ids.
+
+        Through ``encode_batch`` (same ids): HF tokenizers' ``encode`` holds
+        Python's GIL for the whole text (seconds on a multi-MB prompt, which
+        froze the server's event loop), ``encode_batch`` releases it.
+        """
+        return self._tk.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)

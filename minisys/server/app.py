@@ -54,7 +54,6 @@ from . import protocol as P
 DISCONNECT_POLL_S = 0.25
 VALIDATE_CHUNK = 1000      # chat messages validated per call (pydantic holds the GIL while it validates)
 _MESSAGES = TypeAdapter(list[P.ChatMessage])
-LONG_TEXT_CHARS = 10_000   # longer texts are tokenized with the GIL released (`Server.encode`)
 
 
 @dataclass
@@ -237,24 +236,11 @@ class Server:
                 task.cancel()
             self.abort(streams)
 
-    def encode(self, text: str) -> list[int]:
-        """`Tokenizer.encode`'s ids, without holding the GIL on a long text.
-
-        HF ``tokenizers``' ``encode`` was measured holding the GIL for the
-        whole of a multi-MB text (seconds: /health stalled with it), while
-        ``encode_batch`` releases it; same ids. TODO(integrator): a public
-        method on `minisys.model.tokenizer.Tokenizer` instead of ``_tk``.
-        """
-        hf = getattr(self.tokenizer, "_tk", None)
-        if hf is not None and len(text) > LONG_TEXT_CHARS:
-            return hf.encode_batch([text], add_special_tokens=False)[0].ids
-        return self.tokenizer.encode(text)
-
     def tokenize_prompts(self, req: P.CompletionRequest) -> list[tuple[Optional[str], list[int]]]:
         """(text, ids) per prompt. Blocking: the routes run it in a worker thread."""
         out = []
         for p in req.prompts():
-            out.append((p, self.encode(p)) if isinstance(p, str) else (None, list(p)))
+            out.append((p, self.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)))
         return out
 
     def chat_prompt(self, req: P.ChatCompletionRequest) -> list[tuple[Optional[str], list[int]]]:
@@ -265,7 +251,7 @@ class Server:
             raise
         except Exception as e:            # jinja2 errors from the template
             raise OpenAIError(f"could not apply the chat template: {e}") from None
-        return [(text, self.encode(text))]
+        return [(text, self.tokenizer.encode(text))]
 
 
 class _FinishingStream(StreamingResponse):
