@@ -88,9 +88,9 @@ def stop(proc: subprocess.Popen) -> None:
 def live(chat_dir, tmp_path_factory):
     """(base URL, log path) of a server on the tiny chat model with small limits; the key from the env."""
     log = tmp_path_factory.mktemp("robust") / "server.log"
-    proc = launch(["--model", str(chat_dir), "--max-num-seqs", "64", "--max-prompts-per-request", "100",
-                   "--max-n", "100", "--max-sequences-per-request", "2000", "--max-queued-sequences", "2500",
-                   "--max-queued-sequences-per-user", "2200", "--max-body-bytes", str(8 << 20)],
+    proc = launch(["--model", str(chat_dir), "--max-num-seqs", "64", "--max-prompts-per-request", "101",
+                   "--max-n", "100", "--max-sequences-per-request", "10000", "--max-queued-sequences", "12500",
+                   "--max-queued-sequences-per-user", "10100", "--max-body-bytes", str(8 << 20)],
                   log, env={"MINISYS_API_KEY": KEY})
     url = f"http://127.0.0.1:{port_of(proc)}"
     wait_healthy(proc, url, log)
@@ -128,7 +128,7 @@ def test_fan_out_is_refused_at_once_and_the_next_request_is_answered(live):
     r = httpx.post(url + "/v1/completions", headers=H, timeout=30, json={"prompt": "hi", "n": 101})
     assert r.status_code == 400 and "--max-n" in r.json()["error"]["message"] and r.json()["error"]["param"] == "n"
     r = httpx.post(url + "/v1/completions", headers=H, timeout=30,
-                   json={"prompt": ["hi"] * 100, "n": 21, "max_tokens": 4})
+                   json={"prompt": ["hi"] * 101, "n": 100, "max_tokens": 4})   # 10,100 > 10,000
     assert r.status_code == 400 and "--max-sequences-per-request" in r.json()["error"]["message"]
 
     async def main():
@@ -151,11 +151,11 @@ def test_queue_full_is_429_naming_the_limit_and_user_must_be_a_string(live):
 
     async def main():
         async with httpx.AsyncClient(base_url=url, headers=H, timeout=60) as c:
-            big = {"prompt": ["the quick brown fox"] * 20, "n": 100, "max_tokens": 200, "ignore_eos": True,
+            big = {"prompt": ["the quick brown fox"] * 100, "n": 100, "max_tokens": 200, "ignore_eos": True,
                    "stream": True}
             async with c.stream("POST", "/v1/completions", json={**big, "user": "alice"}) as s1:
-                assert s1.status_code == 200                      # 2000 of 2500 sequences queued
-                second = await c.post("/v1/completions", json={**big, "stream": False, "prompt": ["x"] * 10})
+                assert s1.status_code == 200                      # 10,000 of 12,500 sequences queued
+                second = await c.post("/v1/completions", json={**big, "stream": False, "prompt": ["x"] * 30})
                 per_user = await c.post("/v1/completions", json={"prompt": ["x"] * 5, "n": 50, "user": "alice"})
                 return second, per_user
 
@@ -170,11 +170,11 @@ def test_queue_full_is_429_naming_the_limit_and_user_must_be_a_string(live):
     assert m["minisys:request_errors_total"] >= 3
 
 
-def test_client_leaving_with_2000_queued_sequences_leaves_the_server_idle_within_5s(live):
-    """20 prompts x n=100 = 2,000 sequences (64 run, the rest wait); the client leaves after the first
+def test_client_leaving_with_10000_queued_sequences_leaves_the_server_idle_within_5s(live):
+    """100 prompts x n=100 = 10,000 sequences (64 run, the rest wait); the client leaves after the first
     token; within 5 s nothing is queued or running and every KV block is free."""
     url, _ = live
-    body = {"prompt": [f"story {i}" for i in range(20)], "n": 100, "max_tokens": 200, "ignore_eos": True,
+    body = {"prompt": [f"story {i}" for i in range(100)], "n": 100, "max_tokens": 200, "ignore_eos": True,
             "stream": True}
 
     async def main():
@@ -188,7 +188,7 @@ def test_client_leaving_with_2000_queued_sequences_leaves_the_server_idle_within
         return waiting
 
     waiting = asyncio.run(main())
-    assert waiting > 1000                       # most were still queued when the client left
+    assert waiting > 5000                       # most were still queued when the client left
     t0 = time.monotonic()
     idle, m = wait_idle(url, 5.0)
     assert idle, (time.monotonic() - t0, m)
