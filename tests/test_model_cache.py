@@ -74,7 +74,8 @@ def test_damaged_cache_is_reported_rebuilt_and_served_correctly(tmp_path, conver
     if damage != "no-manifest":
         name = {"flip": weights.name, "truncate": weights.name, "config": "config.json",
                 "delete": "tokenizer.json"}[damage]
-        assert name in capsys.readouterr().err        # the report names the file
+        err = capsys.readouterr().err
+        assert name in err and "--rebuild-cache" in err   # the report names the file and the fix
     assert torch.equal(_last_logits(out), good)      # what is served is the model, not the damage
 
 

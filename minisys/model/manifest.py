@@ -72,8 +72,8 @@ def ensure_converted(out: Path, convert: Callable[[Path], None], source: str,
         if not problems:
             return out
         if out.exists():
-            print(f"minisys: the model cache failed its check: {problems[0]}; rebuilding it from {source}",
-                  file=sys.stderr)
+            print(f"minisys: the model cache failed its check: {problems[0]}; rebuilding it from {source} "
+                  f"(by hand: --rebuild-cache, or delete {out})", file=sys.stderr)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
