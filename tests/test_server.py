@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
+from minisys.bench.server_process import free_port, wait_healthy  # noqa: E402
 from minisys.server.metrics import parse_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +31,6 @@ MODEL = "SmolLM2-135M-Instruct"
 KEY = "test-key"
 MAX_NUM_SEQS = 64
 pytestmark = pytest.mark.timeout(600)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args: list[str], log: Path, timeout: float = 240.0) -> tuple[subprocess.Popen, str]:
@@ -47,18 +41,12 @@ def start_server(args: list[str], log: Path, timeout: float = 240.0) -> tuple[su
     proc = subprocess.Popen([sys.executable, "-m", "minisys", "serve", "--port", str(port), *args],
                             cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError(f"server did not come up in {timeout} s:\n{log.read_text()}")
+    try:
+        wait_healthy(url, proc, timeout, log)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def stop_server(proc: subprocess.Popen) -> None:

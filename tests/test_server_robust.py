@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from minisys.bench.server_process import free_port, wait_healthy
 from minisys.server.metrics import parse_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +43,6 @@ def chat_dir(tiny_dirs, tmp_path_factory) -> Path:
     return d
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args: list[str], log: Path, env: dict | None = None, port: int | None = None) -> subprocess.Popen:
     inherited = {k: v for k, v in os.environ.items() if k != "MINISYS_API_KEY"}     # only the key given here
     env = {**inherited, **(env or {}), "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -55,21 +50,6 @@ def launch(args: list[str], log: Path, env: dict | None = None, port: int | None
     return subprocess.Popen([sys.executable, "-m", "minisys", "serve", "--port", str(port or free_port()),
                              "--device", "cpu", "--threads", "1", *args],
                             cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError(f"server did not come up in {timeout} s:\n{log.read_text()}")
 
 
 def port_of(proc: subprocess.Popen) -> int:
@@ -93,7 +73,11 @@ def live(chat_dir, tmp_path_factory):
                    "--max-queued-sequences-per-user", "10100", "--max-body-bytes", str(8 << 20)],
                   log, env={"MINISYS_API_KEY": KEY})
     url = f"http://127.0.0.1:{port_of(proc)}"
-    wait_healthy(proc, url, log)
+    try:
+        wait_healthy(url, proc, 120.0, log)
+    except TimeoutError:
+        proc.kill()
+        raise
     yield url, log
     stop(proc)
 
