@@ -23,6 +23,7 @@ from ..model.tokenizer import Tokenizer
 from ..sampling import make_generator, sample_next_token, sequence_seed
 from .output_processor import OutputProcessor, StepEvent
 from .outputs import CompletionOutput
+from .request import check_prompt_ids
 from .sampling_params import SamplingParams
 
 
@@ -36,12 +37,7 @@ class EagerGenerator:
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse a prompt that cannot be served, with a message that says why."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_ids if not (0 <= t < vocab)]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_prompt_ids(prompt_ids, self.model.config.vocab_size)
         need = len(prompt_ids) + (params.max_tokens or 1)
         if need > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "

@@ -30,7 +30,7 @@ from .config import EngineConfig
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .outputs import CompletionOutput, RequestOutput
-from .request import Request
+from .request import Request, check_prompt_ids
 from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
@@ -79,16 +79,6 @@ class LLMEngine:
         self._seq_group: dict[str, _Group] = {}
 
     # ------------------------------------------------------------ requests in
-    def _check_prompt(self, prompt_token_ids: list[int]) -> None:
-        """Raise ValueError (with the reason) for a prompt no model could run; the KV and context
-        limits are the scheduler's check (`Scheduler.check_fits`), made when the request is queued."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-
     def _make_seq(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, index: int) -> Request:
         max_len = self.config.max_model_len
         max_tokens = params.max_tokens or max(max_len - len(prompt_ids), 1)
@@ -107,7 +97,7 @@ class LLMEngine:
         request_id = str(request_id)
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        self._check_prompt(prompt_token_ids)
+        check_prompt_ids(prompt_token_ids, self.model.config.vocab_size)   # context/KV limits: Scheduler.add
         seqs = [self._make_seq(f"{request_id}#{i}", prompt_token_ids, params, i) for i in range(params.n)]
         self.scheduler.add(*seqs)                   # the context and KV-pool limits, checked once
         procs = [OutputProcessor(self.tokenizer, params, len(prompt_token_ids), self.config.max_model_len)

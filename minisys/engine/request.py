@@ -39,6 +39,16 @@ ALLOWED_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
 }
 
 
+def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> None:
+    """Raise ValueError (with the reason) for a prompt no model could run: empty, or ids outside
+    the vocabulary. The engine and the eager baseline both refuse with this one check."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+
+
 class IllegalTransition(RuntimeError):
     """A request was moved along an edge that `ALLOWED_TRANSITIONS` does not have."""
 
