@@ -57,16 +57,26 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for each prompt; outputs come back in input order."""
+                 use_tqdm: bool = True, *, priority: Sequence[int] | None = None,
+                 client: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
+        """Generate for each prompt; outputs come back in input order.
+
+        ``priority`` (one int per prompt, lower first) and ``client`` (one name, or one per prompt)
+        go to the engine's scheduling policy (lesson 08); the eager baseline has no scheduler and
+        refuses them.
+        """
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else prompts
         if not isinstance(prompt_list, (list, tuple)):
             raise ValueError(f"a prompt is a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, "
                              f"or a list of them; got {type(prompts).__name__}")
         params = _params_per_prompt(sampling_params, len(prompt_list))
+        who = _who_per_prompt(priority, client, len(prompt_list))
         requests = [self._tokenize(p) for p in prompt_list]
         if self.engine is not None:        # add_request validates; a refusal aborts those added before it
-            return self._run_engine(requests, params, use_tqdm)
+            return self._run_engine(requests, params, use_tqdm, who)
+        if priority is not None or client is not None:
+            raise ValueError("priority and client need the engine (LLM(engine='llm')): the eager baseline "
+                             "runs one request at a time and has no scheduler")
         for (text, ids), sp in zip(requests, params):             # validate all before running any
             self.runner.check_prompt(ids, sp)
         results = []
@@ -96,17 +106,17 @@ class LLM:
             return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
         raise ValueError(f"a prompt is a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}; got {prompt!r}")
 
-    def _run_engine(self, requests, params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run_engine(self, requests, params, use_tqdm: bool, who: list[dict]) -> list[RequestOutput]:
         """Add every request to the engine, step until all finish, return them in input order."""
         engine = self.engine
         ids = []
         results: dict[str, RequestOutput] = {}
         try:
-            for (text, prompt_ids), sp in zip(requests, params):
+            for (text, prompt_ids), sp, meta in zip(requests, params, who):
                 rid = str(self._next_id)
                 self._next_id += 1
                 engine.add_request(rid, prompt_ids, replace(sp, output_kind=RequestOutputKind.FINAL_ONLY),
-                                   prompt=text)
+                                   prompt=text, **meta)
                 ids.append(rid)
             with _Progress(len(requests), enabled=use_tqdm) as progress:
                 while engine.has_unfinished():
@@ -141,6 +151,18 @@ def _params_per_prompt(sp, n: int) -> list[SamplingParams]:
     if len(sp) != n:
         raise ValueError(f"got {len(sp)} SamplingParams for {n} prompts: give one, or one per prompt")
     return sp
+
+
+def _who_per_prompt(priority, client, n: int) -> list[dict]:
+    """[{"priority": p, "client": c}] per prompt from vLLM-style per-prompt lists (or one client)."""
+    if priority is None:
+        priority = [0] * n
+    elif isinstance(priority, (int, str, bytes)) or len(priority) != n:
+        raise ValueError(f"priority must be a list of one int per prompt ({n}), got {priority!r}")
+    clients = [client] * n if client is None or isinstance(client, str) else list(client)
+    if len(clients) != n:
+        raise ValueError(f"client must be one name or a list of one per prompt ({n}); got {len(clients)}")
+    return [{"priority": p, "client": c} for p, c in zip(priority, clients)]
 
 
 def _bad_dtype(name: str):

@@ -19,6 +19,7 @@ DEFAULT_CPU_KV_BYTES = 512 * 2**20
 DEFAULT_GPU_KV_FRACTION = 0.5
 DEFAULT_CHUNKED_BUDGET = 512        # tokens per step with chunked prefill (vLLM 0.x's default then)
 SPECULATIVE_METHODS = ("ngram", "draft")
+SCHEDULING_POLICIES = ("fcfs", "priority", "vtc", "andes")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class EngineConfig:
       preemption); with it, prompts are cut to fit the per-step budget (Sarathi-Serve, lesson 05).
     * Chunked prefill is on by default, as in vLLM V1; off is lesson 04's prefill-first policy.
     * Speculative decoding (lesson 06, `minisys.spec`) is off unless ``speculative_method`` is set.
+    * ``scheduling_policy`` (lesson 08, `minisys.scheduling`) orders admission and preemption; the
+      ``vtc_*`` and ``andes_*`` knobs belong to those policies.
     """
 
     block_size: int = field(default=16, metadata={"help": "token slots per KV block"})
@@ -64,6 +67,19 @@ class EngineConfig:
         "help": "draft: a local model directory sharing the target's tokenizer (default: self-draft, "
                 "the target's first draft_layers layers + its final norm and LM head)"})
     draft_layers: int = field(default=8, metadata={"help": "layers of the self-draft model"})
+    scheduling_policy: str = field(default="fcfs", metadata={
+        "help": "who goes next (lesson 08): fcfs; priority (lower `priority` first, may preempt); "
+                "vtc (fair share per client, the virtual token counter); andes (reader QoE)",
+        "choices": SCHEDULING_POLICIES})
+    vtc_input_weight: float = field(default=1.0, metadata={"help": "vtc: cost of one prompt token (w_in)"})
+    vtc_output_weight: float = field(default=2.0, metadata={"help": "vtc: cost of one decode token (w_out)"})
+    andes_ttft_s: float = field(default=1.0, metadata={
+        "help": "andes: expected time to first token, seconds (a request may set its own)"})
+    andes_tds: float = field(default=5.0, metadata={
+        "help": "andes: expected token delivery speed (reading pace), tokens/s (a request may set its own)"})
+    andes_preempt_ahead_s: float = field(default=2.0, metadata={
+        "help": "andes: pause a running request for a waiting one only when its reader is this many "
+                "seconds behind it"})
 
     def __post_init__(self) -> None:
         def positive_int(name, allow_none=True):
@@ -87,6 +103,20 @@ class EngineConfig:
         if not isinstance(self.enable_chunked_prefill, bool):
             raise ValueError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
         self._check_speculative(positive_int)
+        self._check_scheduling()
+
+    def _check_scheduling(self) -> None:
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")
+        for name in ("vtc_input_weight", "vtc_output_weight", "andes_tds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < float("inf")):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("andes_ttft_s", "andes_preempt_ahead_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
     def _check_speculative(self, positive_int) -> None:
         if self.speculative_method is not None and self.speculative_method not in SPECULATIVE_METHODS:

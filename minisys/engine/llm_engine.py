@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..model.llama import LlamaModel
 from ..model.tokenizer import Tokenizer
 from ..sampling import make_generator, sequence_seed
+from ..scheduling.qoe import QoESpec
+from ..scheduling.service import ServiceMeter
 from ..spec.metrics import SpecMetrics
 from ..spec.speculator import Speculator
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .outputs import CompletionOutput, RequestOutput
-from .request import Request, check_prompt_ids
+from .request import Request, check_prompt_ids, check_request_meta
 from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
@@ -47,6 +50,7 @@ class EngineStats:
     preemptions: int = 0
     max_kv_usage: float = 0.0                                  # fraction of blocks in use, max over steps
     spec: SpecMetrics = field(default_factory=SpecMetrics)     # speculative decoding (lesson 06)
+    service: ServiceMeter = field(default_factory=ServiceMeter)  # weighted tokens per client (lesson 08)
 
     @property
     def mean_batch_size(self) -> float:
@@ -68,18 +72,22 @@ class _Group:
 
 
 class LLMEngine:
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        """``clock``: the scheduler's clock in seconds (default `time.monotonic`; a replay passes a
+        virtual one, see `minisys.bench.scheduling`)."""
         self.model, self.tokenizer = model, tokenizer
         self.config = (config or EngineConfig()).resolve(model.config, model.dtype, model.device)
-        self.scheduler = Scheduler(self.config)
+        self.scheduler = Scheduler(self.config, clock=clock)
         self.runner = ModelRunner(model, self.config.num_kv_blocks, self.config.block_size)
-        self.stats = EngineStats()
+        self.stats = EngineStats(service=ServiceMeter(self.config.vtc_input_weight, self.config.vtc_output_weight))
         self.speculator = Speculator.from_config(self.config, model, self.stats.spec)   # None: no speculation
         self._groups: dict[str, _Group] = {}
         self._seq_group: dict[str, _Group] = {}
 
     # ------------------------------------------------------------ requests in
-    def _make_seq(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, index: int) -> Request:
+    def _make_seq(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, index: int,
+                  **who) -> Request:
         max_len = self.config.max_model_len
         max_tokens = params.max_tokens or max(max_len - len(prompt_ids), 1)
         if params.max_tokens is None and len(prompt_ids) >= max_len:
@@ -87,18 +95,25 @@ class LLMEngine:
         gen = None
         if not params.greedy:
             gen = make_generator(sequence_seed(params.seed, index), self.model.device)
-        return Request(seq_id, list(prompt_ids), params, gen, max_tokens=max_tokens)
+        return Request(seq_id, list(prompt_ids), params, gen, max_tokens=max_tokens, **who)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, *, client: str | None = None, priority: int = 0,
+                    qoe: QoESpec | None = None) -> None:
         """Queue a request (``params.n`` sequences); ValueError, and nothing queued, if it can never
-        be served. This is the request's one validation."""
+        be served. This is the request's one validation.
+
+        ``client`` (the OpenAI ``user``), ``priority`` (lower first) and ``qoe`` (the reader's
+        expected TTFT and pace) are for the scheduling policy (lesson 08); every policy reads them.
+        """
         params = params or SamplingParams()
         request_id = str(request_id)
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         check_prompt_ids(prompt_token_ids, self.model.config.vocab_size)   # context/KV limits: Scheduler.add
-        seqs = [self._make_seq(f"{request_id}#{i}", prompt_token_ids, params, i) for i in range(params.n)]
+        check_request_meta(client, priority, qoe)
+        seqs = [self._make_seq(f"{request_id}#{i}", prompt_token_ids, params, i,
+                               client=client, priority=priority, qoe=qoe) for i in range(params.n)]
         self.scheduler.add(*seqs)                   # the context and KV-pool limits, checked once
         procs = [OutputProcessor(self.tokenizer, params, len(prompt_token_ids), self.config.max_model_len)
                  for _ in seqs]
@@ -135,7 +150,7 @@ class LLMEngine:
             sched = self.scheduler.schedule()
         else:                                       # lesson 06: slots for the drafts the pool can fit
             sched = self.scheduler.schedule(spec.propose(self.scheduler.running))
-        self.stats.preemptions += len(sched.preempted)
+        self.stats.preemptions += len(sched.preempted) + len(sched.displaced)
         if sched.is_empty:
             return []
         token_lists = self.runner.execute(sched, self.scheduler.allocator)   # [] for a chunk inside a prompt
@@ -181,6 +196,7 @@ class LLMEngine:
         st.batched_tokens += sched.num_tokens
         st.prefill_tokens += sum(s.num_tokens for s in sched.scheduled if s.is_prefill)
         st.generated_tokens += generated
+        st.service.record(sched)
         alloc = self.scheduler.allocator
         st.max_kv_usage = max(st.max_kv_usage, alloc.num_used / alloc.num_blocks)
 

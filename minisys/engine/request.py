@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..scheduling.qoe import QoESpec
 from .sampling_params import SamplingParams
 
 
@@ -49,6 +50,16 @@ def check_prompt_ids(prompt_ids: list[int], vocab_size: int) -> None:
         raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
 
 
+def check_request_meta(client: str | None, priority: int, qoe: QoESpec | None) -> None:
+    """Raise ValueError naming the argument when who-asked metadata (lesson 08) is malformed."""
+    if client is not None and not isinstance(client, str):
+        raise ValueError(f"client must be a string or None, got {client!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an integer, got {priority!r}")
+    if qoe is not None and not isinstance(qoe, QoESpec):
+        raise ValueError(f"qoe must be a QoESpec or None, got {qoe!r}")
+
+
 class IllegalTransition(RuntimeError):
     """A request was moved along an edge that `ALLOWED_TRANSITIONS` does not have."""
 
@@ -72,6 +83,16 @@ class Request:
     finish_reason: str | None = None           # "stop" | "length" | "abort"
     num_preemptions: int = 0
     max_tokens: int = 16                       # resolved budget of new tokens (params or context)
+    # who asked, and how they want to be served (lesson 08: `minisys.scheduling`)
+    client: str | None = None                  # the OpenAI `user`: VTC's fair share is per client
+    priority: int = 0                          # lower runs first under the "priority" policy (vLLM's rule)
+    qoe: QoESpec | None = None                 # the reader's expected TTFT and pace (Andes); None: the default
+    arrival_time: float = 0.0                  # the scheduler's clock when it was added (set by the scheduler)
+
+    @property
+    def client_key(self) -> str:
+        """The client's name for per-client accounting ("" for requests that name none)."""
+        return self.client or ""
 
     @property
     def all_token_ids(self) -> list[int]:

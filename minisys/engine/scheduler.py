@@ -26,6 +26,16 @@ run in this one forward and how many tokens each feeds:
 3. Finished requests are retired by `finish` as soon as the engine sees their
    last token, so their blocks serve the next step's admissions.
 
+*Who* goes first is the scheduling policy's (lesson 08, `minisys.scheduling`,
+``EngineConfig.scheduling_policy``): "first" above means the policy's order.
+The policy picks the waiting request to admit next (`pick`: FCFS takes the
+head of the queue), orders the running requests for preemption
+(`order_running`: shortage preempts from the end; FCFS: the newest), may
+displace a running request for a waiting one that does not fit (`displace`,
+before the decodes; priority and Andes do) and is charged the service each
+request gets as it is scheduled (`charge`: VTC counts it). The mechanics
+here are the same under every policy.
+
 A running request is either *prefilling* (``num_computed_tokens <
 num_tokens``, its KV slots all reserved) or *decoding* (every known token
 but the last sampled one computed; that one gets its slot this step). Only a
@@ -42,11 +52,13 @@ nothing waits forever.
 """
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import time
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from ..kv.block_allocator import BlockAllocator
+from ..scheduling.policy import SchedulingPolicy, make_policy
 from .config import EngineConfig
 from .request import Request, RequestStatus
 
@@ -82,11 +94,26 @@ class WaitingQueue:
     iteration head first; and ``remove(req)`` in O(1), so aborting a
     request's ``n`` sequences costs O(n), not a scan of the queue per
     sequence. Invariant: at most one entry per ``request_id`` (a request is
-    queued once); the order is the queue order.
+    queued once); the order is the queue order; ``num_waiting(c)`` is the
+    number of queued requests of client ``c`` (lesson 08's backlogged clients).
     """
 
     def __init__(self) -> None:
         self._reqs: OrderedDict[str, Request] = OrderedDict()
+        self._clients: Counter[str] = Counter()
+
+    def num_waiting(self, client: str) -> int:
+        return self._clients.get(client, 0)
+
+    def clients(self) -> list[str]:
+        """The clients with at least one waiting request (VTC's backlogged clients)."""
+        return list(self._clients)
+
+    def _drop_client(self, req: Request) -> None:
+        c = req.client_key
+        self._clients[c] -= 1
+        if not self._clients[c]:
+            del self._clients[c]
 
     def append(self, req: Request) -> None:
         self._put(req)
@@ -99,17 +126,21 @@ class WaitingQueue:
         if req.request_id in self._reqs:
             raise ValueError(f"request {req.request_id!r} is already waiting")
         self._reqs[req.request_id] = req
+        self._clients[req.client_key] += 1
 
     def popleft(self) -> Request:
         if not self._reqs:
             raise IndexError("pop from an empty waiting queue")
-        return self._reqs.popitem(last=False)[1]
+        req = self._reqs.popitem(last=False)[1]
+        self._drop_client(req)
+        return req
 
     def remove(self, req: Request) -> None:
         """Drop ``req`` (ValueError if it is not waiting here)."""
         if self._reqs.get(req.request_id) is not req:
             raise ValueError(f"request {req.request_id!r} is not waiting")
         del self._reqs[req.request_id]
+        self._drop_client(req)
 
     def __getitem__(self, index: int) -> Request:
         if index == 0 and self._reqs:
@@ -133,6 +164,14 @@ class WaitingQueue:
         return f"WaitingQueue({[r.request_id for r in self]})"
 
 
+def prefill_now(req: Request, spec_token_ids: list[int] | None = None) -> bool:
+    """Would feeding ``req`` now be prompt work? Not a decode, which feeds only the last sampled
+    token (and drafts) with everything before it computed."""
+    if spec_token_ids:
+        return False
+    return req.num_computed_tokens < req.num_tokens - 1 or not req.output_token_ids
+
+
 @dataclass
 class ScheduledRequest:
     request: Request
@@ -140,10 +179,16 @@ class ScheduledRequest:
     spec_token_ids: list[int] = field(default_factory=list)   # speculative drafts fed after the last token
     # (then num_tokens == 1 + len(spec_token_ids) and the fed tokens are [last token] + drafts; lesson 06)
     draft_probs: torch.Tensor | None = None    # (k, V) q of sampled drafts; None = one-hot (n-gram, greedy)
+    prefill: bool | None = None                # set by the scheduler when it schedules (see is_prefill)
 
     @property
     def is_prefill(self) -> bool:
-        return (self.num_tokens > 1 and not self.spec_token_ids) or self.request.num_computed_tokens == 0
+        """True when the fed tokens are prompt work (a prompt chunk, or the recompute after a
+        preemption), False for a decode (the last sampled token, plus drafts). Fixed when the
+        scheduler schedules it, so it stays right after `Scheduler.update_computed`."""
+        if self.prefill is not None:
+            return self.prefill
+        return prefill_now(self.request, self.spec_token_ids)
 
     @property
     def samples(self) -> bool:
@@ -159,11 +204,17 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
-    """One step's decision: what runs, block copies to do first, and who was preempted."""
+    """One step's decision: what runs, block copies to do first, and who was preempted.
+
+    ``preempted``: requests preempted because the pool ran out of blocks (no
+    admissions that step); ``displaced``: requests the policy preempted so a
+    waiting request could start (lesson 08; admissions go on).
+    """
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # copy-on-write (src, dst)
     preempted: list[Request] = field(default_factory=list)
+    displaced: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -179,18 +230,25 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Waiting queue + running list over a `BlockAllocator`. ``config`` must be resolved."""
+    """Waiting queue + running list over a `BlockAllocator`. ``config`` must be resolved.
 
-    def __init__(self, config: EngineConfig, allocator: BlockAllocator | None = None) -> None:
+    ``clock`` (seconds; default `time.monotonic`) stamps each request's
+    ``arrival_time`` and is what time-aware policies (Andes) read.
+    """
+
+    def __init__(self, config: EngineConfig, allocator: BlockAllocator | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         if config.num_kv_blocks is None or config.max_num_batched_tokens is None:
             raise ValueError("Scheduler needs a resolved EngineConfig (call config.resolve(model_config))")
         self.config = config
         self.allocator = allocator or BlockAllocator(config.num_kv_blocks, config.block_size,
                                                      config.enable_prefix_caching)
         self.waiting = WaitingQueue()              # FCFS; O(1) removal (abort)
-        self.running: list[Request] = []          # admission order: oldest first, newest last
+        self.running: list[Request] = []          # the policy's order (FCFS: admission order, oldest first)
         self._arrivals = 0
         self.num_preemptions = 0
+        self.clock = clock or time.monotonic
+        self.policy: SchedulingPolicy = make_policy(config, self.clock)
 
     # ------------------------------------------------------------ queue management
     def check_fits(self, req: Request) -> None:
@@ -218,10 +276,13 @@ class Scheduler:
         if len({(r.num_prompt_tokens, r.max_tokens) for r in reqs}) > 1:
             raise ValueError("sequences added together must share their prompt length and max_tokens")
         self.check_fits(reqs[0])
+        now = self.clock()
         for req in reqs:
             req.arrival = self._arrivals
+            req.arrival_time = now
             self._arrivals += 1
             self.waiting.append(req)
+            self.policy.on_arrival(req, self.waiting)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -235,6 +296,7 @@ class Scheduler:
             self.waiting.remove(req)              # O(1): see WaitingQueue
         req.transition(RequestStatus.FINISHED)
         req.finish_reason = reason
+        self.policy.on_finish(req)
 
     # ------------------------------------------------------------ the step decision
     def schedule(self, drafts: Mapping[str, Proposal] | None = None) -> SchedulerOutput:
@@ -242,6 +304,8 @@ class Scheduler:
         from `minisys.spec.Speculator.propose`; each gets slots if the pool has them, else is dropped."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        if self.policy.preempts_for_waiting:
+            self._displace(out)
         prefilling = self._schedule_running(out, drafts)
         budget -= sum(s.num_tokens for s in out.scheduled)        # 1 per decode (1 + k with drafts)
         if self.config.enable_chunked_prefill:
@@ -263,7 +327,7 @@ class Scheduler:
         Schedules the decodes (1 token each) and returns the running requests
         still in their prefill (chunked prefill only), oldest first.
         """
-        queue = deque(self.running)               # oldest first
+        queue = deque(self.policy.order_running(self.running))    # most deserving first (FCFS: oldest)
         kept: list[Request] = []
         prefilling: list[Request] = []
         while queue:
@@ -286,54 +350,86 @@ class Scheduler:
                 if res.copy is not None:
                     out.block_copies.append(res.copy)
                 kept.append(req)
-                out.scheduled.append(ScheduledRequest(req, 1))
+                self._put(out, ScheduledRequest(req, 1))
         self.running = kept
         return [r for r in prefilling if r.status is RequestStatus.RUNNING]
 
     def _schedule_chunks(self, out: SchedulerOutput, prefilling: list[Request], budget: int) -> int:
         """Chunked prefill: the next chunk of each running prefill, oldest first; return the budget left."""
         chunks = split_budget(budget, 0, [r.num_tokens - r.num_computed_tokens for r in prefilling])
-        out.scheduled += [ScheduledRequest(r, n) for r, n in zip(prefilling, chunks) if n]
+        for r, n in zip(prefilling, chunks):
+            if n:
+                self._put(out, ScheduledRequest(r, n))
         return budget - sum(chunks)
 
     def _admit_waiting_chunked(self, out: SchedulerOutput, budget: int) -> None:
-        """Chunked prefill: FCFS admission while a token of budget, a sequence and the blocks are left.
+        """Chunked prefill: admission in the policy's order while a token of budget, a sequence and
+        the blocks are left.
 
         The first chunk of each admitted request is what is left of the budget
         (at most its whole uncached prompt).
         """
         while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            if not self._admit_head():
+            req = self.policy.pick(self.waiting)
+            if not self._admit(req):
                 break
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             budget -= n
-            out.scheduled.append(ScheduledRequest(req, n))
+            self._put(out, ScheduledRequest(req, n))
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        """FCFS admission while sequences, tokens and blocks allow (stop at the first that does not fit)."""
+        """Admission in the policy's order while sequences, tokens and blocks allow (stop at the
+        first pick that does not fit: nobody jumps it)."""
         while self.waiting and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+            req = self.policy.pick(self.waiting)
             if req.num_tokens > budget:                           # upper bound (no prefix hit)
                 break
-            if not self._admit_head():
+            if not self._admit(req):
                 break
             n = req.num_tokens - req.num_computed_tokens
             budget -= n
-            out.scheduled.append(ScheduledRequest(req, n))
+            self._put(out, ScheduledRequest(req, n))
 
-    def _admit_head(self) -> bool:
-        """Blocks for the head of the waiting queue's whole prompt (prefix-cache hits included);
-        on success it becomes RUNNING with its cached tokens counted as computed."""
-        req = self.waiting[0]
+    def _admit(self, req: Request) -> bool:
+        """Blocks for a waiting request's whole prompt (prefix-cache hits included); on success it
+        leaves the queue and becomes RUNNING with its cached tokens counted as computed."""
         alloc = self.allocator.allocate(req.request_id, req.all_token_ids)
         if not alloc:
             return False
-        self.waiting.popleft()
+        self.waiting.remove(req)
         req.num_computed_tokens = alloc.num_cached_tokens
         req.transition(RequestStatus.RUNNING)
         self.running.append(req)
         return True
+
+    def _put(self, out: SchedulerOutput, s: ScheduledRequest) -> None:
+        """Schedule ``s`` and charge its service to the policy (prompt tokens, or decode tokens)."""
+        out.scheduled.append(s)
+        s.prefill = prefill_now(s.request, s.spec_token_ids)
+        if s.prefill:
+            self.policy.charge(s.request, s.num_tokens, 0)
+        else:
+            self.policy.charge(s.request, 0, s.num_tokens)
+
+    def _has_room(self, req: Request) -> bool:
+        """A seat and enough free blocks for ``req``'s whole prompt (no prefix hit counted)."""
+        return (len(self.running) < self.config.max_num_seqs
+                and self.allocator.can_allocate(req.num_tokens))
+
+    def _displace(self, out: SchedulerOutput) -> None:
+        """Before the decodes: while the policy's pick does not fit, preempt the running request the
+        policy names for it (at most a quarter of the seats per step, so the batch never churns)."""
+        for _ in range(max(1, self.config.max_num_seqs // 4)):
+            if not self.waiting:
+                return
+            cand = self.policy.pick(self.waiting)
+            if self._has_room(cand):
+                return
+            victim = self.policy.displace(cand, self.running)
+            if victim is None:
+                return
+            self.running.remove(victim)
+            self.preempt(victim, out, displaced=True)
 
     # ------------------------------------------------------------ speculative decoding (lesson 06)
     def _schedule_speculative(self, req: Request, draft: Proposal, out: SchedulerOutput) -> bool:
@@ -345,7 +441,7 @@ class Scheduler:
         if not res:
             return False
         out.block_copies += [r.copy for r in res if r.copy is not None]
-        out.scheduled.append(ScheduledRequest(req, len(fed), list(draft.token_ids), draft.draft_probs))
+        self._put(out, ScheduledRequest(req, len(fed), list(draft.token_ids), draft.draft_probs))
         return True
 
     def rollback_speculative(self, s: ScheduledRequest, num_accepted: int) -> None:
@@ -363,8 +459,10 @@ class Scheduler:
         req.num_computed_tokens -= rejected
         self.allocator.truncate(req.request_id, req.num_computed_tokens)
 
-    def preempt(self, req: Request, out: SchedulerOutput) -> None:
-        """Preemption by recompute: free the blocks, keep the tokens, re-queue at the head."""
+    def preempt(self, req: Request, out: SchedulerOutput, displaced: bool = False) -> None:
+        """Preemption by recompute: free the blocks, keep the tokens, re-queue at the head (the
+        caller has taken ``req`` out of the running line). ``displaced``: the policy's choice for
+        a waiting request (recorded in ``out.displaced``), not a block shortage."""
         self.allocator.free(req.request_id)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -372,7 +470,7 @@ class Scheduler:
         req.transition(RequestStatus.PREEMPTED)
         req.transition(RequestStatus.WAITING)
         self.waiting.appendleft(req)
-        out.preempted.append(req)
+        (out.displaced if displaced else out.preempted).append(req)
 
     # ------------------------------------------------------------ after the forward
     def update_computed(self, out: SchedulerOutput) -> None:
