@@ -18,8 +18,25 @@ def quick_mode() -> bool:
     return os.environ.get("MINISYS_QUICK", "0") not in ("", "0", "false", "False")
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector-math flags that change torch's speed (bf16 is slow without avx512_bf16/amx)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return [f for f in SIMD_FLAGS if f in have]
+    return []
+
+
 def machine_info() -> dict:
     info = {
+        "cpu_flags": cpu_flags(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,

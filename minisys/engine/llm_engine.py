@@ -25,6 +25,7 @@ from typing import Callable
 from ..model.llama import LlamaModel
 from ..model.tokenizer import Tokenizer
 from ..sampling import make_generator, sequence_seed
+from ..scheduling.policy import SchedulingPolicy
 from ..scheduling.qoe import QoESpec
 from ..scheduling.service import ServiceMeter
 from ..spec.metrics import SpecMetrics
@@ -73,12 +74,13 @@ class _Group:
 
 class LLMEngine:
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, policy: SchedulingPolicy | None = None) -> None:
         """``clock``: the scheduler's clock in seconds (default `time.monotonic`; a replay passes a
-        virtual one, see `minisys.bench.scheduling`)."""
+        virtual one, see `minisys.bench.scheduling`). ``policy``: a `SchedulingPolicy` object instead
+        of ``config.scheduling_policy`` (lab 08 plugs its own in)."""
         self.model, self.tokenizer = model, tokenizer
         self.config = (config or EngineConfig()).resolve(model.config, model.dtype, model.device)
-        self.scheduler = Scheduler(self.config, clock=clock)
+        self.scheduler = Scheduler(self.config, clock=clock, policy=policy)
         self.runner = ModelRunner(model, self.config.num_kv_blocks, self.config.block_size)
         self.stats = EngineStats(service=ServiceMeter(self.config.vtc_input_weight, self.config.vtc_output_weight))
         self.speculator = Speculator.from_config(self.config, model, self.stats.spec)   # None: no speculation

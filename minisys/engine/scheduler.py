@@ -233,11 +233,13 @@ class Scheduler:
     """Waiting queue + running list over a `BlockAllocator`. ``config`` must be resolved.
 
     ``clock`` (seconds; default `time.monotonic`) stamps each request's
-    ``arrival_time`` and is what time-aware policies (Andes) read.
+    ``arrival_time`` and is what time-aware policies (Andes) read. ``policy``:
+    a `SchedulingPolicy` object to use instead of ``config.scheduling_policy``
+    (lab 08 plugs its own in; give it the same clock).
     """
 
     def __init__(self, config: EngineConfig, allocator: BlockAllocator | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, policy: SchedulingPolicy | None = None) -> None:
         if config.num_kv_blocks is None or config.max_num_batched_tokens is None:
             raise ValueError("Scheduler needs a resolved EngineConfig (call config.resolve(model_config))")
         self.config = config
@@ -248,7 +250,7 @@ class Scheduler:
         self._arrivals = 0
         self.num_preemptions = 0
         self.clock = clock or time.monotonic
-        self.policy: SchedulingPolicy = make_policy(config, self.clock)
+        self.policy: SchedulingPolicy = policy if policy is not None else make_policy(config, self.clock)
 
     # ------------------------------------------------------------ queue management
     def check_fits(self, req: Request) -> None:

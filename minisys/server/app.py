@@ -175,7 +175,7 @@ class Server:
     def __init__(self, engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None,
                  limits: Optional[ServerLimits] = None) -> None:
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
-        self.metrics = ServerMetrics(model_name, engine.stats)
+        self.metrics = ServerMetrics(model_name, engine.stats, getattr(engine, "client_service", None))
         self.admission = Admission(limits or ServerLimits())
 
     # ------------------------------------------------------------ request in
@@ -185,11 +185,13 @@ class Server:
                               status=404, param="model", code="model_not_found")
 
     async def add(self, base_id: str, prompts: list[tuple[Optional[str], list[int]]],
-                  params: SamplingParams, user: Optional[str] = None) -> tuple[list[RequestStream], Ticket]:
+                  params: SamplingParams, meta: Optional[dict] = None) -> tuple[list[RequestStream], Ticket]:
         """Admit (`Admission`: 400/429 naming the limit) and add one engine request per prompt, all in
-        one engine call; on a refusal nothing stays queued or reserved (400 naming the prompt)."""
-        ticket = self.admission.admit([len(ids) for _, ids in prompts], params.n, user)
-        items = [(base_id if len(prompts) == 1 else f"{base_id}-{i}", ids, params, text)
+        one engine call; on a refusal nothing stays queued or reserved (400 naming the prompt).
+        ``meta``: ``client`` (the OpenAI ``user``), ``priority``, ``qoe`` for the scheduling policy."""
+        meta = meta or {}
+        ticket = self.admission.admit([len(ids) for _, ids in prompts], params.n, meta.get("client"))
+        items = [(base_id if len(prompts) == 1 else f"{base_id}-{i}", ids, params, text, meta)
                  for i, (text, ids) in enumerate(prompts)]
         try:
             streams = await self.engine.add_requests(items)       # all or none
@@ -353,11 +355,12 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
         server.check_model(req.model)
         try:
             params = req.to_sampling_params()
+            meta = req.request_meta()
             server.admission.check_shape(len(req.prompts()), params.n)     # before tokenizing anything
             prompts = await asyncio.to_thread(server.tokenize_prompts, req)
         except ValueError as e:
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
-        return await _respond(server, raw, req, params, prompts, P.random_id("cmpl"), chat=False)
+        return await _respond(server, raw, req, params, meta, prompts, P.random_id("cmpl"), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(raw: Request):
@@ -365,18 +368,19 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
         server.check_model(req.model)
         try:
             params = req.to_sampling_params()
+            meta = req.request_meta()
             server.admission.check_shape(1, params.n)
             prompts = await asyncio.to_thread(server.chat_prompt, req)
         except ValueError as e:
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
-        return await _respond(server, raw, req, params, prompts, P.random_id("chatcmpl"), chat=True)
+        return await _respond(server, raw, req, params, meta, prompts, P.random_id("chatcmpl"), chat=True)
 
     return app
 
 
-async def _respond(server: Server, raw: Request, req, params: SamplingParams,
+async def _respond(server: Server, raw: Request, req, params: SamplingParams, meta: dict,
                    prompts: list[tuple[Optional[str], list[int]]], request_id: str, chat: bool):
-    streams, ticket = await server.add(request_id, prompts, params, req.user)
+    streams, ticket = await server.add(request_id, prompts, params, meta)
     tracker = _Tracker(params.n, [len(ids) for _, ids in prompts], server.metrics, streams[0].arrival)
     created = int(time.time())
     if req.stream:

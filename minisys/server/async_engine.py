@@ -42,7 +42,8 @@ from .errors import new_error_id
 
 logger = logging.getLogger("minisys.server")
 
-AddItem = tuple[str, list[int], SamplingParams, "str | None"]     # (request id, prompt ids, params, prompt text)
+# (request id, prompt ids, params, prompt text, {client, priority, qoe} for the scheduling policy)
+AddItem = tuple[str, list[int], SamplingParams, "str | None", dict]
 
 
 class EngineDeadError(RuntimeError):
@@ -175,9 +176,9 @@ class _AsyncEngineBase:
         """
         streams: list[RequestStream] = []
         try:
-            for i, (rid, ids, params, prompt) in enumerate(items):
+            for i, (rid, ids, params, prompt, meta) in enumerate(items):
                 try:
-                    streams.append(await self.add_request(rid, ids, params, prompt))
+                    streams.append(await self.add_request(rid, ids, params, prompt, **meta))
                 except ValueError as e:
                     raise PromptError(i, str(e)) from None
         except BaseException:
@@ -218,12 +219,13 @@ class AsyncLLMEngine(_AsyncEngineBase):
         return self.engine.config.max_model_len
 
     async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                          prompt: str | None = None) -> RequestStream:
-        """Queue a request; ValueError (with the engine's reason) if it can never be served."""
+                          prompt: str | None = None, **meta) -> RequestStream:
+        """Queue a request; ValueError (with the engine's reason) if it can never be served.
+        ``meta``: ``client``, ``priority``, ``qoe`` for the scheduling policy (`LLMEngine.add_request`)."""
         queue = OutputSlot()
         self._queues[request_id] = queue            # registered first: no output can be missed
         try:
-            await self._call(self.engine.add_request, request_id, prompt_ids, params, prompt)
+            await self._call(lambda: self.engine.add_request(request_id, prompt_ids, params, prompt, **meta))
         except BaseException:
             self._queues.pop(request_id, None)
             self._aborts.add(request_id)             # cancelled mid-add: make sure it leaves the engine
@@ -253,9 +255,9 @@ class AsyncLLMEngine(_AsyncEngineBase):
     def _add_all(self, items: list[AddItem]) -> None:
         """Engine thread: add each item; on a refusal abort those added and raise `PromptError`."""
         added: list[str] = []
-        for i, (rid, ids, params, prompt) in enumerate(items):
+        for i, (rid, ids, params, prompt, meta) in enumerate(items):
             try:
-                self.engine.add_request(rid, ids, params, prompt)
+                self.engine.add_request(rid, ids, params, prompt, **meta)
             except ValueError as e:
                 self._apply_aborts(added)
                 raise PromptError(i, str(e)) from None
@@ -295,6 +297,15 @@ class AsyncLLMEngine(_AsyncEngineBase):
                 "kv_blocks_total": alloc.num_blocks, "kv_blocks_free": alloc.num_free,
                 "engine_step_errors": self.num_step_errors}
 
+    def client_service(self) -> dict[str, float]:
+        """Weighted tokens served per client (lesson 08), copied off the engine thread's dict."""
+        for _ in range(5):
+            try:
+                return dict(self.engine.stats.service.totals)
+            except RuntimeError:                        # resized by the engine thread meanwhile
+                continue
+        return {}
+
 
 class AsyncEagerEngine(_AsyncEngineBase):
     """The eager baseline behind the same interface: one request at a time, first come first served.
@@ -319,7 +330,13 @@ class AsyncEagerEngine(_AsyncEngineBase):
         await super().start()
 
     async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                          prompt: str | None = None) -> RequestStream:
+                          prompt: str | None = None, client: str | None = None, priority: int = 0,
+                          qoe=None) -> RequestStream:
+        """Queue a request. ``client`` only keys the server's per-user limits here; a ``priority`` or
+        reader expectation needs a scheduler: ValueError (-> 400) rather than ignoring it."""
+        if priority != 0 or qoe is not None:
+            raise ValueError(f"{'priority' if priority != 0 else 'expected_ttft/expected_tds'} needs the "
+                             f"engine's scheduler (--engine llm); the eager baseline serves one request at a time")
         self.runner.check_prompt(prompt_ids, params)    # read-only: safe off the engine thread
         queue = OutputSlot()
         self._queues[request_id] = queue

@@ -57,6 +57,31 @@ class EngineGauges(Collector):
             yield family
 
 
+MAX_CLIENT_LABELS = 100      # per-client series at most (the rest summed under client="other")
+
+
+class ClientService(Collector):
+    """``client_service_tokens_total{client}``: weighted tokens each client was served (lesson 08:
+    prompt tokens x w_in + decode tokens x w_out), read from the engine at scrape time. Clients are
+    named by the request's ``user``, which anyone can set: only the ``MAX_CLIENT_LABELS`` most
+    served get a series of their own, so a flood of names cannot blow up the scrape."""
+
+    def __init__(self, model_name: str, read: Callable[[], dict[str, float]]) -> None:
+        self.model_name, self.read = model_name, read
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self.read()
+        top = sorted(totals.items(), key=lambda kv: -kv[1])
+        family = CounterMetricFamily(PREFIX + "client_service_tokens",
+                                     "Weighted tokens served per client (the OpenAI user; '' if none).",
+                                     labels=["model_name", "client"])
+        for client, value in top[:MAX_CLIENT_LABELS]:
+            family.add_metric([self.model_name, client], value)
+        if len(top) > MAX_CLIENT_LABELS:
+            family.add_metric([self.model_name, "other"], sum(v for _, v in top[MAX_CLIENT_LABELS:]))
+        yield family
+
+
 class ServerMetrics:
     """The server's metrics in a registry of its own.
 
@@ -65,7 +90,8 @@ class ServerMetrics:
     `finished` and `error`; `render` is the scrape.
     """
 
-    def __init__(self, model_name: str, gauges: Callable[[], dict[str, float]] | None = None) -> None:
+    def __init__(self, model_name: str, gauges: Callable[[], dict[str, float]] | None = None,
+                 client_service: Callable[[], dict[str, float]] | None = None) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         reg, label = self.registry, ["model_name"]
@@ -87,6 +113,8 @@ class ServerMetrics:
                              buckets=E2E_BUCKETS, registry=reg).labels(model_name)
         if gauges is not None:
             reg.register(EngineGauges(model_name, gauges))
+        if client_service is not None:
+            reg.register(ClientService(model_name, client_service))
 
     def finished(self, reasons: list[str]) -> None:
         """Count one finished choice per finish reason given (``stop``, ``length``, ...)."""

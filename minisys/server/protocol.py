@@ -16,6 +16,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from ..engine.sampling_params import RequestOutputKind, SamplingParams
+from ..scheduling.qoe import QoESpec
 
 MAX_N = 128     # the default of --max-n (`limits.ServerLimits`); the server checks n, prompts and prompts x n
 
@@ -44,8 +45,12 @@ class _SamplingRequest(BaseModel):
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = 0.0
     frequency_penalty: Optional[float] = 0.0
-    user: Optional[StrictStr] = None           # keys --max-queued-sequences-per-user; not a string: 400
+    user: Optional[StrictStr] = None           # the client: per-user limits, VTC's fair share (lesson 08)
     # vLLM's extensions
+    priority: StrictInt = 0                    # lower runs first under --scheduling-policy priority
+    # minisys's (lesson 08, Andes): the reader's expected time to first token (s) and pace (tokens/s)
+    expected_ttft: Optional[float] = None
+    expected_tds: Optional[float] = None
     top_k: Optional[StrictInt] = None
     ignore_eos: StrictBool = False
     stop_token_ids: Optional[list[StrictInt]] = None
@@ -61,6 +66,21 @@ class _SamplingRequest(BaseModel):
             raise ValueError("presence_penalty and frequency_penalty are not supported by minisys")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+
+    def request_meta(self) -> dict:
+        """Who asks and how they want to be served, for the scheduling policy (``client``,
+        ``priority``, ``qoe``); ValueError naming the field for a bad expectation."""
+        qoe = None
+        if self.expected_ttft is not None or self.expected_tds is not None:
+            for name in ("expected_ttft", "expected_tds"):
+                v = getattr(self, name)
+                if v is not None and not (0 <= v < float("inf")) or (name == "expected_tds" and v == 0):
+                    raise ValueError(f"{name} must be a finite number {'> 0' if name == 'expected_tds' else '>= 0'}"
+                                     f" (seconds to first token / tokens per second), got {v!r}")
+            default = QoESpec()
+            qoe = QoESpec(default.ttft if self.expected_ttft is None else self.expected_ttft,
+                          default.tds if self.expected_tds is None else self.expected_tds)
+        return {"client": self.user, "priority": self.priority, "qoe": qoe}
 
     def to_sampling_params(self) -> SamplingParams:
         """The engine's parameters; ValueError (-> 400) when a value is out of range."""
