@@ -326,3 +326,18 @@ def test_no_block_leaks_under_any_policy_with_aborts(policy, stream):
     assert k == len(pending) and not sim.sched.has_unfinished()
     assert sim.sched.allocator.num_free == cfg.num_kv_blocks
     assert all(r.is_finished for r in sim.reqs.values())
+
+
+def test_the_server_flags_select_the_policy_and_its_knobs():
+    import argparse
+
+    from minisys.server.engine_args import add_engine_args, engine_config_from_args
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    cfg = engine_config_from_args(p.parse_args(["--scheduling-policy", "vtc", "--vtc-output-weight", "3"]))
+    assert cfg.scheduling_policy == "vtc" and cfg.vtc_output_weight == 3.0
+    assert type(Scheduler(config("vtc", vtc_output_weight=3.0)).policy).__name__ == "VTCPolicy"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--scheduling-policy", "lottery"])
+    with pytest.raises(ValueError, match="vtc_input_weight"):
+        EngineConfig(vtc_input_weight=0)

@@ -36,6 +36,7 @@ from typing import Callable
 
 from ..scheduling import QoESpec, fairness_bound, max_service_gap, qoe
 from .common import quick_mode, save_result
+from .metrics import RequestTrace, summarize
 
 
 @dataclass
@@ -131,6 +132,19 @@ def burst_jobs(tok, n: int, max_tokens: int) -> list[Job]:
     return [Job(0.0, f"reader{i}", _prompt(tok, i), max_tokens) for i in range(n)]
 
 
+def per_client_latency(rec: Replay, jobs: list[Job]) -> dict[str, dict]:
+    """Lesson 05's TTFT / TPOT / ITL (vLLM's definitions), per client, in ms of the replay's clock."""
+    by_client: dict[str, list[RequestTrace]] = {}
+    for i, j in enumerate(jobs):
+        times = rec.token_times[i]
+        chunks = sorted(set(times))                       # one arrival per step that delivered tokens
+        by_client.setdefault(j.client, []).append(
+            RequestTrace(arrival=j.arrival, token_times=chunks, output_tokens=len(times),
+                         prompt_tokens=len(j.prompt_ids)))
+    keep = ("p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_itl_ms")
+    return {c: {k: summarize(tr, rec.duration)[k] for k in keep} for c, tr in by_client.items()}
+
+
 def fairness_summary(rec: Replay, jobs: list[Job], config) -> dict:
     flags = [{"heavy", "light"} <= w for w in rec.waiting_clients]
     longest = max(len(j.prompt_ids) for j in jobs)
@@ -145,6 +159,7 @@ def fairness_summary(rec: Replay, jobs: list[Job], config) -> dict:
             "backlogged_steps": sum(flags), "steps": len(rec.step_service),
             "service_heavy": cum["heavy"], "service_light": cum["light"],
             "throughput": rec.output_tokens / rec.duration, "preemptions": rec.preemptions,
+            "latency": per_client_latency(rec, jobs),
             "series": {"t": rec.step_times, "heavy": [a for a, _ in series], "light": [b for _, b in series]}}
 
 
@@ -226,6 +241,14 @@ def _print(res: dict) -> None:
     for p, r in res["fairness"].items():
         t.add_row(p, f"{r['max_gap_backlogged']:.0f}", f"{r['bound_2U']:.0f}", f"{r['service_heavy']:.0f}",
                   f"{r['service_light']:.0f}", f"{r['throughput']:.1f}")
+    Console().print(t)
+    t = Table(title="(a) per client (step clock, ms): TTFT, TPOT, ITL")
+    for c in ("policy", "client", "p50 TTFT", "p99 TTFT", "mean TPOT", "p99 ITL"):
+        t.add_column(c, justify="right")
+    for p, r in res["fairness"].items():
+        for client, m in r["latency"].items():
+            t.add_row(p, client, *(f"{m[k]:.0f}" for k in ("p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+                                                             "p99_itl_ms")))
     Console().print(t)
     t = Table(title="(b) QoE under a burst of 3x max_num_seqs (TTFT 1 s, 5 tokens/s expected)")
     for c in ("clock", "policy", "mean QoE", "QoE < 0.9", "p50 TTFT s", "max TTFT s", "tok/s", "preempted"):
