@@ -26,8 +26,10 @@ from minisys.grading.notebooks import (
     build_labs,
     build_notebook,
     check_labs,
+    StartError,
     main_labs,
     notebook_bytes,
+    start_lab,
 )
 from minisys.grading.source import (
     STUB_LINE,
@@ -353,9 +355,35 @@ def test_grade_solution_gives_full_marks(lab: Path) -> None:
     assert report.not_gradable == [gpu]
 
 
+def test_labs_start_copies_to_work_and_never_overwrites(lab: Path, capsys) -> None:
+    build_labs(lab)
+    copy = start_lab("1", lab)
+    assert copy == lab / "work" / "01-toy-lab.ipynb"
+    assert copy.read_bytes() == (lab / "labs" / "01-toy-lab.ipynb").read_bytes()
+    copy.write_text(copy.read_text().replace("NotImplementedError", "NotImplementedError  # mine"))
+    mine = copy.read_bytes()
+    with pytest.raises(StartError, match="exists"):
+        start_lab("01", lab)
+    assert main_labs(["start", "01", "--root", str(lab)]) == 1
+    assert copy.read_bytes() == mine and "--force" in capsys.readouterr().err
+    assert check_labs(lab) == []                         # the student's work is not in labs/
+    assert main_labs(["start", "01", "--root", str(lab), "--force"]) == 0
+    assert copy.read_bytes() == (lab / "labs" / "01-toy-lab.ipynb").read_bytes()
+    assert "grade it: python -m minisys grade" in capsys.readouterr().out
+    with pytest.raises(StartError, match="no lab 07"):
+        start_lab("7", lab)
+    with pytest.raises(StartError, match="a number"):
+        start_lab("../01", lab)
+
+
+def test_gitignore_keeps_work_copies_out_of_git() -> None:
+    assert "/work/" in (REPO_ROOT / ".gitignore").read_text().splitlines()
+
+
 def test_grade_student_notebook_gives_zero_on_exercises(lab: Path) -> None:
     build_labs(lab)
-    report = grade(lab / "labs" / "01-toy-lab.ipynb", lab / "tests" / "labs")
+    # graded where students work on it: a copy outside labs/ (python -m minisys labs start 01)
+    report = grade(start_lab("01", lab, dest=lab / "elsewhere"), lab / "tests" / "labs")
     exercises = [test for test in report.tests if test.exercise]
     assert exercises and all(test.score == 0 for test in exercises)
     assert all("NotImplementedError" in test.reason for test in exercises)
