@@ -45,6 +45,7 @@ from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..model.tokenizer import Tokenizer
 from .async_engine import PromptError, RequestStream
+from .body_text import check_body_text
 from .errors import OpenAIError, error_body, install_error_handlers, internal_error_body
 from .limits import Admission, ServerLimits, Ticket
 from .metrics import ServerMetrics
@@ -283,6 +284,10 @@ def _parse_body(body: bytes, model: type[BaseModel]) -> BaseModel:
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", getattr(e, "pos", 0)),
                                        "msg": "JSON decode error", "input": {},
                                        "ctx": {"error": getattr(e, "msg", str(e))}}]) from None
+    except RecursionError:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": "nested too deeply"}}]) from None
+    check_body_text(body, data)                 # a lone surrogate anywhere: 400 naming the field
     messages = data.get("messages") if isinstance(data, dict) else None
     chunked = isinstance(messages, list) and len(messages) > VALIDATE_CHUNK and "messages" in model.model_fields
     try:
