@@ -50,6 +50,7 @@ from .errors import OpenAIError, error_body, install_error_handlers, internal_er
 from .limits import Admission, ServerLimits, Ticket
 from .metrics import ServerMetrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, ErrorCountMiddleware
+from .openapi import error_responses, install_openapi, json_response
 from . import protocol as P
 
 DISCONNECT_POLL_S = 0.25
@@ -335,24 +336,30 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key, protect_metrics=not metrics_open)
     app.add_middleware(ErrorCountMiddleware, count=server.metrics.error)           # outermost
+    v1_auth = (401,) if api_key else ()
+    metrics_auth = (401,) if api_key and not metrics_open else ()
+    install_openapi(app, {"/v1/completions": P.CompletionRequest, "/v1/chat/completions": P.ChatCompletionRequest},
+                    secured=(("/v1",) if api_key else ()) + (("/metrics",) if metrics_auth else ()))
+    post_errors = error_responses(400, *v1_auth, 404, 413, 429, 500, 503)
 
-    @app.get("/health")
+    @app.get("/health", response_class=PlainTextResponse, responses=error_responses(503))
     async def health():
         if not engine.is_running:
             return JSONResponse(error_body("the engine loop is not running", "internal_error"), status_code=503)
         return PlainTextResponse("")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(*metrics_auth))
     async def metrics(request: Request):
         body, content_type = server.metrics.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={**json_response(P.ModelList, "the served model"), **error_responses(*v1_auth)})
     async def models():
         card = P.ModelCard(id=model_name, root=model_name, max_model_len=engine.max_model_len)
         return JSONResponse(P.ModelList(data=[card]).model_dump())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**json_response(P.CompletionResponse, "the completion", stream=True),
+                                            **post_errors})
     async def completions(raw: Request):
         req = await _parse(raw, P.CompletionRequest)
         server.check_model(req.model)
@@ -364,7 +371,8 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
         return await _respond(server, raw, req, params, prompts, P.random_id("cmpl"), chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={**json_response(P.ChatCompletionResponse, "the chat completion",
+                                                                 stream=True), **post_errors})
     async def chat_completions(raw: Request):
         req = await _parse(raw, P.ChatCompletionRequest)
         server.check_model(req.model)

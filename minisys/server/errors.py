@@ -99,7 +99,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return JSONResponse(error_body(message, kind), status_code=exc.status_code)
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))      # 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
