@@ -8,8 +8,12 @@ from /metrics (idle = nothing queued, every block free), the process's exit code
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
+import signal
+import socket
 import time
 from pathlib import Path
 
@@ -24,6 +28,8 @@ from test_server_robust import TEMPLATE, launch, port_of, stop
 pytestmark = pytest.mark.timeout(300)
 KEY = "hostile-key-91c2"
 H = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+TIMEOUT_S = 2.0          # the live server's --timeout-header-s and --timeout-body-s
+LIVE_GRACE_S = 3.0       # and its --shutdown-grace-s
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +42,20 @@ def chat_dir(tiny_dirs, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def live(chat_dir, tmp_path_factory):
-    """(base URL, log path) of one server for the module: tiny chat model, the key from the env."""
+    """(base URL, log path, process) of one server for the module: tiny chat model, the key from the env,
+    short timeouts. The last test stops it (SIGINT)."""
     log = tmp_path_factory.mktemp("hostile-live") / "server.log"
-    proc = launch(["--model", str(chat_dir), "--max-num-seqs", "16"], log, env={"MINISYS_API_KEY": KEY})
+    proc = launch(["--model", str(chat_dir), "--max-num-seqs", "16", "--timeout-header-s", str(TIMEOUT_S),
+                   "--timeout-body-s", str(TIMEOUT_S), "--shutdown-grace-s", str(LIVE_GRACE_S)], log,
+                  env={"MINISYS_API_KEY": KEY})
+
     url = f"http://127.0.0.1:{port_of(proc)}"
     try:
         wait_healthy(url, proc, 120.0, log)
     except TimeoutError:
         proc.kill()
         raise
-    yield url, log
+    yield url, log, proc
     stop(proc)
 
 
@@ -81,7 +91,7 @@ UNENCODABLE = {
 
 @pytest.mark.parametrize("case", list(UNENCODABLE))
 def test_unencodable_text_is_400_naming_the_field(live, case):
-    url, _ = live
+    url = live[0]
     path, body, param, where = UNENCODABLE[case]
     r = httpx.post(url + path, content=body.encode(), headers=H, timeout=30)
     assert r.status_code == 400, r.text
@@ -90,7 +100,7 @@ def test_unencodable_text_is_400_naming_the_field(live, case):
 
 
 def test_paired_surrogates_are_text_and_deep_nesting_is_400(live):
-    url, _ = live
+    url = live[0]
     r = httpx.post(url + "/v1/completions", content=rb'{"prompt": "\ud83d\ude00 hi", "max_tokens": 2}',
                    headers=H, timeout=30)
     assert r.status_code == 200, r.text                     # an escaped emoji is a valid pair
@@ -112,3 +122,169 @@ def test_llm_generate_refuses_unencodable_text_with_a_value_error(tiny_dirs):
         SamplingParams(stop=["ok", "\ud800"])
     assert not llm.engine.has_unfinished()
     assert llm.generate("the quick", sp, use_tqdm=False)[0].outputs[0].token_ids   # still serving
+
+
+# ------------------------------------------------------------------ slow clients
+def stalled_client(url: str, head: bytes, drip: bytes = b"") -> tuple[float, bytes]:
+    """Send ``head``, then ``drip`` one byte per 0.3 s (none: stall); (seconds until the server closed the
+    connection, what it sent). Gives up after 30 s (the server never closed it: the test fails)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        t0 = time.monotonic()
+        sock.sendall(head)
+        got, drip = b"", list(drip)
+        sock.settimeout(0.3)
+        while time.monotonic() - t0 < 30:
+            try:
+                chunk = sock.recv(4096)
+            except socket.timeout:
+                if drip:
+                    sock.sendall(bytes([drip.pop(0)]))
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        return time.monotonic() - t0, got
+
+
+def test_stalled_clients_are_dropped_after_the_timeout_while_others_are_served(live):
+    url = live[0]
+    port = url.rsplit(":", 1)[1]
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\n").encode()
+    stalled_body = head + b"Content-Length: 1000\r\n\r\n" + b'{"prompt": "the quick'   # 980 bytes owed
+    partial_head = head                                                               # no blank line: never ends
+    drip_head = head[:20]                                                             # then a byte per 0.3 s
+
+    async def main():
+        stalls = [asyncio.to_thread(stalled_client, url, stalled_body) for _ in range(4)]
+        stalls += [asyncio.to_thread(stalled_client, url, partial_head),
+                   asyncio.to_thread(stalled_client, url, drip_head, drip=head[20:] * 3)]
+        stalled = asyncio.gather(*stalls)
+        async with httpx.AsyncClient(base_url=url, headers=H, timeout=30) as c:
+            served, t0 = 0, time.monotonic()
+            while time.monotonic() - t0 < TIMEOUT_S + 0.5:          # requests keep being answered meanwhile
+                r = await c.post("/v1/completions", json={"prompt": "the quick", "max_tokens": 4})
+                assert r.status_code == 200, r.text
+                served += 1
+        return served, await stalled
+
+    served, results = asyncio.run(main())
+    assert served >= 3
+    for elapsed, got in results:                       # dropped after the timeout, not before, not much after
+        assert TIMEOUT_S - 0.2 <= elapsed <= TIMEOUT_S + 5, (elapsed, got)
+        assert got.startswith(b"HTTP/1.1 408 "), got
+    for elapsed, got in results[:4]:
+        assert b"--timeout-body-s" in got and b"connection: close" in got.lower()
+    for elapsed, got in results[4:]:
+        assert b"--timeout-header-s" in got
+    assert idle(url)
+
+
+# ------------------------------------------------------------------ graceful shutdown
+def children_of(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+async def read_stream(c: httpx.AsyncClient, i: int, started: asyncio.Event, counter: list[int]) -> str:
+    """One streamed completion: "finished", "errored" (an SSE error event), each then ``[DONE]``; "cut"
+    when the stream ended without either (or without [DONE])."""
+    outcome = None
+    body = {"prompt": f"story {i}", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    try:
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    return outcome or "cut"
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    assert obj["error"]["code"] == "server_shutting_down", obj
+                    outcome = "errored"
+                elif obj["choices"] and obj["choices"][0]["finish_reason"]:
+                    outcome = "finished"
+                elif obj["choices"]:
+                    counter[0] += 1
+                    if counter[0] >= 32:
+                        started.set()
+    except httpx.HTTPError:
+        pass
+    return "cut"
+
+
+def signal_during_streams(proc, url: str, log: Path, sig: int, streams: int, grace: float) -> list[str]:
+    """``streams`` concurrent streams; once tokens flow, send ``sig``; check the exit (0, within the grace
+    period, no process left, nothing left in the engine, every KV block free); return the streams' outcomes
+    (each must be "finished" or "errored")."""
+    children = children_of(proc.pid)
+
+    async def main():
+        started, counter = asyncio.Event(), [0]
+        async with httpx.AsyncClient(base_url=url, headers=H, timeout=60,
+                                     limits=httpx.Limits(max_connections=64)) as c:
+            tasks = [asyncio.create_task(read_stream(c, i, started, counter)) for i in range(streams)]
+            await asyncio.wait_for(started.wait(), 60)          # tokens are flowing on the streams
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            await asyncio.sleep(0.5)
+            try:                                                # a new request: refused or 503, never served
+                late = (await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})).status_code
+            except httpx.HTTPError:
+                late = "refused"
+            outcomes = await asyncio.gather(*tasks)
+            return t0, late, outcomes
+
+    try:
+        t0, late, outcomes = asyncio.run(main())
+        rc = proc.wait(timeout=grace + 30)
+        exited_after = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert rc == 0, text[-2000:]
+    assert exited_after <= grace + 1.5, exited_after
+    assert late in ("refused", 503), late
+    assert set(outcomes) <= {"errored", "finished"} and len(outcomes) == streams, outcomes
+    assert f"shut down ({signal.Signals(sig).name})" in text and "0 requests left in the engine" in text
+    free = text.split("KV blocks free ")[1].split(",")[0]
+    assert free.split("/")[0] == free.split("/")[1], text[-500:]
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in children + [proc.pid])
+    return outcomes
+
+
+def test_sigterm_during_32_streams_ends_every_stream_and_exits_0_within_the_grace(chat_dir, tmp_path):
+    """2 sequences at a time x 240 tokens each: most of the 32 streams cannot finish in the grace period."""
+    grace = 3.0
+    log = tmp_path / "server.log"
+    proc = launch(["--model", str(chat_dir), "--max-num-seqs", "2", "--shutdown-grace-s", str(grace)], log,
+                  env={"MINISYS_API_KEY": KEY})
+    url = f"http://127.0.0.1:{port_of(proc)}"
+    try:
+        wait_healthy(url, proc, 120.0, log)
+    except BaseException:
+        proc.kill()
+        raise
+    outcomes = signal_during_streams(proc, url, log, signal.SIGTERM, 32, grace)
+    assert "errored" in outcomes                  # the abort path ran (and "finished" ones may be there too)
+
+
+# Keep this test last: it stops the module's server.
+def test_sigint_stops_the_module_server_gracefully_too(live):
+    url, log, proc = live
+    signal_during_streams(proc, url, log, signal.SIGINT, 20, LIVE_GRACE_S)
