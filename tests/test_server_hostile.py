@@ -124,6 +124,44 @@ def test_llm_generate_refuses_unencodable_text_with_a_value_error(tiny_dirs):
     assert llm.generate("the quick", sp, use_tqdm=False)[0].outputs[0].token_ids   # still serving
 
 
+# ------------------------------------------------------------------ fuzzing the OpenAPI document
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
+
+FUZZ_EXAMPLES = 12     # per operation and mode (valid; invalid for the POSTs): ~85 requests, more with the checks'
+                       # own follow-ups (no key, other methods)
+
+
+def test_openapi_fuzz_no_5xx_and_responses_match_the_document(live):
+    """schemathesis over /openapi.json: schema-valid and schema-invalid requests to every operation; its
+    checks (no 5xx, every status, content type and body as documented, invalid data refused, the key
+    enforced, 405 + Allow for other methods) must pass. Left out: ``positive_data_acceptance`` (a
+    schema-valid body may still be refused with a documented 400, e.g. a prompt longer than the context).
+    Derandomized: the same cases every run."""
+    url = live[0]
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.label for op in operations} >= {"POST /v1/completions", "POST /v1/chat/completions"}
+    sent: dict[int, int] = {}
+    for op in operations:
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.upper() == "POST" else [])
+        for mode in modes:                              # (a GET without parameters has nothing to get wrong)
+            @given(case=op.as_strategy(generation_mode=mode))
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck))
+            def fuzz(case) -> None:
+                r = case.call_and_validate(headers={"Authorization": H["Authorization"]}, timeout=60,
+                                           excluded_checks=[positive_data_acceptance])
+                sent[r.status_code] = sent.get(r.status_code, 0) + 1
+
+            fuzz()
+    assert sum(sent.values()) >= 4 * FUZZ_EXAMPLES and not any(code >= 500 for code in sent), sent
+    assert 200 in sent and 400 in sent, sent           # both sides were reached
+    assert idle(url)
+
+
 # ------------------------------------------------------------------ slow clients
 def stalled_client(url: str, head: bytes, drip: bytes = b"") -> tuple[float, bytes]:
     """Send ``head``, then ``drip`` one byte per 0.3 s (none: stall); (seconds until the server closed the
