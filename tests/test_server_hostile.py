@@ -221,6 +221,22 @@ def test_stalled_clients_are_dropped_after_the_timeout_while_others_are_served(l
     assert idle(url)
 
 
+# ------------------------------------------------------------------ soak (quick size)
+def test_soak_quick_leaves_nothing_behind_and_memory_flat(live):
+    """`python -m minisys bench soak` at its CI size: 200 requests, 10% disconnects (the full 2,000 are in
+    bench/results/soak.json)."""
+    from minisys.bench.soak import soak
+
+    url = live[0]
+    result = asyncio.run(soak(url, requests=200, concurrency=8, disconnect=0.1, sample_every=25,
+                              api_key=KEY, seed=1))
+    print(result.report())
+    assert result.disconnects >= 10 and result.statuses.get("200", 0) >= 150, result.statuses
+    assert result.server_errors == 0 and not any(result.leaks.values()), result.report()
+    assert result.growth < 0.10, result.report()
+    assert result.ok
+
+
 # ------------------------------------------------------------------ graceful shutdown
 def children_of(pid: int) -> list[int]:
     """Live processes whose parent is ``pid`` (from /proc)."""
