@@ -17,7 +17,10 @@ aborted; the generator's ``finally`` aborts it when the client goes away
 mid-stream or while queued (starlette cancels the stream on disconnect), and
 non-streamed requests poll ``is_disconnected``. Each HTTP request's
 admission `Ticket` (`limits`) is released exactly when its engine requests
-are finished or aborted (`Server.finish`).
+are finished or aborted (`Server.finish`). On shutdown (`shutdown`)
+`Server.drain` refuses new requests (503) and, at the end of the grace
+period, ends the open ones with `ServerShuttingDown` (an SSE error event
+or a 503), aborting them in the engine.
 
 Nothing heavy runs on the event loop: the body is parsed and validated,
 the chat template applied and the prompts tokenized in a worker thread

@@ -4,8 +4,10 @@ Every failure the client can cause is a 400 with a message that says what
 to change (a validation error from pydantic, a ValueError from
 `SamplingParams` or from the engine's `add_request`); an unknown model is a
 404, a missing or wrong API key a 401, a body over ``--max-body-bytes`` a
-413, a full queue a 429 (`limits`). Nothing else leaks: a request refused
-here never entered the engine.
+413, a full queue a 429 (`limits`), a body or head that does not arrive in
+time a 408 (`timeouts`), a request during shutdown a 503 (`shutdown`).
+Nothing else leaks: a request refused here never entered the engine. The
+OpenAPI document lists these per route (`openapi`).
 
 A failure of the server itself (a bug, an engine step that raised) is a 500
 whose body has a generic message and an error id, never the exception's
