@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: serve generate chat test test-fast labs check-labs grade grade-batch bundle clean-venv
+.PHONY: serve generate chat test test-fast labs check-labs start grade grade-batch bundle clean-venv
 
 $(STAMP): requirements.txt pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -29,7 +29,11 @@ labs: $(STAMP)
 check-labs: $(STAMP)
 	$(PY) -m minisys labs check
 
-## grade a notebook: make grade NB=labs/01-tokens-to-text.ipynb
+## start a lab: copy its notebook to work/ (make start LAB=01; never overwrites your copy)
+start: $(STAMP)
+	$(PY) -m minisys labs start $(LAB)
+
+## grade a notebook: make grade NB=work/01-tokens-to-text.ipynb
 grade: $(STAMP)
 	$(PY) -m minisys grade $(NB)
 

@@ -8,6 +8,7 @@
     python -m minisys chat
     python -m minisys grade labs/01-tokens-to-text.ipynb [--results results.json]
     python -m minisys labs build | check
+    python -m minisys labs start 01            # a working copy: work/01-tokens-to-text.ipynb
     python -m minisys bench kv-cache
     python -m minisys serve [--port 8000] [--engine llm|eager] [--api-key KEY]
 """
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(s)
     s.set_defaults(func=cmd_serve)
     sub.add_parser("grade", help="grade a lab notebook (see minisys/grading)", add_help=False)
-    sub.add_parser("labs", help="build or check the student notebooks", add_help=False)
+    sub.add_parser("labs", help="build or check the student notebooks; start NN: copy one to work/",
+                   add_help=False)
     sub.add_parser("bench", help="run a benchmark (kv-cache, ...)", add_help=False)
     return parser
 

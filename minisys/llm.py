@@ -30,6 +30,7 @@ from .engine.llm_engine import LLMEngine
 from .engine.outputs import RequestOutput
 from .engine.sampling_params import RequestOutputKind, SamplingParams
 from .model.loader import load
+from .model.tokenizer import check_text
 
 PromptType = Union[str, dict[str, Any]]   # "text" | {"prompt": "text"} | {"prompt_token_ids": [...]}
 Message = dict[str, str]
@@ -90,12 +91,19 @@ class LLM:
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Apply the chat template to one conversation (or a list of them) and generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        for c, conversation in enumerate(conversations):
+            for i, m in enumerate(conversation):
+                if isinstance(m, dict) and isinstance(m.get("content"), str):
+                    where = f"messages[{i}].content" if len(conversations) == 1 else f"messages[{c}][{i}].content"
+                    check_text(m["content"], where)
         prompts = [{"prompt": self.tokenizer.apply_chat_template(c, add_generation_prompt)}
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, ids) of one prompt; ValueError for a malformed one or text UTF-8 cannot encode."""
         if isinstance(prompt, str):
+            check_text(prompt, "prompt")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
@@ -103,6 +111,7 @@ class LLM:
                 raise ValueError("prompt_token_ids must be a list of integers")
             return prompt.get("prompt"), list(ids)
         if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            check_text(prompt["prompt"], "prompt")
             return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
         raise ValueError(f"a prompt is a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}; got {prompt!r}")
 

@@ -12,7 +12,10 @@
 #
 # Fill in every `raise NotImplementedError` and grade yourself with
 #
-#     python -m minisys grade labs/01-tokens-to-text.ipynb
+#     python -m minisys labs start 01     # once: copies this notebook to work/01-tokens-to-text.ipynb
+#     python -m minisys grade work/01-tokens-to-text.ipynb
+#
+# Work in that copy, not in `labs/` (regenerated from `solutions/`; `git pull` updates it).
 #
 # The tests compare your code with independent oracles (numpy sorting,
 # chi-square tests of sampled frequencies, Hugging Face transformers' logits).

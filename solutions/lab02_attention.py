@@ -15,7 +15,10 @@
 #
 # Fill in every `raise NotImplementedError` and grade yourself with
 #
-#     python -m minisys grade labs/02-attention.ipynb
+#     python -m minisys labs start 02     # once: copies this notebook to work/02-attention.ipynb
+#     python -m minisys grade work/02-attention.ipynb
+#
+# Work in that copy, not in `labs/` (regenerated from `solutions/`; `git pull` updates it).
 #
 # The tests compare your code with torch's own `softmax`, `logsumexp` and
 # `scaled_dot_product_attention`. The last cells time and measure the memory of

@@ -18,7 +18,10 @@
 #
 # Fill in every `raise NotImplementedError` and grade yourself with
 #
-#     python -m minisys grade labs/03-paged-kv.ipynb
+#     python -m minisys labs start 03     # once: copies this notebook to work/03-paged-kv.ipynb
+#     python -m minisys grade work/03-paged-kv.ipynb
+#
+# Work in that copy, not in `labs/` (regenerated from `solutions/`; `git pull` updates it).
 #
 # The tests drive your allocator with random operations against a simulated
 # KV pool: every token writes a value to the slot your allocator hands out,

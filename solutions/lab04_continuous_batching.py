@@ -20,7 +20,10 @@
 # workload with SmolLM2 and compare throughput and per-request latency with
 # static batching and the eager baseline as the batch limit grows.
 #
-#     python -m minisys grade labs/04-continuous-batching.ipynb
+#     python -m minisys labs start 04     # once: copies this notebook to work/04-continuous-batching.ipynb
+#     python -m minisys grade work/04-continuous-batching.ipynb
+#
+# Work in that copy, not in `labs/` (regenerated from `solutions/`; `git pull` updates it).
 
 # %%
 import os

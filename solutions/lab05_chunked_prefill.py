@@ -20,7 +20,10 @@
 # clock time, and plot p99 inter-token latency and p99 time to first token
 # against the budget, beside the prefill-first baseline.
 #
-#     python -m minisys grade labs/05-chunked-prefill.ipynb
+#     python -m minisys labs start 05     # once: copies this notebook to work/05-chunked-prefill.ipynb
+#     python -m minisys grade work/05-chunked-prefill.ipynb
+#
+# Work in that copy, not in `labs/` (regenerated from `solutions/`; `git pull` updates it).
 
 # %%
 import os

@@ -16,7 +16,10 @@
 # The last cells plug your proposer into minisys's real `LLMEngine` and
 # measure plain decoding against speculation on a text-correction prompt.
 #
-#     python -m minisys grade labs/06-speculative-decoding.ipynb
+#     python -m minisys labs start 06     # once: copies this notebook to work/06-speculative-decoding.ipynb
+#     python -m minisys grade work/06-speculative-decoding.ipynb
+#
+# Work in that copy, not in `labs/` (regenerated from `solutions/`; `git pull` updates it).
 
 # %%
 import os

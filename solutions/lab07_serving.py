@@ -23,7 +23,10 @@
 # at increasing request rates, and do the same against the eager baseline
 # behind the same API. The plot shows latency against load for both.
 #
-#     python -m minisys grade labs/07-serving.ipynb
+#     python -m minisys labs start 07     # once: copies this notebook to work/07-serving.ipynb
+#     python -m minisys grade work/07-serving.ipynb
+#
+# Work in that copy, not in `labs/` (regenerated from `solutions/`; `git pull` updates it).
 
 # %%
 import json

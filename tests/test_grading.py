@@ -26,8 +26,10 @@ from minisys.grading.notebooks import (
     build_labs,
     build_notebook,
     check_labs,
+    StartError,
     main_labs,
     notebook_bytes,
+    start_lab,
 )
 from minisys.grading.source import (
     STUB_LINE,
@@ -316,6 +318,19 @@ def test_broken_cell_is_recorded_not_raised(lab: Path) -> None:
     assert "CWD = 1 / 0" in message  # the traceback quotes the student's line
 
 
+def test_keep_going_runs_later_cells_and_names_the_failed_one(lab: Path) -> None:
+    broken = SOLUTION.replace("CWD = os.getcwd()", "CWD = 1 / 0")
+    loaded = load_lab(solution_notebook(lab, broken), lab, module_name="lab_test_keep_going",
+                      keep_going=True)
+    assert [error.cell.index for error in loaded.errors] == [1] and loaded.error is loaded.errors[0]
+    ns = loaded.namespace
+    assert ns.QUICK == "1" and ns.add(1, 2) == 3      # before the error, and in later cells
+    assert getattr(ns, "CWD", None) is None and not hasattr(ns, "__wrapped__")
+    with pytest.raises(AttributeError, match=r"'CWD' is not defined.*cell 1 \(id cell-001\).*"
+                                             r"ZeroDivisionError"):
+        ns.CWD
+
+
 # --- grading -----------------------------------------------------------------
 
 
@@ -340,9 +355,35 @@ def test_grade_solution_gives_full_marks(lab: Path) -> None:
     assert report.not_gradable == [gpu]
 
 
+def test_labs_start_copies_to_work_and_never_overwrites(lab: Path, capsys) -> None:
+    build_labs(lab)
+    copy = start_lab("1", lab)
+    assert copy == lab / "work" / "01-toy-lab.ipynb"
+    assert copy.read_bytes() == (lab / "labs" / "01-toy-lab.ipynb").read_bytes()
+    copy.write_text(copy.read_text().replace("NotImplementedError", "NotImplementedError  # mine"))
+    mine = copy.read_bytes()
+    with pytest.raises(StartError, match="exists"):
+        start_lab("01", lab)
+    assert main_labs(["start", "01", "--root", str(lab)]) == 1
+    assert copy.read_bytes() == mine and "--force" in capsys.readouterr().err
+    assert check_labs(lab) == []                         # the student's work is not in labs/
+    assert main_labs(["start", "01", "--root", str(lab), "--force"]) == 0
+    assert copy.read_bytes() == (lab / "labs" / "01-toy-lab.ipynb").read_bytes()
+    assert "grade it: python -m minisys grade" in capsys.readouterr().out
+    with pytest.raises(StartError, match="no lab 07"):
+        start_lab("7", lab)
+    with pytest.raises(StartError, match="a number"):
+        start_lab("../01", lab)
+
+
+def test_gitignore_keeps_work_copies_out_of_git() -> None:
+    assert "/work/" in (REPO_ROOT / ".gitignore").read_text().splitlines()
+
+
 def test_grade_student_notebook_gives_zero_on_exercises(lab: Path) -> None:
     build_labs(lab)
-    report = grade(lab / "labs" / "01-toy-lab.ipynb", lab / "tests" / "labs")
+    # graded where students work on it: a copy outside labs/ (python -m minisys labs start 01)
+    report = grade(start_lab("01", lab, dest=lab / "elsewhere"), lab / "tests" / "labs")
     exercises = [test for test in report.tests if test.exercise]
     assert exercises and all(test.score == 0 for test in exercises)
     assert all("NotImplementedError" in test.reason for test in exercises)
@@ -369,16 +410,68 @@ def test_results_json_and_table(lab: Path, tmp_path: Path, capsys) -> None:
     assert "test_counter" in out and "score: 1 / 8" in out
 
 
-def test_notebook_whose_cell_raises_fails_every_test(lab: Path) -> None:
-    notebook = solution_notebook(lab, SOLUTION.replace("CWD = os.getcwd()", "CWD = 1 / 0"))
+LATE_CELLS = '''
+# %%
+def late_helper():
+    return add(0, 1)
+
+
+LATE = add(1, "x")
+
+# %%
+def typo(:
+    return 2
+'''
+
+LATE_TESTS = '''
+import pytest
+
+
+@pytest.mark.exercise("late")
+def test_cwd(impl):
+    assert impl.CWD
+
+
+@pytest.mark.exercise("late")
+def test_late_helper(impl):
+    assert impl.late_helper() == 1
+
+
+@pytest.mark.points(4)
+@pytest.mark.exercise("late")
+def test_late_value(impl):
+    assert impl.LATE == 3
+
+
+@pytest.mark.exercise("typo")
+def test_typo(impl):
+    assert impl.typo() == 2
+'''
+
+
+def test_raising_cells_cost_only_the_tests_that_need_what_they_left_undefined(lab: Path) -> None:
+    """An early cell and two late cells raise (one a SyntaxError): every other test keeps its points."""
+    source = SOLUTION.replace("CWD = os.getcwd()", "CWD = 1 / 0") + LATE_CELLS
+    notebook = solution_notebook(lab, source).rename(lab / "01-solution.ipynb")
+    solution_notebook(lab)  # the solution source itself stays valid (the guard reads it)
+    (lab / "tests" / "labs" / "test_lab01_late.py").write_text(LATE_TESTS)
     report = grade(notebook, lab / "tests" / "labs")
-    graded = [test for test in report.tests if test.outcome != "not gradable here"]
-    assert report.score == 0 and len(graded) == 5
-    for test in graded:
-        assert test.outcome == "failed"
-        assert test.reason.startswith("cell 1 (id cell-001) of notebook 01-solution.ipynb raised "
-                                      "ZeroDivisionError: division by zero")
-        assert "CWD = 1 / 0" in test.output
+    outcome = {test.name: test for test in report.tests}
+    for name in ["test_add", "test_add_zero[1]", "test_add_zero[2]", "test_counter",
+                 "test_has_exercises", "test_late_helper"]:
+        assert outcome[name].outcome == "passed", (name, outcome[name].reason)
+    assert report.score == 2 + 1 + 1 + 3 + 1 + 1 and report.max_score == report.score + 1 + 4 + 1
+    for name, missing, cell, error in [("test_cwd", "CWD", 1, "ZeroDivisionError: division by zero"),
+                                       ("test_late_value", "LATE", 5, "TypeError"),
+                                       ("test_typo", "typo", 6, "SyntaxError")]:
+        test = outcome[name]
+        assert test.outcome == "failed"  # the cell that would have defined the name is the one named
+        assert test.reason.startswith(f"AttributeError: {missing!r} is not defined: cell {cell} "
+                                      f"(id cell-00{cell}) of notebook 01-solution.ipynb raised {error}"), \
+            test.reason
+    assert "CWD = 1 / 0" in outcome["test_cwd"].output  # the traceback quotes the student's line
+    assert [flag.partition(" raised ")[0] for flag in report.flags] == [
+        "cell 1 (id cell-001)", "cell 5 (id cell-005)", "cell 6 (id cell-006)"]
 
 
 def test_grading_errors_are_exit_code_2(lab: Path, tmp_path: Path) -> None:

@@ -58,7 +58,8 @@ def test_counters_and_finish_reasons_by_hand():
     m.requests_aborted.inc()
     m.finished(["stop", "length", "stop"])
     text = scrape(m)
-    assert all(labels.get("model_name") == "smol" for _, labels, _ in samples(text))
+    assert all(labels.get("model_name") == "smol" for name, labels, _ in samples(text) if name.startswith("minisys:"))
+    assert parse_metrics(text)["process_resident_memory_bytes"] > 1 << 20      # the process's own (soak bench)
     reasons = {labels["finished_reason"]: v for name, labels, v in samples(text)
                if name == "minisys:request_success_total"}
     assert reasons == {"stop": 2, "length": 1}

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "spec": "minisys.bench.spec",
     "serve": "minisys.bench.serve",
     "scheduling": "minisys.bench.scheduling",
+    "soak": "minisys.bench.soak",
 }
 
 

@@ -144,6 +144,10 @@ class LLMEngine:
     def num_unfinished(self) -> int:
         return len(self._groups)
 
+    def request_ids(self) -> list[str]:
+        """The ids of the requests not yet finished or aborted."""
+        return list(self._groups)
+
     # ------------------------------------------------------------ one iteration
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, process the new tokens; return the outputs of the requests touched."""

@@ -5,6 +5,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from ..model.tokenizer import check_text
+
 
 class RequestOutputKind(enum.Enum):
     """What each `RequestOutput` of a running request carries (vLLM's names).
@@ -69,6 +71,8 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        for s in self.stop:
+            check_text(s, "stop")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         if not isinstance(self.output_kind, RequestOutputKind):

@@ -6,9 +6,13 @@ dataclasses and pickling work), with the repository root as the working
 directory and ``MINISYS_QUICK=1`` in the environment. Lines that start with
 ``%`` or ``!`` (IPython magics and shell escapes) are blanked out.
 
-A cell that raises does not crash anything: execution stops there and the
-error is kept in :attr:`LoadedLab.error`, so each test can fail with a message
-that names the cell.
+A cell that raises does not crash anything. By default execution stops there
+and the error is kept in :attr:`LoadedLab.error`, so each test can fail with a
+message that names the cell. With ``keep_going=True`` (the grader) the later
+cells still run: every error is kept in :attr:`LoadedLab.errors`, and asking
+the namespace for a name that is not defined raises an ``AttributeError``
+naming the failed cells -- so only the tests that need what a failed cell
+never defined fail, and a typo in a late cell costs no earlier exercise.
 
 The grader loads a notebook with ``definitions_only=True``: of each cell it
 runs the top-level imports, ``def``/``class`` statements and assignments --
@@ -24,11 +28,12 @@ import ast
 import contextlib
 import linecache
 import os
+import re
 import sys
 import traceback
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
@@ -64,23 +69,29 @@ class CellError:
     error: str  # "ZeroDivisionError: division by zero"
     traceback: str
 
-    def message(self, origin: str) -> str:
+    def message(self, origin: str,
+                consequence: str = "The tests cannot use your code until that cell runs.") -> str:
         """A message for students: which cell, its first lines, the traceback."""
         head = "\n".join(self.cell.source.strip("\n").splitlines()[:8])
         return (
             f"{self.cell.describe()} of {origin} raised {self.error}\n"
-            f"The tests cannot use your code until that cell runs. The cell begins:\n"
+            f"{consequence} The cell begins:\n"
             f"{_indent(head)}\n{self.traceback}"
         )
 
 
 @dataclass
 class LoadedLab:
-    """The namespace built from a notebook, and the error that stopped it, if any."""
+    """The namespace built from a notebook, and the errors its cells raised, in order."""
 
     namespace: types.ModuleType
-    error: CellError | None = None
+    errors: list[CellError] = field(default_factory=list)
     origin: str = "the notebook"
+
+    @property
+    def error(self) -> CellError | None:
+        """The first error (the one that stopped execution unless ``keep_going``)."""
+        return self.errors[0] if self.errors else None
 
 
 def grading_cells(path: str | Path) -> list[GradingCell]:
@@ -144,11 +155,13 @@ def definitions(source: str, filename: str) -> ast.Module:
 
 def execute_cells(
     cells: list[GradingCell], root: str | Path, module_name: str = "lab_notebook",
-    definitions_only: bool = False,
+    definitions_only: bool = False, keep_going: bool = False,
 ) -> LoadedLab:
-    """``exec`` ``cells`` in order in a fresh module; stop at the first error."""
+    """``exec`` ``cells`` in order in a fresh module; stop at the first error unless
+    ``keep_going``."""
     module = types.ModuleType(module_name)
     sys.modules[module_name] = module
+    errors: list[CellError] = []
     with working_directory(root), environment(QUICK_ENV):
         for cell in cells:
             try:
@@ -157,17 +170,46 @@ def execute_cells(
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # noqa: BLE001 - SystemExit, pytest.skip too
-                return LoadedLab(module, CellError(cell, _one_line(exc), _traceback(exc)))
-    return LoadedLab(module)
+                errors.append(CellError(cell, _one_line(exc), _traceback(exc)))
+                if not keep_going:
+                    break
+    return LoadedLab(module, errors)
 
 
 def load_lab(path: str | Path, root: str | Path, module_name: str = "lab_notebook",
-             definitions_only: bool = False) -> LoadedLab:
-    """Read ``path`` (a notebook or a solution source) and execute its cells."""
+             definitions_only: bool = False, keep_going: bool = False) -> LoadedLab:
+    """Read ``path`` (a notebook or a solution source) and execute its cells.
+
+    With ``keep_going``, a name the namespace lacks after a cell failed raises an
+    ``AttributeError`` that names the failed cell(s) (see :func:`explain_missing_names`).
+    """
     path = Path(path)
-    loaded = execute_cells(grading_cells(path), root, module_name, definitions_only)
+    loaded = execute_cells(grading_cells(path), root, module_name, definitions_only, keep_going)
     loaded.origin = f"notebook {path.name}" if path.suffix == ".ipynb" else f"solution {path.name}"
+    if keep_going and loaded.errors:
+        explain_missing_names(loaded)
     return loaded
+
+
+def explain_missing_names(loaded: LoadedLab) -> None:
+    """Give the namespace a module ``__getattr__`` (PEP 562): a missing name raises an
+    ``AttributeError`` that says which cells failed, so the test that needs it fails
+    with the cause, and tests that need only what was defined are unaffected."""
+    errors = list(loaded.errors)
+    consequence = "The code after the error in that cell did not run; later cells did."
+
+    def __getattr__(name: str) -> object:
+        if name.startswith("__"):
+            raise AttributeError(name)  # dunder probes (copy, pickle, inspect) stay ordinary
+        culprits = [error for error in errors if name in names_defined_by(error.cell.source)]
+        if culprits:  # the cell that would have defined it
+            raise AttributeError(f"{name!r} is not defined: "
+                                 + culprits[-1].message(loaded.origin, consequence))
+        details = "\n".join(error.message(loaded.origin, consequence) for error in errors)
+        raise AttributeError(f"{name!r} is not defined; {len(errors)} cell(s) raised an error "
+                             f"before the end: {details}")
+
+    loaded.namespace.__getattr__ = __getattr__
 
 
 @contextlib.contextmanager
@@ -194,6 +236,29 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+TOP_LEVEL_NAME = re.compile(r"^(?:(?:async\s+)?def|class)\s+(\w+)|^(\w+)\s*(?::[^=]*)?=(?!=)")
+
+
+def names_defined_by(source: str) -> set[str]:
+    """The top-level names a cell's source binds: from its syntax tree, or (when it does not
+    parse) from lines that start with ``def NAME``, ``class NAME`` or ``NAME =``."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return {a or b for line in source.splitlines() if (m := TOP_LEVEL_NAME.match(line))
+                for a, b in [m.groups()]}
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).partition(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = getattr(node, "targets", None) or [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
 
 
 def _one_line(exc: BaseException) -> str:

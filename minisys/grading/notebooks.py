@@ -8,6 +8,10 @@ sorted keys, so regenerating it gives the same bytes. It is never edited by
 hand: ``python -m minisys labs check`` fails when it drifts from its source.
 The solution notebook (``student=False``) keeps the solution code; it is what
 CI executes top to bottom and grades for full marks.
+
+Students do not edit ``labs/``: ``python -m minisys labs start NN`` copies lab
+NN's notebook to ``work/NN-<slug>.ipynb`` (gitignored), where ``git pull`` and
+``labs build`` never write; they work on and grade that copy.
 """
 
 from __future__ import annotations
@@ -144,14 +148,68 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+WORK_DIR = "work"  # students' copies of the lab notebooks (gitignored)
+
+
+class StartError(RuntimeError):
+    """``labs start`` could not make the copy (no such lab, or the copy exists)."""
+
+
+def start_lab(lab: str, root: Path = REPO_ROOT, dest: Path | None = None,
+              force: bool = False) -> Path:
+    """Copy ``labs/NN-<slug>.ipynb`` to ``dest`` (default ``ROOT/work/``) and return the copy.
+
+    ``labs/`` holds generated files that ``git pull`` and ``labs check`` own; a
+    student works on the copy, which nothing in the repository writes to. An
+    existing copy is never overwritten unless ``force``.
+    """
+    if not lab.isdigit():
+        raise StartError(f"a lab is a number like 03, not {lab!r}")
+    number = f"{int(lab):02d}"
+    matches = sorted((root / "labs").glob(f"{number}-*.ipynb"))
+    if len(matches) != 1:
+        known = ", ".join(path.name[:2] for path in sorted((root / "labs").glob("*.ipynb")))
+        raise StartError(f"no lab {number} in {root / 'labs'} (labs: {known or 'none'})")
+    dest = (dest or root / WORK_DIR).resolve()
+    target = dest / matches[0].name
+    if target.exists() and not force:
+        raise StartError(f"{_shown(target)} exists: it is your work, so it is left as it is "
+                         "(--force replaces it with a fresh copy)")
+    dest.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(matches[0].read_bytes())
+    return target
+
+
 def main_labs(argv: list[str]) -> int:
-    """``labs build`` regenerates labs/; ``labs check`` exits 1 if it is out of sync."""
+    """``labs build`` regenerates labs/; ``labs check`` exits 1 if it is out of sync;
+    ``labs start NN`` copies lab NN's notebook to ``work/`` to be worked on."""
     parser = argparse.ArgumentParser(
-        prog="python -m minisys labs", description="Generate or check labs/ from solutions/."
+        prog="python -m minisys labs",
+        description="Generate or check labs/ from solutions/, or start a lab (a copy in work/).",
     )
-    parser.add_argument("action", choices=["build", "check"])
+    parser.add_argument("action", choices=["build", "check", "start"])
+    parser.add_argument("lab", nargs="?", help="start: the lab number (01, 3, ...)")
     parser.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root")
+    parser.add_argument("--dest", type=Path, default=None,
+                        help=f"start: the folder of the copy (default ROOT/{WORK_DIR})")
+    parser.add_argument("--force", action="store_true",
+                        help="start: replace an existing copy (your work in it is lost)")
     args = parser.parse_args(argv)
+    if args.action == "start":
+        if args.lab is None:
+            parser.error("start needs a lab number: labs start 01")
+        try:
+            copy = start_lab(args.lab, args.root, args.dest, args.force)
+        except StartError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        shown = _shown(copy)
+        print(f"wrote {shown}: work in this copy (labs/ is regenerated, and git pull updates it)\n"
+              f"  open it:  jupyter lab {shown}\n"
+              f"  grade it: python -m minisys grade {shown}")
+        return 0
+    if args.lab is not None:
+        parser.error(f"{args.action} takes no lab number")
     try:
         if args.action == "build":
             changes = build_labs(args.root)

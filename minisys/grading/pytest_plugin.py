@@ -15,8 +15,11 @@ and calls the exercise functions on it::
 - ``solution``: the namespace from executing ``solutions/labNN_*.py``;
 - ``notebook``: only this one, when ``--lab-notebook PATH`` is given (the grader).
 
-Executed namespaces are cached for the session. When a cell raises, every test
-that uses ``impl`` fails with a message naming the cell.
+Executed namespaces are cached for the session. When a cell of the reference
+or the solution raises, every test that uses ``impl`` fails with a message
+naming the cell. A graded notebook's cells all run even when one raises: a
+test fails only if it needs a name that was left undefined (the message names
+the cell), and the grader lists the cells that raised.
 
 Under the grader (a test child, see ``runner``) two more options apply:
 ``--lab-root DIR`` is the working directory the notebook's cells run in, and
@@ -117,7 +120,7 @@ def impl(request: pytest.FixtureRequest, lab_namespace_cache: dict) -> object:
         else:
             lab_namespace_cache[key] = load_lab(path, find_lab_root(test_file), module_name)
     loaded: LoadedLab = lab_namespace_cache[key]  # type: ignore[assignment]
-    if loaded.error is not None:
+    if loaded.error is not None and kind != "notebook":
         pytest.fail(loaded.error.message(loaded.origin), pytrace=False)
     return loaded.namespace
 
@@ -134,10 +137,11 @@ def _load_graded_notebook(config: pytest.Config, path: Path, test_file: Path) ->
     known = guard.install(spec["forbidden"], lab)
     if channel is not None:
         channel.send({"kind": "loading"})
-    loaded = load_lab(path, root, "lab_notebook", definitions_only=True)
+    loaded = load_lab(path, root, "lab_notebook", definitions_only=True, keep_going=True)
     if channel is not None:
         channel.check_integrity()
-        channel.send({"kind": "loaded"})
+        channel.send({"kind": "loaded", "cell_errors": [
+            f"{error.cell.describe()} raised {error.error}" for error in loaded.errors]})
     guard.seal_namespace(loaded.namespace, known, lab, spec["exercises"])
     return loaded
 

@@ -122,6 +122,7 @@ class ChildRun:
     current: str | None = None  # a test that started and did not finish
     phase: str = "collecting"  # collecting | loading | testing | done
     stopped: str = ""  # why the grader stopped the child ("" if it ended by itself)
+    cell_errors: list[str] = field(default_factory=list)  # the notebook's cells that raised
     exit_code: int | None = None
     output: str = ""
 
@@ -204,6 +205,9 @@ def _accept(run: ChildRun, message: dict, expected: set[str] | None) -> str:
     ids = {row["nodeid"] for row in run.manifest}
     if kind in ("loading", "loaded"):
         run.phase = "loading" if kind == "loading" else "testing"
+        if kind == "loaded":
+            errors = message.get("cell_errors")
+            run.cell_errors = [str(error)[:300] for error in errors[:20]] if isinstance(errors, list) else []
         return ""
     if kind == "start":
         nodeid = message.get("nodeid")
@@ -278,6 +282,10 @@ def run_lab(tree: GradingTree, args: list[str], limits: Limits) -> LabRun:
         output += run.output
         if manifest is None:
             manifest = _first_manifest(run)
+        for error in run.cell_errors:
+            note = f"{error}: the tests that need what it left undefined fail"
+            if note not in notes:
+                notes.append(note)
         observed.update(run.results)
         if run.phase == "done":
             break

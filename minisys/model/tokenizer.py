@@ -12,6 +12,30 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 
+def unencodable_at(text: str) -> int | None:
+    """Index of the first character of ``text`` that UTF-8 cannot encode, or None if it is all text.
+
+    A Python ``str`` can hold lone surrogates (U+D800..U+DFFF: JSON's ``"\\ud800"``
+    decodes to one); no tokenizer, log or JSON response can encode them.
+    Every other code point is encodable.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def check_text(text: str, what: str) -> None:
+    """ValueError naming ``what`` if ``text`` is not a string or not encodable text (`unencodable_at`)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
+    i = unencodable_at(text)
+    if i is not None:
+        raise ValueError(f"{what} is not valid text: a lone surrogate U+{ord(text[i]):04X} at character {i} "
+                         f"(UTF-8 cannot encode it)")
+
+
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, chat_template: str | None = None,
                  bos_token: str | None = None, eos_token: str | None = None,

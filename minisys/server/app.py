@@ -17,7 +17,10 @@ aborted; the generator's ``finally`` aborts it when the client goes away
 mid-stream or while queued (starlette cancels the stream on disconnect), and
 non-streamed requests poll ``is_disconnected``. Each HTTP request's
 admission `Ticket` (`limits`) is released exactly when its engine requests
-are finished or aborted (`Server.finish`).
+are finished or aborted (`Server.finish`). On shutdown (`shutdown`)
+`Server.drain` refuses new requests (503) and, at the end of the grace
+period, ends the open ones with `ServerShuttingDown` (an SSE error event
+or a 503), aborting them in the engine.
 
 Nothing heavy runs on the event loop: the body is parsed and validated,
 the chat template applied and the prompts tokenized in a worker thread
@@ -44,11 +47,14 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..model.tokenizer import Tokenizer
-from .async_engine import PromptError, RequestStream
+from .async_engine import PromptError, RequestStream, ServerShuttingDown
+from .body_text import check_body_text
 from .errors import OpenAIError, error_body, install_error_handlers, internal_error_body
 from .limits import Admission, ServerLimits, Ticket
 from .metrics import ServerMetrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, ErrorCountMiddleware
+from .openapi import error_responses, install_openapi, json_response
+from .timeouts import ServerTimeouts
 from . import protocol as P
 
 DISCONNECT_POLL_S = 0.25
@@ -177,6 +183,19 @@ class Server:
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
         self.metrics = ServerMetrics(model_name, engine.stats, getattr(engine, "client_service", None))
         self.admission = Admission(limits or ServerLimits())
+        self.draining = False        # shutting down: new requests get 503 (`drain`)
+
+    async def drain(self, abort_after_s: float, poll_s: float = 0.05) -> None:
+        """Shutdown (`shutdown`): refuse new requests (503); let those in flight finish for up to
+        ``abort_after_s`` seconds, then end the rest with `ServerShuttingDown` (an SSE error event, or a
+        503) and abort them in the engine, which frees their KV blocks."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + abort_after_s
+        while self.engine.num_open and loop.time() < deadline:
+            await asyncio.sleep(poll_s)
+        aborted = self.engine.fail_all(ServerShuttingDown())
+        self.metrics.requests_aborted.inc(aborted)
 
     # ------------------------------------------------------------ request in
     def check_model(self, model: Optional[str]) -> None:
@@ -189,6 +208,9 @@ class Server:
         """Admit (`Admission`: 400/429 naming the limit) and add one engine request per prompt, all in
         one engine call; on a refusal nothing stays queued or reserved (400 naming the prompt).
         ``meta``: ``client`` (the OpenAI ``user``), ``priority``, ``qoe`` for the scheduling policy."""
+        if self.draining:
+            raise OpenAIError("the server is shutting down; retry later or elsewhere", status=503,
+                              type="service_unavailable", code="server_shutting_down")
         meta = meta or {}
         ticket = self.admission.admit([len(ids) for _, ids in prompts], params.n, meta.get("client"))
         items = [(base_id if len(prompts) == 1 else f"{base_id}-{i}", ids, params, text, meta)
@@ -285,6 +307,10 @@ def _parse_body(body: bytes, model: type[BaseModel]) -> BaseModel:
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", getattr(e, "pos", 0)),
                                        "msg": "JSON decode error", "input": {},
                                        "ctx": {"error": getattr(e, "msg", str(e))}}]) from None
+    except RecursionError:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": "nested too deeply"}}]) from None
+    check_body_text(body, data)                 # a lone surrogate anywhere: 400 naming the field
     messages = data.get("messages") if isinstance(data, dict) else None
     chunked = isinstance(messages, list) and len(messages) > VALIDATE_CHUNK and "messages" in model.model_fields
     try:
@@ -309,13 +335,16 @@ async def _parse(raw: Request, model: type[BaseModel]) -> BaseModel:
 
 
 def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None,
-              limits: Optional[ServerLimits] = None, metrics_open: bool = False) -> FastAPI:
+              limits: Optional[ServerLimits] = None, metrics_open: bool = False,
+              timeouts: Optional[ServerTimeouts] = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (an `AsyncLLMEngine` or `AsyncEagerEngine`, not yet started).
 
     ``api_key``: required on /v1 (and /metrics unless ``metrics_open``);
-    ``limits``: admission and body-size limits (default `ServerLimits()`).
+    ``limits``: admission and body-size limits (default `ServerLimits()`);
+    ``timeouts``: the body read timeout (the header one is the protocol's: `timeouts`).
     """
     limits = limits or ServerLimits()
+    timeouts = timeouts or ServerTimeouts()
     server = Server(engine, tokenizer, model_name, api_key, limits)
 
     @asynccontextmanager
@@ -328,28 +357,37 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
     app.state.server = server
     install_error_handlers(app)
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)        # innermost
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes,         # innermost
+                       timeout_s=timeouts.timeout_body_s)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key, protect_metrics=not metrics_open)
     app.add_middleware(ErrorCountMiddleware, count=server.metrics.error)           # outermost
+    v1_auth = (401,) if api_key else ()
+    metrics_auth = (401,) if api_key and not metrics_open else ()
+    install_openapi(app, {"/v1/completions": P.CompletionRequest, "/v1/chat/completions": P.ChatCompletionRequest},
+                    secured=(("/v1",) if api_key else ()) + (("/metrics",) if metrics_auth else ()))
+    post_errors = error_responses(400, *v1_auth, 404, 413, 429, 500, 503)
 
-    @app.get("/health")
+    @app.get("/health", response_class=PlainTextResponse, responses=error_responses(503))
     async def health():
         if not engine.is_running:
             return JSONResponse(error_body("the engine loop is not running", "internal_error"), status_code=503)
+        if server.draining:
+            return JSONResponse(error_body("the server is shutting down", "service_unavailable"), status_code=503)
         return PlainTextResponse("")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(*metrics_auth))
     async def metrics(request: Request):
         body, content_type = server.metrics.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={**json_response(P.ModelList, "the served model"), **error_responses(*v1_auth)})
     async def models():
         card = P.ModelCard(id=model_name, root=model_name, max_model_len=engine.max_model_len)
         return JSONResponse(P.ModelList(data=[card]).model_dump())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**json_response(P.CompletionResponse, "the completion", stream=True),
+                                            **post_errors})
     async def completions(raw: Request):
         req = await _parse(raw, P.CompletionRequest)
         server.check_model(req.model)
@@ -362,7 +400,8 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
         return await _respond(server, raw, req, params, meta, prompts, P.random_id("cmpl"), chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={**json_response(P.ChatCompletionResponse, "the chat completion",
+                                                                 stream=True), **post_errors})
     async def chat_completions(raw: Request):
         req = await _parse(raw, P.ChatCompletionRequest)
         server.check_model(req.model)
@@ -394,6 +433,8 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams, me
         await server.collect(raw, streams, tracker)
     except asyncio.CancelledError:
         return JSONResponse(error_body("client disconnected"), status_code=499)
+    except ServerShuttingDown as exc:
+        return JSONResponse(_shutting_down_body(exc), status_code=503)
     except Exception as exc:
         return JSONResponse(internal_error_body(exc, f"generation failed for {request_id}"), status_code=500)
     finally:
@@ -413,6 +454,10 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams, me
     return JSONResponse(body.model_dump())
 
 
+def _shutting_down_body(exc: ServerShuttingDown) -> dict:
+    return error_body(str(exc), "service_unavailable", code="server_shutting_down")
+
+
 async def _stream_events(server: Server, streams: list[RequestStream], ticket: Ticket, tracker: _Tracker,
                          chunk, usage_chunk) -> AsyncIterator[str]:
     """SSE lines: ``chunk(index, delta, choice)`` per event, the usage chunk, ``[DONE]``; on exit aborts
@@ -427,6 +472,9 @@ async def _stream_events(server: Server, streams: list[RequestStream], ticket: T
                 yield _sse(c)
         if usage_chunk is not None:
             yield _sse(usage_chunk(tracker.usage()))
+    except ServerShuttingDown as exc:
+        server.metrics.error("503")
+        yield _sse(_shutting_down_body(exc))
     except Exception as exc:
         server.metrics.error("500")
         yield _sse(internal_error_body(exc, "generation failed while streaming"))

@@ -3,7 +3,7 @@
     engine = AsyncLLMEngine(LLMEngine(model, tok))
     await engine.start()
     stream = await engine.add_request("r1", prompt_ids, params)  # ValueError: never servable
-    streams = await engine.add_requests([(rid, ids, params, text), ...])   # one trip, all or none
+    streams = await engine.add_requests([(rid, ids, params, text, meta), ...])   # one trip, all or none
     async for out in stream:          # RequestOutput, cumulative text/token_ids per choice
         ...
     engine.abort("r1")                 # client gone: drop it, free its KV blocks
@@ -56,6 +56,13 @@ class EngineDeadError(RuntimeError):
     def __init__(self, error_id: str) -> None:
         super().__init__(f"the engine failed (error id {error_id})")
         self.error_id = error_id
+
+
+class ServerShuttingDown(RuntimeError):
+    """The server is shutting down (SIGTERM/SIGINT, `shutdown`): the request was aborted, retry elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down: the request was aborted; retry it later or elsewhere")
 
 
 class PromptError(ValueError):
@@ -147,13 +154,30 @@ class _AsyncEngineBase:
         self._task = asyncio.create_task(self._run(), name="minisys-engine-loop")
 
     async def shutdown(self) -> None:
+        """Stop the loop task, abort whatever is still in the engine (its blocks freed), stop the thread."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        self.fail_all(ServerShuttingDown())
+        await self._call(self._abort_everything)
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _abort_everything(self) -> None:
+        """Engine thread, after the loop stopped: abort every request left in the engine."""
+
+    def fail_all(self, exc: BaseException) -> int:
+        """End every open request with ``exc`` (its stream raises it) and abort it; return how many."""
+        ids = list(self._queues)
+        for rid in ids:
+            self._queues.pop(rid).put_nowait(exc)
+            self._aborts.add(rid)
+        self.num_aborted += len(ids)
+        if self._wake is not None:
+            self._wake.set()
+        return len(ids)
 
     def abort(self, request_id: str) -> None:
         """Drop a request (client gone): safe to call from any coroutine, any number of times."""
@@ -197,6 +221,11 @@ class _AsyncEngineBase:
         ids = list(self._queues)
         self._queues.clear()
         return ids
+
+    @property
+    def num_open(self) -> int:
+        """Requests added and not yet finished, failed or aborted (each has an open stream)."""
+        return len(self._queues)
 
     @property
     def is_running(self) -> bool:
@@ -266,6 +295,10 @@ class AsyncLLMEngine(_AsyncEngineBase):
     def _apply_aborts(self, ids: list[str]) -> None:
         for rid in ids:
             self.engine.abort(rid)
+
+    def _abort_everything(self) -> None:
+        self._apply_aborts(list(self._aborts) + list(self.engine.request_ids()))
+        self._aborts.clear()
 
     async def _run(self) -> None:
         while True:

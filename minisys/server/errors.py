@@ -4,8 +4,10 @@ Every failure the client can cause is a 400 with a message that says what
 to change (a validation error from pydantic, a ValueError from
 `SamplingParams` or from the engine's `add_request`); an unknown model is a
 404, a missing or wrong API key a 401, a body over ``--max-body-bytes`` a
-413, a full queue a 429 (`limits`). Nothing else leaks: a request refused
-here never entered the engine.
+413, a full queue a 429 (`limits`), a body or head that does not arrive in
+time a 408 (`timeouts`), a request during shutdown a 503 (`shutdown`).
+Nothing else leaks: a request refused here never entered the engine. The
+OpenAPI document lists these per route (`openapi`).
 
 A failure of the server itself (a bug, an engine step that raised) is a 500
 whose body has a generic message and an error id, never the exception's
@@ -99,7 +101,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return JSONResponse(error_body(message, kind), status_code=exc.status_code)
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))      # 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

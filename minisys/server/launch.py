@@ -24,6 +24,7 @@ from typing import Optional
 from ..engine.config import EngineConfig
 from .engine_args import add_engine_args, engine_config_from_args, flag, given_engine_args
 from .limits import add_limit_args, limits_from_args
+from .timeouts import add_timeout_args, timeouts_from_args
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENV = "MINISYS_API_KEY"
@@ -55,6 +56,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    "errors are always logged, with a traceback and the error id the client got)")
     p.add_argument("--access-log", action="store_true", help="log one line per request (whatever the --log-level)")
     add_limit_args(p)
+    add_timeout_args(p)
     add_engine_args(p)
 
 
@@ -146,10 +148,13 @@ def serve(args) -> int:
     import uvicorn
 
     from .app import build_app
+    from .shutdown import GracefulServer
+    from .timeouts import header_timeout_protocol
 
     try:
         config = engine_config(args)               # refused before the model loads
         limits = limits_from_args(args)
+        timeouts = timeouts_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -166,7 +171,8 @@ def serve(args) -> int:
         torch.set_num_threads(args.threads)
     engine, tokenizer, model = build_engine(args, config)
     name = model_name(args)
-    app = build_app(engine, tokenizer, name, api_key=api_key, limits=limits, metrics_open=args.metrics_open)
+    app = build_app(engine, tokenizer, name, api_key=api_key, limits=limits, metrics_open=args.metrics_open,
+                    timeouts=timeouts)
     kind = "continuous batching (LLMEngine)" if args.engine == "llm" else "eager baseline, one request at a time"
     print(f"minisys serving {name} on {model.device} ({str(model.dtype).replace('torch.', '')}), "
           f"engine: {kind}, at http://{args.host}:{args.port}", flush=True)
@@ -179,8 +185,40 @@ def serve(args) -> int:
         print(f"warning: bound to {args.host} without an API key: anyone who can reach this port can use it",
               flush=True)
     uv_config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
-                               timeout_graceful_shutdown=5)
+                               http=header_timeout_protocol(timeouts.timeout_header_s),
+                               timeout_graceful_shutdown=timeouts.shutdown_grace_s)
     if args.access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
-    uvicorn.Server(uv_config).run(sockets=[sock])
+    server = GracefulServer(uv_config, drain=app.state.server.drain)
+    server.run(sockets=[sock])
+    print(shutdown_summary(engine, server.signals_received), flush=True)
+    if server.signals_received:
+        exit_now()
     return 0
+
+
+def exit_now() -> None:
+    """Exit 0 at once, after a graceful shutdown: flush the logs, skip the interpreter's teardown.
+
+    Everything that matters is done (requests answered or aborted, the engine thread
+    stopped, the summary printed); what is left is unloading torch and its modules,
+    which takes 1-3 s on a busy 2-core machine and would push the exit past
+    ``--shutdown-grace-s``.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def shutdown_summary(engine, signals: list[int]) -> str:
+    """One line after the server stopped: why, and what is left in the engine (nothing, and every KV block
+    free, when the shutdown was clean)."""
+    import signal as _signal
+
+    stats = engine.stats()
+    why = ", ".join(_signal.Signals(s).name for s in signals) or "no signal"
+    kv = (f", KV blocks free {int(stats['kv_blocks_free'])}/{int(stats['kv_blocks_total'])}"
+          if "kv_blocks_total" in stats else "")
+    return (f"minisys: shut down ({why}): {int(stats['num_requests_in_engine'])} requests left in the engine"
+            f"{kv}, {engine.num_aborted} aborted in all")

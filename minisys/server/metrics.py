@@ -8,7 +8,9 @@ generation tokens, finished and aborted requests, time to first token
 the request new tokens) and end-to-end latency. Failures are counted too:
 ``request_errors_total{code}`` (every 4xx/5xx answered, and an SSE error
 event as ``"500"``) and ``engine_step_errors_total`` (engine steps that
-raised, read from the engine). Every sample carries the label ``model_name``.
+raised, read from the engine). Every sample carries the label ``model_name``,
+except the process's own (``process_resident_memory_bytes``, ``process_open_fds``,
+... from `prometheus_client`'s ``ProcessCollector``, for the soak benchmark).
 
 Invariant: each `ServerMetrics` owns its own ``CollectorRegistry``: no
 global state, so two apps in one process (tests, a notebook) never share
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -115,6 +117,7 @@ class ServerMetrics:
             reg.register(EngineGauges(model_name, gauges))
         if client_service is not None:
             reg.register(ClientService(model_name, client_service))
+        ProcessCollector(registry=reg)        # process_resident_memory_bytes, open fds, CPU (the soak bench)
 
     def finished(self, reasons: list[str]) -> None:
         """Count one finished choice per finish reason given (``stop``, ``length``, ...)."""

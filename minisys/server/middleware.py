@@ -6,6 +6,7 @@ body is read), `BodyLimitMiddleware` (413 before the body is parsed).
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Any, Awaitable, Callable
 
@@ -41,17 +42,25 @@ def _too_large(limit: int) -> JSONResponse:
                                    code="max_body_bytes"), status_code=413)
 
 
+def _too_slow(timeout_s: float) -> JSONResponse:
+    """408, and ``connection: close`` (uvicorn then closes the connection: the rest of the body never comes)."""
+    return JSONResponse(error_body(f"the request body did not arrive within {timeout_s:g} s (--timeout-body-s)",
+                                   code="timeout_body"), status_code=408, headers={"connection": "close"})
+
+
 class BodyLimitMiddleware:
-    """413 for a body over ``max_bytes``, before the app reads (let alone parses) any of it.
+    """413 for a body over ``max_bytes``, before the app reads (let alone parses) any of it; 408 for a body
+    that is not all there within ``timeout_s`` (a client stalled mid-body: `timeouts`).
 
     A ``Content-Length`` over the limit is refused at once, unread; otherwise
     the body is read here while counting (chunked bodies have no length) and
     handed to the app whole. Invariant: the app never sees more than
-    ``max_bytes`` of body; messages after the body (a disconnect) pass through.
+    ``max_bytes`` of body, nor waits more than ``timeout_s`` for it; messages
+    after the body (a disconnect) pass through.
     """
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float = 60.0) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -62,8 +71,13 @@ class BodyLimitMiddleware:
             await _too_large(self.max_bytes)(scope, receive, send)
             return
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                await _too_slow(self.timeout_s)(scope, receive, send)
+                return
             if message["type"] != "http.request":          # the client left while sending
                 return
             chunk = message.get("body", b"")

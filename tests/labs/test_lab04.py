@@ -90,6 +90,20 @@ def test_admission_limits_are_fcfs(impl):
     assert ran(step(impl, s)) == [("0", 8), ("1", 8)]                     # blocks
 
 
+@pytest.mark.points(2)
+@pytest.mark.exercise("schedule")
+def test_a_prompt_of_exactly_the_budget_is_admitted(impl):
+    s = make(budget=8, blocks=64)
+    s.add(req("a", 8, 1))      # one output token: its worst-case recompute is the prompt alone
+    assert ran(step(impl, s)) == [("a", 8)], \
+        "a prompt of exactly max_num_batched_tokens fits the budget (a longer one would wait forever)"
+    s = make(budget=10, blocks=64)
+    s.add(req("a", 4, 4))
+    step(impl, s)
+    s.add(req("b", 9, 1, base=30))
+    assert ran(step(impl, s)) == [("a", 1), ("b", 9)], "1 decode + 9 prompt tokens = the budget of 10"
+
+
 @pytest.mark.points(3)
 @pytest.mark.exercise("schedule")
 def test_newest_running_request_is_preempted(impl):

@@ -1,0 +1,176 @@
+"""The lab tests can fail: classic student bugs lose points, and on the exercise they are in.
+
+Each case takes one exercise from its solution source (``solutions/labNN_*.py``),
+plants a classic bug with a one-line edit (the edit must apply, so the case
+follows the solution), and runs the lab's own test functions in this process
+against the result -- no notebook, no grader child: seconds, not minutes.
+The same functions run against the unedited solution first, which must pass
+them all (the runner works, and the bug is what fails).
+
+Tests that need more than ``impl`` (the tiny model fixtures) are left out
+here; the grading runs of ``tests/test_labs_pipeline.py`` cover them.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import itertools
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAB_TESTS = REPO_ROOT / "tests" / "labs"
+
+
+def solution_namespace(lab: str, names: list[str],
+                       edit: tuple[str, str] | None = None) -> types.SimpleNamespace:
+    """The solution's imports and its definitions ``names``, with ``edit`` (old, new) applied
+    once to their source. Nothing else of the solution runs (no model is loaded)."""
+    (path,) = sorted((REPO_ROOT / "solutions").glob(f"lab{lab}_*.py"))
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    kept = [node for node in tree.body
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            or (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names)]
+    assert {node.name for node in kept if hasattr(node, "name")} == set(names)
+    code = "\n\n".join(ast.get_source_segment(source, node) for node in kept)
+    if edit is not None:
+        old, new = edit
+        assert code.count(old) == 1, f"the bug's edit no longer applies to {path.name}: {old!r}"
+        code = code.replace(old, new)
+    namespace: dict = {}
+    exec(compile(code, f"<{path.name} {'buggy' if edit else 'as written'}>", "exec"), namespace)
+    return types.SimpleNamespace(**{name: namespace[name] for name in names})
+
+
+def lab_tests(lab: str) -> types.ModuleType:
+    """``tests/labs/test_labNN.py`` imported under a private name."""
+    spec = importlib.util.spec_from_file_location(f"lab_tests_catch_{lab}",
+                                                  LAB_TESTS / f"test_lab{lab}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # test_x[params]
+    exercise: str | None
+    points: float
+    passed: bool
+
+
+def run_lab_tests(module: types.ModuleType, impl: object, only: set[str] | None = None) -> list[Case]:
+    """Every ``impl``-only test of ``module`` (each parametrized case), as the grader scores them."""
+    cases = []
+    for name, function in vars(module).items():
+        if not name.startswith("test_") or not inspect.isfunction(function):
+            continue
+        if only is not None and name not in only:
+            continue
+        marks = {mark.name: mark for mark in getattr(function, "pytestmark", []) if mark.name != "parametrize"}
+        grids = [mark for mark in getattr(function, "pytestmark", []) if mark.name == "parametrize"]
+        argnames = [[n.strip() for n in (g.args[0].split(",") if isinstance(g.args[0], str) else g.args[0])]
+                    for g in grids]
+        if set(inspect.signature(function).parameters) - {"impl"} - {n for ns in argnames for n in ns}:
+            continue  # needs a fixture (the tiny model): graded by the pipeline tests
+        exercise = marks["exercise"].args[0] if "exercise" in marks else None
+        points = float(marks["points"].args[0]) if "points" in marks else 1.0
+        for combo in itertools.product(*[g.args[1] for g in grids]):
+            kwargs, ids = {}, []
+            for names, values in zip(argnames, combo):
+                values = values if len(names) > 1 else (values,)
+                kwargs.update(zip(names, values))
+                ids.append("-".join(map(str, values)))
+            try:
+                function(impl, **kwargs)
+                passed = True
+            except Exception:  # noqa: BLE001 - a failed assertion or a crash both fail the test
+                passed = False
+            cases.append(Case(name + (f"[{'-'.join(ids)}]" if ids else ""), exercise, points, passed))
+    assert cases, f"no impl-only tests in {module.__name__}"
+    return cases
+
+
+def lost(cases: list[Case]) -> dict[str, float]:
+    """Points lost per exercise."""
+    out: dict[str, float] = {}
+    for case in cases:
+        if not case.passed:
+            out[case.exercise or "-"] = out.get(case.exercise or "-", 0.0) + case.points
+    return out
+
+
+def failed(cases: list[Case]) -> set[str]:
+    return {case.name.partition("[")[0] for case in cases if not case.passed}
+
+
+# ---------------------------------------------------------------- lab 01: top-p keeps one too few
+SAMPLER = ["apply_top_k", "apply_top_p", "sample_next_token"]
+TOP_P_KEEPS_ONE_TOO_FEW = ("mass_before = torch.cumsum(probs, dim=-1) - probs",
+                           "mass_before = torch.cumsum(probs, dim=-1)")  # drops the token crossing p
+
+
+def test_lab01_sampler_as_written_passes() -> None:
+    cases = run_lab_tests(lab_tests("01"), solution_namespace("01", SAMPLER))
+    assert not lost(cases), failed(cases)
+
+
+def test_lab01_top_p_that_keeps_one_too_few_fails_test_top_p() -> None:
+    buggy = solution_namespace("01", SAMPLER, TOP_P_KEEPS_ONE_TOO_FEW)
+    cases = run_lab_tests(lab_tests("01"), buggy, only={"test_top_p"})
+    failing = sorted(case.name for case in cases if not case.passed)
+    # every p < 1: before, one token off per row was tolerated and only p=0.05 failed
+    assert failing == ["test_top_p[0.05]", "test_top_p[0.3]", "test_top_p[0.75]", "test_top_p[0.95]"]
+
+
+# ---------------------------------------------------------------- lab 03: each test on its own exercise
+ALLOCATOR = ["slot_mapping", "BlockAllocator", "gather_context", "prefix_block_hashes"]  # every exercise
+ALLOCATE_LEAKS_ON_REFUSAL = (  # takes blocks one by one and gives up half-way, keeping them
+    "        if need > self.num_free:\n            return None\n"
+    "        self.tables[seq_id] = [self._take() for _ in range(need)]\n",
+    "        table = []\n        for _ in range(need):\n"
+    "            if not self.free_blocks:\n                return None\n"
+    "            table.append(self._take())\n        self.tables[seq_id] = table\n")
+APPEND_WRITES_INTO_SHARED_BLOCK = (  # no copy-on-write after a fork
+    "elif self.ref_counts[table[-1]] > 1:", "elif False:")
+
+
+def test_lab03_allocator_as_written_passes() -> None:
+    cases = run_lab_tests(lab_tests("03"), solution_namespace("03", ALLOCATOR))
+    assert not lost(cases), failed(cases)
+
+
+def test_lab03_allocate_bug_is_charged_to_allocate_not_fork() -> None:
+    cases = run_lab_tests(lab_tests("03"), solution_namespace("03", ALLOCATOR, ALLOCATE_LEAKS_ON_REFUSAL))
+    charged = lost(cases)
+    assert charged.get("allocate", 0) > 0, failed(cases)
+    assert set(charged) <= {"allocate", "BlockAllocator"}, charged
+
+
+def test_lab03_copy_on_write_bug_is_charged_to_append_slot_not_fork() -> None:
+    cases = run_lab_tests(lab_tests("03"),
+                          solution_namespace("03", ALLOCATOR, APPEND_WRITES_INTO_SHARED_BLOCK))
+    charged = lost(cases)
+    assert charged.get("append_slot", 0) > 0, failed(cases)
+    assert set(charged) <= {"append_slot", "BlockAllocator"}, charged
+
+
+# ---------------------------------------------------------------- lab 04: the budget boundary
+SCHEDULER = ["schedule", "build_batch"]
+BUDGET_OFF_BY_ONE = ("if req.num_tokens > budget:", "if req.num_tokens >= budget:")
+
+
+def test_lab04_scheduler_as_written_passes() -> None:
+    cases = run_lab_tests(lab_tests("04"), solution_namespace("04", SCHEDULER))
+    assert not lost(cases), failed(cases)
+
+
+def test_lab04_budget_off_by_one_fails_the_boundary_test() -> None:
+    cases = run_lab_tests(lab_tests("04"), solution_namespace("04", SCHEDULER, BUDGET_OFF_BY_ONE))
+    assert "test_a_prompt_of_exactly_the_budget_is_admitted" in failed(cases)
+    assert set(lost(cases)) == {"schedule"}
+
