@@ -1,4 +1,5 @@
-"""Lesson 08's policies in the real engine and server.
+"""Lesson 08's policies in the real engine and server (a tiny random Llama: the engine's code paths
+are the model's size; test_scheduling.py covers the policies alone).
 
 Policies change the order of work, never the text (greedy outputs equal the
 eager baseline's under every policy, preemptions included); VTC keeps two
@@ -12,6 +13,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from minisys.engine.config import EngineConfig
 from minisys.engine.eager import EagerGenerator
@@ -42,17 +44,23 @@ def run(engine: LLMEngine, clock: StepClock | None = None, dt: float = 0.05) -> 
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs):
+    from minisys.model import load
+    return load(str(tiny_dirs["llama"]), device="cpu", dtype=torch.float32, quiet=True)
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "vtc", "andes"])
-def test_policies_change_order_never_text(smol, policy):
+def test_policies_change_order_never_text(tiny, policy):
     """A pool too small for everyone (preemptions), priorities and clients mixed, a slow reader
     (so Andes pauses requests): the greedy tokens equal the eager baseline's, request by request."""
-    model, tok = smol
+    model, tok = tiny
     ids = [tok.encode(p) for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     eager = EagerGenerator(model, tok)
     expected = {str(i): eager.generate(p, params).token_ids for i, p in enumerate(ids)}
     clock = StepClock()
-    engine = LLMEngine(model, tok, EngineConfig(num_kv_blocks=4, max_num_seqs=3, scheduling_policy=policy,
+    engine = LLMEngine(model, tok, EngineConfig(num_kv_blocks=6, max_num_seqs=3, scheduling_policy=policy,
                                                 max_num_batched_tokens=64), clock=clock)
     for i, p in enumerate(ids):
         engine.add_request(str(i), p, params, client="ab"[i % 2], priority=[3, 1, 2, 0, 1][i],
@@ -63,12 +71,12 @@ def test_policies_change_order_never_text(smol, policy):
     assert engine.scheduler.allocator.num_free == engine.scheduler.allocator.num_blocks
 
 
-def test_vtc_on_the_real_engine_keeps_the_light_client_within_the_bound(smol):
+def test_vtc_on_the_real_engine_keeps_the_light_client_within_the_bound(tiny):
     """Client a sends 4x client b's requests, all queued at once; the service each gets is
     measured per step from what the engine ran. VTC: within the paper's 2U over the backlogged
     period; FCFS: b waits for all of a's work and the gap exceeds that bound."""
-    model, tok = smol
-    prompt = tok.encode("Tell me a story")
+    model, tok = tiny
+    prompt = tok.encode("the quick brown fox")
     max_tokens = 6
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     gaps = {}
