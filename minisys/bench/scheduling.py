@@ -174,8 +174,8 @@ def qoe_summary(rec: Replay, jobs: list[Job], spec: QoESpec) -> dict:
 # ------------------------------------------------------------------ main
 def defaults(quick: bool) -> dict:
     if quick:
-        return dict(max_num_seqs=4, light=4, ratio=4, fair_tokens=8, burst_tokens=24)
-    return dict(max_num_seqs=8, light=8, ratio=4, fair_tokens=16, burst_tokens=48)
+        return dict(max_num_seqs=4, light=6, ratio=4, fair_tokens=8, burst_tokens=24)
+    return dict(max_num_seqs=8, light=16, ratio=4, fair_tokens=16, burst_tokens=48)
 
 
 def run(model, tok, size: dict, step_s: float, token_s: float, wall: bool = True) -> dict:
