@@ -37,7 +37,11 @@ def reference_impl():
     def andes(clock, ttft=1.0, tds=5.0, preempt_ahead_s=2.0):
         return AndesPolicy(clock, QoESpec(ttft, tds), preempt_ahead_s)
 
-    return types.SimpleNamespace(VTC=VTCPolicy, qoe=qoe, Andes=andes)
+    # the rules by name too, so that the grader's guard also refuses a notebook calling them as
+    # plain functions (e.g. VTCPolicy.pick(self, waiting) from a class of its own)
+    rules = (VTCPolicy.on_arrival, VTCPolicy.pick, VTCPolicy.charge,
+             AndesPolicy.due, AndesPolicy.pick, AndesPolicy.displace)
+    return types.SimpleNamespace(VTC=VTCPolicy, qoe=qoe, Andes=andes, rules=rules)
 
 
 # ------------------------------------------------------------------ helpers (the oracles)
@@ -438,9 +442,7 @@ def test_andes_starves_nobody_under_a_steady_stream(impl):
 
 
 # ------------------------------------------------------------------ the real engine
-@pytest.mark.points(2)
-@pytest.mark.exercise("Andes")
-def test_student_policies_in_the_real_engine_keep_the_eager_text(impl, tiny_dirs):
+def run_in_engine(make_policy, tiny_dirs):
     """Policies change the order of work, never the text: greedy outputs equal the eager baseline's."""
     import torch
 
@@ -453,18 +455,31 @@ def test_student_policies_in_the_real_engine_keep_the_eager_text(impl, tiny_dirs
     prompts = [tok.encode(" ".join(words * k)) for k in (1, 2, 1, 3, 1)]
     sps = [SamplingParams(temperature=0, max_tokens=6 + 2 * i, ignore_eos=True) for i in range(5)]
     ref = [EagerGenerator(model, tok).generate(p, sp).token_ids for p, sp in zip(prompts, sps)]
-    for make in (impl.VTC, lambda c: impl.Andes(c, ttft=0.1, tds=5.0, preempt_ahead_s=0.1)):
-        clock = Clock()
-        engine = LLMEngine(model, tok, EngineConfig(block_size=4, num_kv_blocks=40, max_num_seqs=2,
-                                                    max_num_batched_tokens=16, enable_chunked_prefill=True),
-                           clock=clock, policy=make(clock))
-        for i, (p, sp) in enumerate(zip(prompts, sps)):
-            engine.add_request(str(i), p, sp, client="ab"[i % 2])
-        done = {}
-        while engine.has_unfinished():
-            for o in engine.step():
-                if o.finished:
-                    done[o.request_id] = o.outputs[0].token_ids
-            clock.now += 0.1
-        assert [done[str(i)] for i in range(5)] == ref
-        assert engine.scheduler.allocator.num_free == 40
+    clock = Clock()
+    engine = LLMEngine(model, tok, EngineConfig(block_size=4, num_kv_blocks=40, max_num_seqs=2,
+                                                max_num_batched_tokens=16, enable_chunked_prefill=True),
+                       clock=clock, policy=make_policy(clock))
+    for i, (p, sp) in enumerate(zip(prompts, sps)):
+        engine.add_request(str(i), p, sp, client="ab"[i % 2])
+    done = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+        clock.now += 0.1
+    assert [done[str(i)] for i in range(5)] == ref
+    assert engine.scheduler.allocator.num_free == 40
+    return engine
+
+
+@pytest.mark.points(1)
+@pytest.mark.exercise("VTC")
+def test_student_vtc_in_the_real_engine_keeps_the_eager_text(impl, tiny_dirs):
+    run_in_engine(impl.VTC, tiny_dirs)
+
+
+@pytest.mark.points(1)
+@pytest.mark.exercise("Andes")
+def test_student_andes_in_the_real_engine_keeps_the_eager_text(impl, tiny_dirs):
+    engine = run_in_engine(lambda c: impl.Andes(c, ttft=0.1, tds=5.0, preempt_ahead_s=0.1), tiny_dirs)
+    assert engine.scheduler.num_preemptions > 0          # pausing (recompute) happened and kept the text
