@@ -89,11 +89,11 @@ def simulate(make_policy, arrivals, config=None, dt=0.05, max_steps=3000):
     config = config or lab_config()
     clock = StepClock(dt)
     sched = Scheduler(config, clock=clock, policy=make_policy(clock))
-    todo = sorted(enumerate(arrivals), key=lambda x: x[1][0])
+    pending = sorted(enumerate(arrivals), key=lambda x: x[1][0])
     reqs, times, service, backlogged, k, step = {}, {}, [], [], 0, 0
-    while step < max_steps and (k < len(todo) or sched.has_unfinished()):
-        while k < len(todo) and todo[k][1][0] <= step:
-            i, (_, client, n_prompt, n_out) = todo[k]
+    while step < max_steps and (k < len(pending) or sched.has_unfinished()):
+        while k < len(pending) and pending[k][1][0] <= step:
+            i, (_, client, n_prompt, n_out) = pending[k]
             r = Request(str(i), [1 + (i + j) % 50 for j in range(n_prompt)],
                         SamplingParams(max_tokens=n_out), max_tokens=n_out, client=client)
             sched.add(r)
