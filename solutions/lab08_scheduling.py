@@ -22,7 +22,10 @@
 # with a step clock (no model: the numbers are exact and repeat), then run
 # your Andes once inside the real `LLMEngine`.
 #
-#     python -m minisys grade labs/08-scheduling.ipynb
+#     python -m minisys labs start 08     # once: copies this notebook to work/08-scheduling.ipynb
+#     python -m minisys grade work/08-scheduling.ipynb
+#
+# Work in that copy, not in `labs/` (regenerated from `solutions/`; `git pull` updates it).
 
 # %%
 import os
