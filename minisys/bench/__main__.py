@@ -11,6 +11,7 @@ BENCHMARKS = {
     "chunked": "minisys.bench.chunked",
     "spec": "minisys.bench.spec",
     "serve": "minisys.bench.serve",
+    "facts": "minisys.bench.facts",
 }
 
 

@@ -18,6 +18,23 @@ def quick_mode() -> bool:
     return os.environ.get("MINISYS_QUICK", "0") not in ("", "0", "false", "False")
 
 
+_CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "asimd")
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and the vector-ISA flags that change torch's CPU speed (Linux /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                  if ln.startswith(("model name", "Model"))), "")
+    flag_line = next((ln.split(":", 1)[1] for ln in text.splitlines()
+                      if ln.startswith(("flags", "Features"))), "")
+    flags = set(flag_line.split())
+    return {"cpu_model": model, "cpu_flags": [f for f in _CPU_FLAGS_OF_INTEREST if f in flags]}
+
+
 def machine_info() -> dict:
     info = {
         "platform": platform.platform(),
@@ -26,7 +43,10 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "processor": platform.processor() or platform.machine(),
+        **cpu_description(),
     }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
