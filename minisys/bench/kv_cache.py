@@ -76,11 +76,10 @@ def print_table(rows: list[KVCacheRow]) -> None:
 
 
 def plot(rows: list[KVCacheRow], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure        # no pyplot: no global backend switch, safe in a notebook
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot([r.total_len for r in rows], [r.tok_s_cache for r in rows], "o-", label="with KV cache")
     ax.plot([r.total_len for r in rows], [r.tok_s_no_cache for r in rows], "s--", label="no cache (recompute)")
     ax.set_xscale("log", base=2)
@@ -90,7 +89,6 @@ def plot(rows: list[KVCacheRow], path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,14 +189,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(res: dict, path: str) -> None:
     """Bar chart of output tokens/s per system, with minisys's speedup over each (from a result dict)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure        # no pyplot: no global backend switch, safe in a notebook
 
     names = list(res["systems"])
     tok_s = [res["systems"][n]["tok_s"] for n in names]
     w = res["workload"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
     bars = ax.barh(names[::-1], tok_s[::-1], color="#4c78a8")
     for bar, n in zip(bars, names[::-1]):
         x = res["systems"][n]["minisys_speedup"]
@@ -210,7 +209,6 @@ def plot(res: dict, path: str) -> None:
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _print(res) -> None:
