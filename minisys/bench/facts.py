@@ -73,7 +73,9 @@ def rope(llm) -> dict:
     def outputs() -> dict:
         raw = llm.generate(FRANCE, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
         chat = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=16))
-        return {"raw": raw[0].outputs[0].text, "chat": chat[0].outputs[0].text}
+        return {"raw": raw[0].outputs[0].text, "chat": chat[0].outputs[0].text,
+                "chat_token_ids": list(chat[0].outputs[0].token_ids),
+                "chat_finish_reason": chat[0].outputs[0].finish_reason}
 
     correct = outputs()
     cfg = llm.model.config
@@ -95,10 +97,15 @@ def rope(llm) -> dict:
 
 
 def prose(markdown: str) -> str:
-    """The running text of a lesson: fenced code blocks, tables and indented code removed."""
+    """The English of a lesson: code blocks, tables, indented code, images, inline code and URLs removed."""
     text = re.sub(r"```.*?```", " ", markdown, flags=re.S)
-    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("|") and not ln.startswith("    ")]
-    return "\n".join(lines)
+    lines = [ln for ln in text.splitlines()
+             if not ln.lstrip().startswith(("|", "![")) and not ln.startswith("    ")]
+    text = "\n".join(lines)
+    text = re.sub(r"`[^`]*`", " ", text)                             # inline code
+    text = re.sub(r"\]\([^)]*\)", "]", text)                         # link targets
+    text = re.sub(r"<?https?://\S+", " ", text)
+    return text
 
 
 def tokens(llm, lessons_dir: str | Path = "lessons") -> dict:
