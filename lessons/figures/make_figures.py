@@ -1,6 +1,7 @@
 """Draw the lessons' diagrams (lessons/figures/*.svg) and re-plot stored benchmark results.
 
     python lessons/figures/make_figures.py            # from the repository root; a few seconds, no model
+    python lessons/figures/make_figures.py --out DIR --diagrams-only   # what tests/test_lessons.py runs
 
 Every figure is drawn from the small example written down in its function
 (and, for the batching and chunked-prefill timelines, scheduled by the same
@@ -363,14 +364,22 @@ def replot_throughput() -> Path | None:
     return path
 
 
-FIGURES = [flash_tiling, paged_memory, batching_timeline, sarathi_steps, spec_tree, replot_throughput]
+DIAGRAMS = [flash_tiling, paged_memory, batching_timeline, sarathi_steps, spec_tree]
 
 
-def main() -> int:
-    for f in FIGURES:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    global OUT
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=OUT, help="folder for the SVG diagrams (default: lessons/figures)")
+    p.add_argument("--diagrams-only", action="store_true", help="skip re-plotting bench/results/throughput.png")
+    a = p.parse_args(argv)
+    OUT = a.out
+    OUT.mkdir(parents=True, exist_ok=True)
+    for f in DIAGRAMS + ([] if a.diagrams_only else [replot_throughput]):
         path = f()
         if path is not None:
-            print(f"wrote {path.relative_to(ROOT)}")
+            print(f"wrote {path}")
     return 0
 
 
