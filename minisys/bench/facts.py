@@ -128,22 +128,41 @@ def tokens(llm, lessons_dir: str | Path = "lessons") -> dict:
     return out
 
 
-def gather(repeats: int = 50) -> dict:
-    """A decode group's K gather: 16 sequences of 485 tokens (block 16), SmolLM2's KV shape."""
+def gather(repeats: int = 200, threads: int = 1) -> dict:
+    """A decode group's K gather: 16 sequences of 485 tokens (block 16), SmolLM2's KV shape.
+
+    The two forms alternate in one loop (they share the machine's load) and run on ``threads``
+    torch threads: on a machine shared with other jobs a ~1 ms op split over 2 threads often
+    waits a whole scheduler time slice for its second thread, which hides the difference.
+    """
     g = torch.Generator().manual_seed(0)
     b, ctx, bs, hkv, d = 16, 485, 16, 3, 64
     nb = -(-ctx // bs)
-    out = {"shape": {"sequences": b, "context": ctx, "block_size": bs, "kv_heads": hkv, "head_dim": d}}
-    for dtype in (torch.float32, torch.bfloat16):
-        pool = torch.randn(4096, bs, hkv, d, generator=g).to(dtype)             # (num_blocks, bs, Hkv, D)
-        tables = torch.randperm(4096, generator=g)[: b * nb].view(b, nb)        # (b, nb)
-        fancy = _median_ms(lambda: pool[tables], repeats)                       # (b, nb, bs, Hkv, D)
-        flat = tables.reshape(-1)
-        select = _median_ms(lambda: pool.index_select(0, flat).view(b, nb * bs, hkv, d), repeats)
-        assert torch.equal(pool[tables].reshape(b, nb * bs, hkv, d), pool.index_select(0, flat).view(b, nb * bs, hkv, d))
-        out[str(dtype).replace("torch.", "")] = {"fancy_indexing_ms": round(fancy, 3),
-                                                 "index_select_ms": round(select, 3),
-                                                 "index_select_x_faster": round(fancy / select, 2)}
+    out = {"shape": {"sequences": b, "context": ctx, "block_size": bs, "kv_heads": hkv, "head_dim": d},
+           "torch_threads": threads, "repeats": repeats}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            pool = torch.randn(4096, bs, hkv, d, generator=g).to(dtype)          # (num_blocks, bs, Hkv, D)
+            tables = torch.randperm(4096, generator=g)[: b * nb].view(b, nb)     # (b, nb)
+            flat = tables.reshape(-1)
+            assert torch.equal(pool[tables].reshape(b, nb * bs, hkv, d),
+                               pool.index_select(0, flat).view(b, nb * bs, hkv, d))
+            fancy, select = [], []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                pool[tables]                                                      # (b, nb, bs, Hkv, D)
+                fancy.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                pool.index_select(0, flat)                                        # (b * nb, bs, Hkv, D)
+                select.append(time.perf_counter() - t)
+            f, s_ = statistics.median(fancy) * 1e3, statistics.median(select) * 1e3
+            out[str(dtype).replace("torch.", "")] = {"fancy_indexing_ms": round(f, 3),
+                                                     "index_select_ms": round(s_, 3),
+                                                     "index_select_x_faster": round(f / s_, 2)}
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
@@ -236,12 +255,16 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("facts", nargs="*", metavar="FACT", help=f"any of {', '.join(FACTS)} (default: all)")
     p.add_argument("--out", default="bench/results", help="folder for facts.json")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the profile (1 keeps step times stable on a shared machine)")
     a = p.parse_args(argv)
     unknown = sorted(set(a.facts) - set(FACTS))
     if unknown:
         p.error(f"unknown fact(s) {unknown}; choose from {', '.join(FACTS)}")
     wanted = a.facts or list(FACTS)
     torch.manual_seed(0)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     results = {}
     llm = None
     if set(wanted) & {"next-token", "rope", "tokens"}:

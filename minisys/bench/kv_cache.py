@@ -100,9 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--repeats", type=int, default=3, help="runs per length and mode; the median is reported")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 keeps step times stable on a machine shared with other jobs)")
     p.add_argument("--plot", default="bench/results/kv_cache.png")
     args = p.parse_args(argv)
     lengths = args.lengths or (QUICK_LENGTHS if quick_mode() else FULL_LENGTHS)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     model, tok = load(args.model, device=args.device)
     rows = run(model, tok, lengths, repeats=args.repeats)
     print_table(rows)
