@@ -8,8 +8,9 @@ Every figure is drawn from the small example written down in its function
 rules as minisys: `split_budget` is minisys's own), so a figure is regenerated,
 never edited by hand. SVG output is deterministic (fixed hash salt, no date),
 so a re-run that changes nothing leaves git clean. The stored benchmark
-result ``bench/results/throughput.json`` is re-plotted into
-``bench/results/throughput.png`` (``minisys.bench.throughput.plot``).
+results ``bench/results/throughput.json`` and ``kv_cache_quick.json`` are
+re-plotted into ``throughput.png`` and ``kv_cache.png`` with the benchmarks'
+own plot functions.
 """
 from __future__ import annotations
 
@@ -364,6 +365,19 @@ def replot_throughput() -> Path | None:
     return path
 
 
+def replot_kv_cache() -> Path | None:
+    from minisys.bench.kv_cache import KVCacheRow, plot
+    src = ROOT / "bench" / "results" / "kv_cache_quick.json"
+    if not src.exists():
+        return None
+    import json
+    rows = [KVCacheRow(r["total_len"], r["new_tokens"], r["tok_s_cache"], r["tok_s_no_cache"])
+            for r in json.loads(src.read_text())["rows"]]
+    path = ROOT / "bench" / "results" / "kv_cache.png"
+    plot(rows, str(path))
+    return path
+
+
 DIAGRAMS = [flash_tiling, paged_memory, batching_timeline, sarathi_steps, spec_tree]
 
 
@@ -376,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     OUT = a.out
     OUT.mkdir(parents=True, exist_ok=True)
-    for f in DIAGRAMS + ([] if a.diagrams_only else [replot_throughput]):
+    for f in DIAGRAMS + ([] if a.diagrams_only else [replot_throughput, replot_kv_cache]):
         path = f()
         if path is not None:
             print(f"wrote {path}")

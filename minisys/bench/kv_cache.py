@@ -85,6 +85,7 @@ def plot(rows: list[KVCacheRow], path: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("total sequence length (tokens)")
     ax.set_ylabel("decode tokens / s")
+    ax.set_ylim(bottom=0)
     ax.set_title("Why a KV cache: generation speed vs length")
     ax.legend()
     fig.tight_layout()
