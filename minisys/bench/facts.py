@@ -1,7 +1,7 @@
 """The small numbers the lessons quote that no other benchmark produces, each one re-measurable.
 
     python -m minisys bench facts                    # all of them (~1-2 min on 2 CPU cores)
-    python -m minisys bench facts rope tokens        # only some: next-token rope tokens gather profile
+    python -m minisys bench facts rope tokens        # only some: next-token rope tokens gather matmul profile
 
 Each fact is a small seeded measurement on SmolLM2-135M-Instruct (CPU):
 
@@ -15,6 +15,8 @@ Each fact is a small seeded measurement on SmolLM2-135M-Instruct (CPU):
   prose (code blocks and tables removed);
 * ``gather`` (lessons 03 and 04): the paged-attention gather of a decode group
   written ``k_pool[block_tables]`` against ``k_pool.index_select``;
+* ``matmul`` (lesson 04): one MLP up-projection (576 -> 1536) for 1 and 64
+  rows, fp32 against bf16 (native on a CPU with AVX-512 BF16 or AMX);
 * ``profile`` (lesson 04): where a decode step at batch 64 spends its time
   (linear layers, attention, the rest), and what sampling costs in it: one
   uniform per row (``sample_rows``) against one ``torch.multinomial`` per row.
@@ -34,7 +36,7 @@ import torch
 
 from .common import save_result
 
-FACTS = ("next-token", "rope", "tokens", "gather", "profile")
+FACTS = ("next-token", "rope", "tokens", "gather", "matmul", "profile")
 FRANCE = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -166,6 +168,33 @@ def gather(repeats: int = 200, threads: int = 1) -> dict:
     return out
 
 
+def matmul(repeats: int = 200, threads: int = 1) -> dict:
+    """x @ W for SmolLM2's MLP up-projection (576 -> 1536), 1 and 64 rows, fp32 vs bf16, interleaved."""
+    g = torch.Generator().manual_seed(0)
+    w32 = torch.randn(1536, 576, generator=g)
+    w16 = w32.to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {"weight": [1536, 576], "torch_threads": threads, "repeats": repeats}
+    try:
+        for rows in (1, 64):
+            x32 = torch.randn(rows, 576, generator=g)
+            x16 = x32.to(torch.bfloat16)
+            t32, t16 = [], []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                torch.nn.functional.linear(x32, w32)
+                t32.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                torch.nn.functional.linear(x16, w16)
+                t16.append(time.perf_counter() - t)
+            a, b = statistics.median(t32) * 1e6, statistics.median(t16) * 1e6
+            out[f"rows_{rows}"] = {"fp32_us": round(a, 1), "bf16_us": round(b, 1), "bf16_x_faster": round(a / b, 2)}
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 class _TimedBackend:
     """Delegates to an attention backend and adds the seconds spent in its forward* calls."""
 
@@ -276,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     if "gather" in wanted:
         results["gather"] = gather()
         print("gather", json.dumps(results["gather"], indent=1))
+    if "matmul" in wanted:
+        results["matmul"] = matmul()
+        print("matmul", json.dumps(results["matmul"], indent=1))
     if "profile" in wanted:
         dtype = resolve_dtype("auto", "cpu")
         llm = LLM(quiet=True, engine="eager", dtype=dtype, attention_backend="paged")
