@@ -8,7 +8,7 @@
     python -m minisys chat
     python -m minisys grade labs/01-tokens-to-text.ipynb [--results results.json]
     python -m minisys labs build | check
-    python -m minisys bench kv-cache
+    python -m minisys bench kv-cache | attention | paged-kv | throughput | chunked | spec | serve | facts
     python -m minisys serve [--port 8000] [--engine llm|eager] [--api-key KEY]
 """
 from __future__ import annotations
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
     sub.add_parser("grade", help="grade a lab notebook (see minisys/grading)", add_help=False)
     sub.add_parser("labs", help="build or check the student notebooks", add_help=False)
-    sub.add_parser("bench", help="run a benchmark (kv-cache, ...)", add_help=False)
+    sub.add_parser("bench", help="run a benchmark (kv-cache, attention, paged-kv, throughput, chunked, spec, "
+                                 "serve) or the lessons' small measured facts (facts)", add_help=False)
     return parser
 
 
