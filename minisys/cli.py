@@ -9,7 +9,7 @@
     python -m minisys grade labs/01-tokens-to-text.ipynb [--results results.json]
     python -m minisys labs build | check
     python -m minisys labs start 01            # a working copy: work/01-tokens-to-text.ipynb
-    python -m minisys bench kv-cache
+    python -m minisys bench kv-cache | attention | paged-kv | throughput | chunked | spec | serve | scheduling | soak | facts
     python -m minisys serve [--port 8000] [--engine llm|eager] [--api-key KEY]
 """
 from __future__ import annotations
@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("grade", help="grade a lab notebook (see minisys/grading)", add_help=False)
     sub.add_parser("labs", help="build or check the student notebooks; start NN: copy one to work/",
                    add_help=False)
-    sub.add_parser("bench", help="run a benchmark (kv-cache, ...)", add_help=False)
+    sub.add_parser("bench", help="run a benchmark (kv-cache, attention, paged-kv, throughput, chunked, spec, "
+                                 "serve, scheduling, soak) or the lessons' small measured facts (facts)",
+                   add_help=False)
     return parser
 
 

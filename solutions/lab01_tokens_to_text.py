@@ -205,9 +205,6 @@ assert answer == generate_no_cache(model, prompt_ids, 12), "the two loops should
 import os
 import time
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 quick = os.environ.get("MINISYS_QUICK", "0") not in ("", "0")
@@ -238,3 +235,4 @@ ax.legend()
 fig.tight_layout()
 os.makedirs("lab_outputs", exist_ok=True)
 fig.savefig("lab_outputs/lab01_kv_cache.png", dpi=120)
+plt.show()                       # inline in Jupyter; the file stays in lab_outputs/

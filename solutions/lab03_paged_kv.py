@@ -239,9 +239,6 @@ def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
 # %% tags=["benchmark"]
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from minisys.bench.paged_kv import (chat_workload, contiguous_utilisation, decode_attention_times,
@@ -273,6 +270,7 @@ fig.suptitle("Lab 03: paged vs contiguous KV memory on a chat-like workload")
 fig.tight_layout()
 os.makedirs("lab_outputs", exist_ok=True)
 fig.savefig("lab_outputs/lab03_paged_kv.png", dpi=120)
+plt.show()                       # inline in Jupyter; the file stays in lab_outputs/
 
 # %% [markdown]
 # ## 6. Speed, and the real model on a paged cache

@@ -230,9 +230,6 @@ for m in limits:
           f"tok/s, eager {eager_tps:6.1f} tok/s, median latency {lat[len(lat) // 2]:.1f} s")
 
 # %% tags=["benchmark"]
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -248,3 +245,4 @@ ax2.legend()
 fig.tight_layout()
 os.makedirs("lab_outputs", exist_ok=True)
 fig.savefig("lab_outputs/lab04_throughput.png")
+plt.show()                       # inline in Jupyter; the file stays in lab_outputs/

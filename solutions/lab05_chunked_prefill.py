@@ -190,9 +190,6 @@ for name, r in results.items():
 print(compare(results))
 
 # %% tags=["benchmark"]
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 base = results["prefill-first"]
@@ -208,3 +205,4 @@ for ax, key, label in ((axes[0], "p99_itl_ms", "p99 inter-token latency (ms)"),
 fig.tight_layout()
 os.makedirs("lab_outputs", exist_ok=True)
 fig.savefig("lab_outputs/lab05_chunked_prefill.png")
+plt.show()                       # inline in Jupyter; the file stays in lab_outputs/

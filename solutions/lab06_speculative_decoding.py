@@ -164,9 +164,6 @@ for k in ks[1:]:
           f"same output: {ids == base_ids}")
 
 # %% tags=["benchmark"]
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -181,3 +178,4 @@ ax2.legend()
 fig.tight_layout()
 os.makedirs("lab_outputs", exist_ok=True)
 fig.savefig("lab_outputs/lab06_speculative.png")
+plt.show()                       # inline in Jupyter; the file stays in lab_outputs/

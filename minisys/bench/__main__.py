@@ -13,6 +13,7 @@ BENCHMARKS = {
     "serve": "minisys.bench.serve",
     "scheduling": "minisys.bench.scheduling",
     "soak": "minisys.bench.soak",
+    "facts": "minisys.bench.facts",
 }
 
 

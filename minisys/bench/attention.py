@@ -156,11 +156,10 @@ def print_table(rows: list[Row], baseline: str, title: str) -> None:
 
 
 def plot(prefill: list[Row], decode: list[Row], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure        # no pyplot: no global backend switch, safe in a notebook
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2))
+    axes = fig.subplots(1, 3)
     panels = [(axes[0], prefill, "ms", "prefill: time per call (ms)"),
               (axes[1], prefill, "peak_mib", "prefill: peak memory (MiB)"),
               (axes[2], decode, "ms", "decode: time per step (ms)")]
@@ -177,7 +176,6 @@ def plot(prefill: list[Row], decode: list[Row], path: str) -> None:
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def default_backends() -> tuple[dict[str, Attention], dict[str, Attention]]:

@@ -171,13 +171,12 @@ def compare(results: dict[str, dict]) -> dict[str, dict]:
 
 
 def plot(results: dict[str, dict], path, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure        # no pyplot: no global backend switch, safe in a notebook
     base = results["prefill-first"]
     chunked = sorted((r["budget"], r) for n, r in results.items() if n != "prefill-first")
     xs = [b for b, _ in chunked]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, key, label in ((axes[0], "p99_itl_ms", "p99 inter-token latency (ms)"),
                            (axes[1], "p99_ttft_ms", "p99 time to first token (ms)")):
         ax.plot(xs, [r[key] for _, r in chunked], "o-", label="chunked prefill")
@@ -189,7 +188,6 @@ def plot(results: dict[str, dict], path, title: str = "") -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,32 +18,35 @@ def quick_mode() -> bool:
     return os.environ.get("MINISYS_QUICK", "0") not in ("", "0", "false", "False")
 
 
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+_CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "asimd")
 
 
-def cpu_flags() -> list[str]:
-    """The CPU's vector-math flags that change torch's speed (bf16 is slow without avx512_bf16/amx)."""
+def cpu_description() -> dict:
+    """The CPU's model name and the vector-ISA flags that change torch's CPU speed (Linux /proc/cpuinfo)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return [f for f in SIMD_FLAGS if f in have]
-    return []
+        return {}
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                  if ln.startswith(("model name", "Model"))), "")
+    flag_line = next((ln.split(":", 1)[1] for ln in text.splitlines()
+                      if ln.startswith(("flags", "Features"))), "")
+    flags = set(flag_line.split())
+    return {"cpu_model": model, "cpu_flags": [f for f in _CPU_FLAGS_OF_INTEREST if f in flags]}
 
 
 def machine_info() -> dict:
     info = {
-        "cpu_flags": cpu_flags(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "processor": platform.processor() or platform.machine(),
+        **cpu_description(),
     }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -2,9 +2,10 @@
 
 For each total sequence length L we generate from a short prompt up to L
 tokens, greedily, with the eager baseline in both modes, and report decode
-tokens/s. Without a cache every step re-runs the whole sequence (step t costs
-O(t)), so tokens/s falls as L grows; with a cache each step costs about the
-same.
+tokens/s (the median of --repeats runs, both modes interleaved so that they
+share the machine's load of the moment). Without a cache every step re-runs
+the whole sequence (step t costs O(t)), so tokens/s falls as L grows; with a
+cache each step costs about the same.
 
     python -m minisys bench kv-cache            # full sizes
     MINISYS_QUICK=1 python -m minisys bench kv-cache
@@ -12,6 +13,7 @@ same.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -42,7 +44,9 @@ def tokens_per_second(gen: EagerGenerator, prompt_ids: list[int], new_tokens: in
     return len(out.token_ids) / (time.perf_counter() - t)
 
 
-def run(model, tokenizer, lengths: list[int], prompt: str = "Once upon a time") -> list[KVCacheRow]:
+def run(model, tokenizer, lengths: list[int], prompt: str = "Once upon a time",
+        repeats: int = 1) -> list[KVCacheRow]:
+    """One row per total length: median tokens/s over ``repeats`` interleaved runs of each loop."""
     prompt_ids = tokenizer.encode(prompt)
     cached = EagerGenerator(model, tokenizer, use_kv_cache=True)
     uncached = EagerGenerator(model, tokenizer, use_kv_cache=False)
@@ -50,8 +54,11 @@ def run(model, tokenizer, lengths: list[int], prompt: str = "Once upon a time") 
     rows = []
     for total in lengths:
         n = total - len(prompt_ids)
-        rows.append(KVCacheRow(total, n, tokens_per_second(cached, prompt_ids, n),
-                               tokens_per_second(uncached, prompt_ids, n)))
+        with_cache, without = [], []
+        for _ in range(repeats):
+            with_cache.append(tokens_per_second(cached, prompt_ids, n))
+            without.append(tokens_per_second(uncached, prompt_ids, n))
+        rows.append(KVCacheRow(total, n, statistics.median(with_cache), statistics.median(without)))
     return rows
 
 
@@ -69,21 +76,20 @@ def print_table(rows: list[KVCacheRow]) -> None:
 
 
 def plot(rows: list[KVCacheRow], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure        # no pyplot: no global backend switch, safe in a notebook
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot([r.total_len for r in rows], [r.tok_s_cache for r in rows], "o-", label="with KV cache")
     ax.plot([r.total_len for r in rows], [r.tok_s_no_cache for r in rows], "s--", label="no cache (recompute)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("total sequence length (tokens)")
     ax.set_ylabel("decode tokens / s")
+    ax.set_ylim(bottom=0)
     ax.set_title("Why a KV cache: generation speed vs length")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,14 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="*", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=3, help="runs per length and mode; the median is reported")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 keeps step times stable on a machine shared with other jobs)")
     p.add_argument("--plot", default="bench/results/kv_cache.png")
     args = p.parse_args(argv)
     lengths = args.lengths or (QUICK_LENGTHS if quick_mode() else FULL_LENGTHS)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     model, tok = load(args.model, device=args.device)
-    rows = run(model, tok, lengths)
+    rows = run(model, tok, lengths, repeats=args.repeats)
     print_table(rows)
     plot(rows, args.plot)
     path = save_result("kv_cache" + ("_quick" if quick_mode() else ""),
-                       {"device": str(model.device), "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]})
+                       {"device": str(model.device), "repeats": args.repeats, "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]})
     print(f"wrote {path} and {args.plot}")
     return 0

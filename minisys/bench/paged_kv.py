@@ -213,11 +213,10 @@ def print_report(res: dict) -> None:
 
 
 def plot(res: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure        # no pyplot: no global backend switch, safe in a notebook
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     reqs = res["requests"]
     axes[0].hist([r["prompt_len"] for r in reqs], bins=30, alpha=0.6, label="prompt")
     axes[0].hist([r["prompt_len"] + r["output_len"] for r in reqs], bins=30, alpha=0.6, label="prompt + output")
@@ -239,7 +238,6 @@ def plot(res: dict, path: str) -> None:
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,12 +54,11 @@ def jsonable(obj):
 
 def plot(results: dict[str, list[dict]], path: Path, title: str) -> Path:
     """Latency (p50 solid, p99 dashed) and throughput against request rate, one line per system."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure        # no pyplot: no global backend switch, safe in a notebook
     rates = sorted({s["rate"] for runs in results.values() for s in runs})
     pos = {r: i for i, r in enumerate(rates)}
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    fig = Figure(figsize=(17, 3.8))
+    axes = fig.subplots(1, 4)
     for ax, metric, label in zip(axes, ["ttft", "tpot", "e2el"], ["TTFT (ms)", "TPOT (ms)", "E2EL (ms)"]):
         for name, runs in results.items():
             xs = [pos[s["rate"]] for s in runs]
@@ -78,5 +77,4 @@ def plot(results: dict[str, list[dict]], path: Path, title: str) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

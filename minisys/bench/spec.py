@@ -174,11 +174,10 @@ def print_row(name: str, row: dict) -> None:
 
 
 def plot(results: dict, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure        # no pyplot: no global backend switch, safe in a notebook
     names = list(results)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig = Figure(figsize=(14, 4))
+    axes = fig.subplots(1, 3)
     for ax, key, title in zip(axes, ("alpha", "tokens_per_step", "measured_speedup"),
                               ("acceptance rate alpha", "tokens per engine step", "measured speedup vs plain")):
         for j, m in enumerate(("ngram", "draft")):
