@@ -321,9 +321,6 @@ class Andes(SchedulingPolicy):
 # max_num_seqs · max_model_len)`). Under FCFS the gap grows with time.
 
 # %% tags=["benchmark"]
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 quick = os.environ.get("MINISYS_QUICK", "0") not in ("", "0")
@@ -398,6 +395,7 @@ ax.legend(fontsize=8)
 fig.tight_layout()
 os.makedirs("lab_outputs", exist_ok=True)
 fig.savefig("lab_outputs/lab08_scheduling.png")
+plt.show()                       # inline in Jupyter; the file stays in lab_outputs/
 
 # %% [markdown]
 # ## 6. Your Andes in the real engine

@@ -203,10 +203,9 @@ def run(model, tok, size: dict, step_s: float, token_s: float, wall: bool = True
 
 
 def plot(res: dict, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    from matplotlib.figure import Figure        # no pyplot: no global backend switch, safe in a notebook
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     ax = axes[0]
     for policy, style in (("fcfs", "--"), ("vtc", "-")):
         s = res["fairness"][policy]["series"]
@@ -229,7 +228,6 @@ def plot(res: dict, path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _print(res: dict) -> None:
