@@ -74,3 +74,22 @@ def tiny_dirs(tmp_path_factory):
         "llama-tied": save_tiny_hf_model(root / "llama-tied", "llama", seed=2, tie=True),
         "qwen2": save_tiny_hf_model(root / "qwen2", "qwen2", seed=3),
     }
+
+
+@pytest.fixture(scope="session")
+def graded_student_notebook():
+    """``grade(labs/NN-....ipynb)`` of an untouched student notebook, graded once per session.
+
+    The lab pipeline (stubs score zero) and the grader's attack tests (an attack scores no more
+    than the honest stubs) both need this report; grading is deterministic for the same file,
+    so they share one run instead of grading each notebook twice.
+    """
+    from minisys.grading.grader import grade
+    cache: dict[Path, object] = {}
+
+    def get(path: Path):
+        path = Path(path).resolve()
+        if path not in cache:
+            cache[path] = grade(path)
+        return cache[path]
+    return get

@@ -177,9 +177,10 @@ def _smuggle(test_file: str, names: list[str]) -> str:
 
 
 @pytest.mark.parametrize("solution", LABS, ids=[path.stem for path in LABS])
-def test_real_lab_attacks_score_what_the_stubs_deserve(solution: Path, tmp_path: Path) -> None:
+def test_real_lab_attacks_score_what_the_stubs_deserve(solution: Path, tmp_path: Path,
+                                                       graded_student_notebook) -> None:
     lab = parse_solution(solution)
-    honest = grade(REPO_ROOT / "labs" / lab.notebook_name)
+    honest = graded_student_notebook(REPO_ROOT / "labs" / lab.notebook_name)
     notebook = nbformat.read(REPO_ROOT / "labs" / lab.notebook_name, as_version=4)
     test_file = f"tests/labs/test_lab{lab.number}.py"
     notebook.cells += [new_code_cell(cell) for cell in

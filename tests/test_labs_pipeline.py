@@ -65,9 +65,9 @@ def test_solution_scores_full_marks(solution: Path, tmp_path: Path) -> None:
 
 
 @per_lab
-def test_student_notebook_scores_zero_on_exercises(solution: Path) -> None:
+def test_student_notebook_scores_zero_on_exercises(solution: Path, graded_student_notebook) -> None:
     lab = parse_solution(solution)
-    report = grade(REPO_ROOT / "labs" / lab.notebook_name)
+    report = graded_student_notebook(REPO_ROOT / "labs" / lab.notebook_name)
     exercises = [test for test in report.tests if test.exercise]
     assert exercises, f"lab {lab.number} has no @pytest.mark.exercise tests"
     passing = [test.name for test in exercises if test.score > 0]
