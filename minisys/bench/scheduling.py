@@ -223,7 +223,9 @@ def plot(res: dict, path) -> None:
                 ax.step(q, [(i + 1) / len(q) for i in range(len(q))], where="post", color=color,
                         ls="-" if clock == "step clock" else ":", label=f"{policy} ({clock})")
     ax.axvline(0.9, color="grey", lw=0.8)
-    ax.set(xlabel="QoE of a request", ylabel="fraction of requests <= x", xlim=(0, 1.02),
+    lowest = min((min(r["qoe"]) for key in ("qoe_step_clock", "qoe_wall_clock") for r in res[key].values()),
+                 default=0.0)
+    ax.set(xlabel="QoE of a request", ylabel="fraction of requests <= x", xlim=(max(0.0, lowest - 0.1), 1.01),
            title="(b) burst of 3x the batch: QoE CDF")
     ax.legend(fontsize=8)
     fig.tight_layout()
