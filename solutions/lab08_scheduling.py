@@ -323,6 +323,8 @@ class Andes(SchedulingPolicy):
 # %% tags=["benchmark"]
 import matplotlib.pyplot as plt
 
+from minisys.scheduling.service import max_service_gap
+
 quick = os.environ.get("MINISYS_QUICK", "0") not in ("", "0")
 steps = 200 if quick else 600
 cfg = lab_config(max_model_len=16)
@@ -330,18 +332,8 @@ heavy_light = [(t, c, 6, 6) for t in range(0, steps, 2) for c in ["heavy"] * 4 +
 
 
 def max_gap(run, a="heavy", b="light"):
-    """max over intervals inside one backlogged stretch of |W_a - W_b| (max D - min D, D = W_a - W_b)."""
-    worst, d, lo, hi, inside = 0.0, 0.0, 0.0, 0.0, False
-    for served, waiting in zip(run["service"], run["backlogged"]):
-        if not {a, b} <= waiting:
-            inside = False
-            continue
-        if not inside:
-            d, lo, hi, inside = 0.0, 0.0, 0.0, True
-        d += served.get(a, 0.0) - served.get(b, 0.0)
-        lo, hi = min(lo, d), max(hi, d)
-        worst = max(worst, hi - lo)
-    return worst
+    """max over intervals inside one backlogged stretch of |W_a - W_b| (`max_service_gap`: max D - min D)."""
+    return max_service_gap(run["service"], a, b, [{a, b} <= waiting for waiting in run["backlogged"]])
 
 
 fair = {"fcfs": simulate(SchedulingPolicy, heavy_light, cfg, max_steps=steps),

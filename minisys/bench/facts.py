@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .common import save_result
+from .common import median_time, save_result
 
 FACTS = ("next-token", "rope", "tokens", "gather", "matmul", "profile")
 FRANCE = "The capital of France is"
@@ -42,14 +42,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return median_time(fn, repeats, warmup) * 1e3
 
 
 def next_token(llm) -> dict:
