@@ -80,6 +80,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
         if e.get("type") == "json_invalid":
             param = None
             lines.append(f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+        elif e.get("type") == "extra_forbidden":
+            lines.append(f"{where}: minisys does not implement this field (it is refused rather than ignored)")
         elif not loc and e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
             lines.append("the body must be a JSON object")
         else:

@@ -3,15 +3,21 @@
 Requests are validated by pydantic (wrong types -> 400); the sampling fields
 are then turned into a `SamplingParams`, whose own checks (n >= 1,
 temperature >= 0 and not NaN, top_p in (0, 1], max_tokens >= 1) give the
-400 messages. Unknown fields are ignored, as vLLM does; fields minisys does
-not implement (logprobs, echo, penalties != 0, ...) are refused with a 400
-rather than silently ignored.
+400 messages.
+
+Strict by default: a field minisys does not implement is a 400 naming it,
+never silently ignored (vLLM ignores unknown fields; a client that sends
+``response_format`` or ``tools`` would get an answer that quietly does not
+do what it asked). Known fields minisys cannot honour (``logprobs``,
+``echo``, ...) are refused the same way. The only fields accepted and
+ignored are `IGNORED_FIELDS`: ones real clients send that do not change
+the tokens generated.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -25,7 +31,19 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# Accepted and ignored: what OpenAI clients (the `openai` package, LangChain) may send that does not change
+# the tokens generated. Everything else minisys does not implement is refused (``extra="forbid"``).
+IGNORED_FIELDS = {
+    "metadata": "OpenAI's key-value tags for stored completions (minisys stores nothing)",
+    "store": "OpenAI's flag to store the completion for distillation/evals (minisys stores nothing)",
+    "service_tier": "OpenAI's processing tier (minisys has one)",
+    "parallel_tool_calls": "only meaningful with tools, which minisys refuses",
+}
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: StrictBool = False
     continuous_usage_stats: StrictBool = False
 
@@ -33,7 +51,7 @@ class StreamOptions(BaseModel):
 class _SamplingRequest(BaseModel):
     """Fields common to completions and chat (OpenAI's, then vLLM's extensions)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: Optional[str] = None
     n: StrictInt = 1
@@ -56,6 +74,11 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: Optional[list[StrictInt]] = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    # IGNORED_FIELDS: accepted (type-checked) and ignored
+    metadata: Optional[dict[str, StrictStr]] = Field(None, description=IGNORED_FIELDS["metadata"])
+    store: Optional[StrictBool] = Field(None, description=IGNORED_FIELDS["store"])
+    service_tier: Optional[StrictStr] = Field(None, description=IGNORED_FIELDS["service_tier"])
+    parallel_tool_calls: Optional[StrictBool] = Field(None, description=IGNORED_FIELDS["parallel_tool_calls"])
 
     def _max_tokens(self) -> Optional[int]:
         raise NotImplementedError
@@ -134,12 +157,14 @@ class CompletionRequest(_SamplingRequest):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")     # name, tool_calls, ...: refused, not ignored
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[TextPart], None] = None
@@ -167,8 +192,10 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
+        if self.logprobs:
             raise ValueError("logprobs is not supported by minisys")
+        if self.top_logprobs:
+            raise ValueError("top_logprobs is not supported by minisys")
         if not self.messages:
             raise ValueError("messages is empty: give at least one message")
 
