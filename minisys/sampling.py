@@ -17,10 +17,16 @@ seed itself).
 
     top-k: keep the k largest logits (ties at the k-th are kept)
     top-p: keep the smallest set of most likely tokens whose mass reaches p
+    min-p: keep the tokens at least min_p times as likely as the most likely one
+
+Before all that, `process_logits` applies the knobs that read a sequence's
+tokens (its `History`), in vLLM's order, to the rows that set one (greedy
+rows too): logit_bias, min_tokens, then the repetition, frequency and
+presence penalties. Rows without them are left untouched.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 
@@ -59,14 +65,81 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop the tokens whose probability is below ``min_p`` times the row's largest (vLLM's min-p)."""
+    if min_p <= 0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
+class History(NamedTuple):
+    """What `process_logits` reads of one sequence: its prompt and output token ids, and the EOS ids
+    that ``min_tokens`` masks (with the request's ``stop_token_ids``)."""
+
+    prompt: Sequence[int]
+    output: Sequence[int]
+    eos: Sequence[int] = ()
+
+
+def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
+                   histories: Sequence[History | None] | None) -> torch.Tensor:
+    """logits (B, V) -> the rows with a history knob (`SamplingParams.history_knobs`) processed, batched.
+
+    For each such row, in order: ``+ logit_bias``; EOS and stop_token_ids to -inf while fewer than
+    ``min_tokens`` are out; tokens seen in prompt + output: ``l / r if l > 0 else l * r``
+    (repetition_penalty r); ``- frequency_penalty * count - presence_penalty * (count > 0)``
+    over the output's token counts. Other rows are returned as they came.
+    """
+    rows = [i for i, p in enumerate(params) if p.history_knobs]
+    if not rows:
+        return logits
+    if histories is None or any(histories[i] is None for i in rows):
+        raise ValueError(f"{params[rows[0]].history_knobs[0]} needs the sequence's tokens (a History per row)")
+    b, V, dev = len(rows), logits.shape[-1], logits.device
+    x = logits[rows].float()                                                        # (b, V)
+    ps, hs = [params[i] for i in rows], [histories[i] for i in rows]
+
+    def column(name: str) -> torch.Tensor:                                          # (b, 1) of a knob
+        return torch.tensor([[float(getattr(p, name))] for p in ps], device=dev)
+
+    bias = [(r, t, v) for r, p in enumerate(ps) for t, v in (p.logit_bias or {}).items()]
+    if bias:
+        r_, t_, v_ = zip(*bias)
+        x = x.index_put((torch.tensor(r_, device=dev), torch.tensor(t_, device=dev)),
+                        torch.tensor(v_, device=dev, dtype=x.dtype), accumulate=True)
+    banned = [(r, t) for r, (p, h) in enumerate(zip(ps, hs)) if len(h.output) < p.min_tokens
+              for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(h.eos))]
+    if banned:
+        r_, t_ = zip(*banned)
+        x[torch.tensor(r_, device=dev), torch.tensor(t_, device=dev)] = float("-inf")
+    counts = torch.zeros(b, V, device=dev)                                          # output token counts
+    seen = torch.zeros(b, V, dtype=torch.bool, device=dev)                          # in prompt + output
+    for r, h in enumerate(hs):
+        if h.output:
+            out = torch.as_tensor(list(h.output), device=dev)
+            counts[r].index_add_(0, out, torch.ones(len(out), device=dev))
+        if h.prompt:
+            seen[r, torch.as_tensor(list(h.prompt), device=dev)] = True
+    seen |= counts > 0
+    rep = column("repetition_penalty")
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    x = x - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0).float()
+    out = logits.float().clone()
+    out[rows] = x
+    return out
+
+
 def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits (..., V) -> the distribution a sampled request draws from (temperature, top-k, top-p, softmax).
+    """logits (..., V) -> the distribution a sampled request draws from (temperature, top-k, top-p, min-p,
+    softmax).
 
     The draft model's q and the target's p in speculative decoding come from
     here too, so both sides of the rejection rule see the same processing.
     """
     x = apply_temperature(logits.float(), params.temperature)
-    return torch.softmax(apply_top_p(apply_top_k(x, params.top_k), params.top_p), dim=-1)
+    return torch.softmax(apply_min_p(apply_top_p(apply_top_k(x, params.top_k), params.top_p), params.min_p),
+                         dim=-1)
 
 
 def sample_categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -89,13 +162,16 @@ def uniforms(generators: torch.Generator | Sequence[torch.Generator | None] | No
 
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
-                generators: Sequence[torch.Generator | None]) -> list[int]:
+                generators: Sequence[torch.Generator | None],
+                histories: Sequence[History | None] | None = None) -> list[int]:
     """One token per row of logits (B, V), row i under ``params[i]`` with ``generators[i]``.
 
-    Greedy rows: one argmax together. Sampled rows are grouped by (temperature,
-    top_k, top_p) so each group is filtered in one call; each row then draws
-    ONE uniform from its own generator.
+    The rows with a history knob are processed first (`process_logits`, with
+    ``histories[i]``). Greedy rows: one argmax together. Sampled rows are
+    grouped by (temperature, top_k, top_p, min_p) so each group is filtered in
+    one call; each row then draws ONE uniform from its own generator.
     """
+    logits = process_logits(logits, params, histories)
     tokens = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
@@ -105,7 +181,7 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if not p.greedy:
-            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+            groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
     for rows in groups.values():
         probs = probs_from_logits(logits[rows], params[rows[0]])                       # (b, V)
         u = uniforms([generators[i] for i in rows], 1, len(rows), logits.device)[:, 0]  # (b,)
@@ -115,12 +191,11 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def sample_next_token(logits: torch.Tensor, params: SamplingParams,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> next tokens (B,), every row under ``params``, drawing from one ``generator``.
-
-    For one row this is exactly `sample_rows` with that row's generator.
+                      generator: torch.Generator | None = None, history: History | None = None) -> torch.Tensor:
+    """logits (B, V) -> next tokens (B,), every row under ``params`` (and ``history``), drawing from one
+    ``generator``. For one row this is exactly `sample_rows` with that row's generator and history.
     """
-    logits = logits.float()
+    logits = process_logits(logits.float(), [params] * logits.shape[0], [history] * logits.shape[0])
     if params.greedy:
         return logits.argmax(dim=-1)
     u = uniforms(generator, 1, logits.shape[0], logits.device)[:, 0]                   # (B,)

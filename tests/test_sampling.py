@@ -92,3 +92,89 @@ def test_seeded_generator_is_reproducible():
 def test_invalid_sampling_params_are_refused_with_a_message(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kwargs)
+
+
+# ------------------------------------------------ the history knobs: a naive per-row, per-token oracle
+def naive_process(logits: list[float], p: SamplingParams, prompt: list[int], output: list[int],
+                  eos: list[int]) -> list[float]:
+    """vLLM's formulas, one token at a time in plain Python: bias, min_tokens, repetition, frequency/presence."""
+    x = list(logits)
+    for t, b in (p.logit_bias or {}).items():
+        x[t] += b
+    if len(output) < p.min_tokens:
+        for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos)):
+            x[t] = -math.inf
+    for t in set(prompt) | set(output):
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(output):
+        x[t] -= output.count(t) * p.frequency_penalty + p.presence_penalty
+    return x
+
+
+KNOBS = [dict(), dict(repetition_penalty=1.3), dict(repetition_penalty=0.7), dict(frequency_penalty=0.5),
+         dict(presence_penalty=-1.2), dict(frequency_penalty=-0.4, presence_penalty=1.5),
+         dict(logit_bias={3: 100.0, 5: -7.5}), dict(min_tokens=4, stop_token_ids=[2]),
+         dict(min_tokens=4, ignore_eos=True), dict(min_tokens=1),
+         dict(repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.2, logit_bias={1: 2.0}, min_tokens=9)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), out_len=st.integers(0, 6))
+def test_process_logits_matches_the_naive_oracle_in_a_mixed_batch(seed, out_len):
+    from minisys.sampling import History, process_logits
+    g = torch.Generator().manual_seed(seed)
+    V = 12
+    logits = torch.randn(len(KNOBS), V, generator=g) * 3
+    params = [SamplingParams(temperature=0, max_tokens=16, **k) for k in KNOBS]
+    hist = [History(torch.randint(0, V, (3,), generator=g).tolist(),
+                    torch.randint(0, V, (out_len,), generator=g).tolist(), (0,)) for _ in KNOBS]
+    got = process_logits(logits, params, hist)
+    for i, (p, h) in enumerate(zip(params, hist)):
+        want = torch.tensor(naive_process(logits[i].tolist(), p, h.prompt, h.output, [0]))
+        assert torch.allclose(got[i], want, atol=1e-5), (KNOBS[i], got[i], want)
+    assert torch.equal(got[0], logits[0])                   # a row without knobs is untouched
+
+
+def test_hand_worked_penalties():
+    from minisys.sampling import History, process_logits
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    h = [History([0], [1, 1, 2], (3,))]
+    rep = process_logits(logits, [SamplingParams(repetition_penalty=2.0)], h)
+    assert rep.tolist() == [[1.0, -4.0, 0.5, 0.5]]         # 0 (prompt), 1, 2 seen; 3 not
+    pen = process_logits(logits, [SamplingParams(frequency_penalty=1.0, presence_penalty=0.5)], h)
+    assert pen.tolist() == [[2.0, -4.5, -0.5, 0.5]]         # prompt token 0 untouched: output only
+    early = process_logits(logits, [SamplingParams(min_tokens=4)], h)
+    assert early[0, 3] == -math.inf and early[0, :3].tolist() == [2.0, -2.0, 1.0]
+    assert process_logits(logits, [SamplingParams(min_tokens=3)], h).tolist() == logits.tolist()
+
+
+def test_min_p_keeps_tokens_at_least_min_p_times_the_top():
+    from minisys.sampling import probs_from_logits
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = probs_from_logits(logits, SamplingParams(min_p=0.3))          # keep p >= 0.15
+    assert probs[0, 3] == 0 and probs[0, 2] > 0
+    assert torch.allclose(probs, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+
+
+def test_sample_rows_with_knobs_draws_like_each_row_alone():
+    """Rows with and without knobs, greedy and sampled, in one batch == each row sampled alone."""
+    from minisys.sampling import History, sample_rows
+    logits = torch.randn(len(KNOBS) * 2, 12, generator=torch.Generator().manual_seed(0)) * 2
+    params = [SamplingParams(temperature=t, min_p=m, max_tokens=16, **k)
+              for t, m in ((0.0, 0.0), (0.9, 0.1)) for k in KNOBS]
+    hist = [History([1, 2], [3, 3, 4], (0,))] * len(params)
+    batch = sample_rows(logits, params, [make_generator(i) for i in range(len(params))], hist)
+    alone = [int(sample_next_token(logits[i:i + 1], p, make_generator(i), hist[i])[0])
+             for i, p in enumerate(params)]
+    assert batch == alone
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(min_p=1.5), "min_p"), (dict(min_p=-0.1), "min_p"), (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty"), (dict(logit_bias={1: 101}), "logit_bias"),
+    (dict(logit_bias={-1: 1}), "logit_bias"), (dict(min_tokens=-1), "min_tokens"),
+    (dict(min_tokens=20, max_tokens=10), "min_tokens")])
+def test_knobs_out_of_range_are_refused_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        SamplingParams(**kwargs)

@@ -20,7 +20,7 @@ from ..attention.base import AttentionMetadata
 from ..kv.contiguous import ContiguousKVCache
 from ..model.llama import LlamaModel
 from ..model.tokenizer import Tokenizer
-from ..sampling import make_generator, sample_next_token, sequence_seed
+from ..sampling import History, make_generator, sample_next_token, sequence_seed
 from .output_processor import OutputProcessor, StepEvent
 from .outputs import CompletionOutput
 from .request import check_prompt_ids
@@ -38,6 +38,7 @@ class EagerGenerator:
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse a prompt that cannot be served, with a message that says why."""
         check_prompt_ids(prompt_ids, self.model.config.vocab_size)
+        params.check_vocab(self.model.config.vocab_size)
         need = len(prompt_ids) + (params.max_tokens or 1)
         if need > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
@@ -62,7 +63,8 @@ class EagerGenerator:
         new_ids = seq                      # tokens to feed this step
         while True:
             logits = self._forward(seq, new_ids, cache)                      # (1, V)
-            token = int(sample_next_token(logits, params, generator)[0])
+            history = History(prompt_ids, seq[len(prompt_ids):], self.tokenizer.eos_token_ids)
+            token = int(sample_next_token(logits, params, generator, history)[0])
             seq.append(token)
             event = proc.append(token)
             yield event

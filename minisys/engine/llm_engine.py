@@ -97,7 +97,8 @@ class LLMEngine:
         gen = None
         if not params.greedy:
             gen = make_generator(sequence_seed(params.seed, index), self.model.device)
-        return Request(seq_id, list(prompt_ids), params, gen, max_tokens=max_tokens, **who)
+        return Request(seq_id, list(prompt_ids), params, gen, max_tokens=max_tokens,
+                       eos_token_ids=tuple(self.tokenizer.eos_token_ids), **who)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     prompt: str | None = None, *, client: str | None = None, priority: int = 0,
@@ -114,6 +115,10 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         check_prompt_ids(prompt_token_ids, self.model.config.vocab_size)   # context/KV limits: Scheduler.add
         check_request_meta(client, priority, qoe)
+        params.check_vocab(self.model.config.vocab_size)
+        if self.speculator is not None and params.history_knobs:
+            raise ValueError(f"{params.history_knobs[0]} is not supported with speculative decoding "
+                             "(verification does not apply it): serve this request without speculation")
         seqs = [self._make_seq(f"{request_id}#{i}", prompt_token_ids, params, i,
                                client=client, priority=priority, qoe=qoe) for i in range(params.n)]
         self.scheduler.add(*seqs)                   # the context and KV-pool limits, checked once

@@ -88,6 +88,12 @@ class Request:
     priority: int = 0                          # lower runs first under the "priority" policy (vLLM's rule)
     qoe: QoESpec | None = None                 # the reader's expected TTFT and pace (Andes); None: the default
     arrival_time: float = 0.0                  # the scheduler's clock when it was added (set by the scheduler)
+    eos_token_ids: tuple[int, ...] = ()        # what ``min_tokens`` masks (`minisys.sampling.History`)
+
+    def history(self):
+        """The tokens the sampler's history knobs read (`minisys.sampling.History`)."""
+        from ..sampling import History
+        return History(self.prompt_token_ids, self.output_token_ids, self.eos_token_ids)
 
     @property
     def client_key(self) -> str:

@@ -33,6 +33,15 @@ class SamplingParams:
       (unless ``ignore_eos``), a token in ``stop_token_ids``, or a string in
       ``stop`` appearing in the output text (the stop string is cut from the
       text unless ``include_stop_str_in_output``).
+    * The logits knobs (vLLM's semantics, applied by `minisys.sampling.process_logits`):
+      ``logit_bias`` {token id: bias in [-100, 100]} added to the logits;
+      ``min_tokens``: EOS and ``stop_token_ids`` masked until that many tokens are out;
+      ``repetition_penalty`` (> 0, 1 disables) over prompt + output tokens: a
+      positive logit is divided by it, a negative one multiplied;
+      ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2]) over output
+      tokens, OpenAI's formula: ``logit -= count * frequency + (count > 0) * presence``;
+      ``min_p`` (in [0, 1]) after temperature: drop tokens less likely than
+      ``min_p`` times the most likely one.
     """
 
     n: int = 1
@@ -47,6 +56,12 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,8 +90,41 @@ class SamplingParams:
             check_text(s, "stop")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        def number(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi and not (lo_open and v == lo)
+            if not ok:
+                raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+        number("min_p", 0.0, 1.0)
+        number("presence_penalty", -2.0, 2.0)
+        number("frequency_penalty", -2.0, 2.0)
+        number("repetition_penalty", 0.0, math.inf, lo_open=True)
+        if math.isinf(self.repetition_penalty):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or any(
+                    not isinstance(t, int) or isinstance(t, bool) or t < 0 or not isinstance(b, (int, float))
+                    or isinstance(b, bool) or not -100 <= b <= 100 for t, b in self.logit_bias.items()):
+                raise ValueError("logit_bias must map token ids (integers >= 0) to biases in [-100, 100], "
+                                 f"got {self.logit_bias!r}")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0 or \
+                (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """ValueError if ``logit_bias`` names a token outside the vocabulary."""
+        bad = [t for t in (self.logit_bias or {}) if t >= vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias has token ids outside the vocabulary (size {vocab_size}): {bad[:5]}")
+
+    @property
+    def history_knobs(self) -> list[str]:
+        """The knobs set here that need the sequence's tokens (`minisys.sampling.process_logits`)."""
+        return [name for name, off in (("logit_bias", None), ("min_tokens", 0), ("repetition_penalty", 1.0),
+                                       ("frequency_penalty", 0.0), ("presence_penalty", 0.0))
+                if getattr(self, name) not in (off, {})]
 
     @property
     def greedy(self) -> bool:

@@ -44,14 +44,16 @@ class StaticBatchGenerator:
         longest = max(len(p) + m for p, m in zip(prompts, budgets))
         blocks_each = -(-longest // self.block_size)
         runner = PagedRunner(self.model, blocks_each * len(prompts), self.block_size, enable_prefix_caching=False)
-        reqs = [Request(str(i), list(p), sp, None if sp.greedy else make_generator(sp.seed, self.model.device))
+        reqs = [Request(str(i), list(p), sp, None if sp.greedy else make_generator(sp.seed, self.model.device),
+                        eos_token_ids=tuple(self.tokenizer.eos_token_ids))
                 for i, (p, sp) in enumerate(zip(prompts, params))]
         procs = [OutputProcessor(self.tokenizer, sp, len(p), max_len) for p, sp in zip(prompts, params)]
         seq_ids = [r.request_id for r in reqs]
         for r in reqs:
             runner.add(r.request_id, r.prompt_token_ids)
         while True:
-            tokens = sample_rows(runner.step(seq_ids), params, [r.generator for r in reqs])  # every row
+            tokens = sample_rows(runner.step(seq_ids), params, [r.generator for r in reqs],   # every row
+                                 [r.history() for r in reqs])
             self.steps += 1
             for i, (r, p, t) in enumerate(zip(reqs, procs, tokens)):
                 if p.finish_reason is None:

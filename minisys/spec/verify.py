@@ -33,7 +33,8 @@ def verify_rows(logits: torch.Tensor, scheduled: list) -> list[list[int]]:
     if plain:
         reqs = [scheduled[i].request for i in plain]
         tokens = sample_rows(logits[[starts[i] for i in plain]], [r.params for r in reqs],
-                             [r.generator for r in reqs])
+                             [r.generator for r in reqs],
+                             [r.history() for r in reqs])
         for i, t in zip(plain, tokens):
             out[i] = [t]
     for i, s in enumerate(scheduled):
