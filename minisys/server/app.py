@@ -52,7 +52,7 @@ from .body_text import check_body_text
 from .errors import OpenAIError, error_body, install_error_handlers, internal_error_body
 from .limits import Admission, ServerLimits, Ticket
 from .metrics import ServerMetrics
-from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, ErrorCountMiddleware
+from .middleware import PROTECTED, ApiKeyMiddleware, BodyLimitMiddleware, ErrorCountMiddleware
 from .openapi import error_responses, install_openapi, json_response
 from .timeouts import ServerTimeouts
 from . import protocol as P
@@ -166,7 +166,8 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 def _param_of(message: str) -> Optional[str]:
     """The request field a `SamplingParams` message is about (its first word), if it names one."""
     word = message.split(" ", 1)[0]
-    fields = set(P.CompletionRequest.model_fields) | set(P.ChatCompletionRequest.model_fields)
+    fields = set(P.CompletionRequest.model_fields) | set(P.ChatCompletionRequest.model_fields) \
+        | set(P.TokenizeRequest.model_fields)
     return word if word in fields else None
 
 
@@ -267,10 +268,13 @@ class Server:
             out.append((p, self.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)))
         return out
 
-    def chat_prompt(self, req: P.ChatCompletionRequest) -> list[tuple[Optional[str], list[int]]]:
+    def chat_prompt(self, req: Union[P.ChatCompletionRequest, P.TokenizeRequest]
+                    ) -> list[tuple[Optional[str], list[int]]]:
         """The conversation through the chat template, tokenized. Blocking: run in a worker thread."""
+        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(req.conversation(), req.add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(conversation, req.add_generation_prompt)
         except ValueError:
             raise
         except Exception as e:            # jinja2 errors from the template
@@ -364,8 +368,9 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
     app.add_middleware(ErrorCountMiddleware, count=server.metrics.error)           # outermost
     v1_auth = (401,) if api_key else ()
     metrics_auth = (401,) if api_key and not metrics_open else ()
-    install_openapi(app, {"/v1/completions": P.CompletionRequest, "/v1/chat/completions": P.ChatCompletionRequest},
-                    secured=(("/v1",) if api_key else ()) + (("/metrics",) if metrics_auth else ()))
+    install_openapi(app, {"/v1/completions": P.CompletionRequest, "/v1/chat/completions": P.ChatCompletionRequest,
+                          "/tokenize": P.TokenizeRequest, "/detokenize": P.DetokenizeRequest},
+                    secured=(PROTECTED if api_key else ()) + (("/metrics",) if metrics_auth else ()))
     post_errors = error_responses(400, *v1_auth, 404, 413, 429, 500, 503)
 
     @app.get("/health", response_class=PlainTextResponse, responses=error_responses(503))
@@ -385,6 +390,49 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
     async def models():
         card = P.ModelCard(id=model_name, root=model_name, max_model_len=engine.max_model_len)
         return JSONResponse(P.ModelList(data=[card]).model_dump())
+
+    @app.get("/v1/models/{model_id:path}", responses={**json_response(P.ModelCard, "the served model"),
+                                                      **error_responses(*v1_auth, 404)})
+    async def model_card(model_id: str):
+        server.check_model(model_id)
+        return JSONResponse(P.ModelCard(id=model_name, root=model_name, max_model_len=engine.max_model_len)
+                            .model_dump())
+
+    @app.get("/version", responses={**json_response(P.VersionResponse, "minisys's version"),
+                                    **error_responses(*v1_auth)})
+    async def version():
+        from .. import __version__
+        return JSONResponse({"version": __version__})
+
+    small_post_errors = error_responses(400, *v1_auth, 404, 413, 500)
+
+    @app.post("/tokenize", responses={**json_response(P.TokenizeResponse, "the prompt's token ids"),
+                                      **small_post_errors})
+    async def tokenize(raw: Request):
+        req = await _parse(raw, P.TokenizeRequest)
+        server.check_model(req.model)
+        try:
+            req.check()
+            if req.prompt is not None:
+                ids = await asyncio.to_thread(server.tokenizer.encode, req.prompt)
+            else:
+                ids = (await asyncio.to_thread(server.chat_prompt, req))[0][1]
+        except ValueError as e:
+            raise OpenAIError(str(e), param=_param_of(str(e))) from None
+        return JSONResponse(P.TokenizeResponse(tokens=ids, count=len(ids),
+                                               max_model_len=engine.max_model_len).model_dump())
+
+    @app.post("/detokenize", responses={**json_response(P.DetokenizeResponse, "the text of the token ids"),
+                                        **small_post_errors})
+    async def detokenize(raw: Request):
+        req = await _parse(raw, P.DetokenizeRequest)
+        server.check_model(req.model)
+        vocab = server.tokenizer.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise OpenAIError(f"tokens: ids outside the vocabulary (size {vocab}): {bad[:5]}", param="tokens")
+        text = await asyncio.to_thread(server.tokenizer.decode, req.tokens, False)
+        return JSONResponse(P.DetokenizeResponse(prompt=text).model_dump())
 
     @app.post("/v1/completions", responses={**json_response(P.CompletionResponse, "the completion", stream=True),
                                             **post_errors})

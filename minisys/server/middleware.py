@@ -19,12 +19,15 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 
+PROTECTED = ("/v1", "/tokenize", "/detokenize", "/version")     # behind the key (and /metrics unless open)
+
+
 class ApiKeyMiddleware:
-    """401 on the protected paths (``/v1``, and ``/metrics`` unless left open) without ``Bearer KEY``."""
+    """401 on the protected paths (`PROTECTED`, and ``/metrics`` unless left open) without ``Bearer KEY``."""
 
     def __init__(self, app, api_key: str, protect_metrics: bool = True) -> None:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
-        self.prefixes = ("/v1", "/metrics") if protect_metrics else ("/v1",)
+        self.prefixes = PROTECTED + (("/metrics",) if protect_metrics else ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(self.prefixes):

@@ -63,6 +63,7 @@ class _SamplingRequest(BaseModel):
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = 0.0
     frequency_penalty: Optional[float] = 0.0
+    logit_bias: Optional[dict[str, float]] = None    # OpenAI's: {"token id": bias in [-100, 100]}
     user: Optional[StrictStr] = None           # the client: per-user limits, VTC's fair share (lesson 08)
     # vLLM's extensions
     priority: StrictInt = 0                    # lower runs first under --scheduling-policy priority
@@ -70,6 +71,9 @@ class _SamplingRequest(BaseModel):
     expected_ttft: Optional[float] = None
     expected_tds: Optional[float] = None
     top_k: Optional[StrictInt] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    min_tokens: StrictInt = 0
     ignore_eos: StrictBool = False
     stop_token_ids: Optional[list[StrictInt]] = None
     include_stop_str_in_output: StrictBool = False
@@ -85,8 +89,6 @@ class _SamplingRequest(BaseModel):
 
     def check_supported(self) -> None:
         """ValueError for what minisys does not implement (instead of silently ignoring it)."""
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported by minisys")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
 
@@ -105,6 +107,16 @@ class _SamplingRequest(BaseModel):
                           default.tds if self.expected_tds is None else self.expected_tds)
         return {"client": self.user, "priority": self.priority, "qoe": qoe}
 
+    def _logit_bias(self) -> Optional[dict[int, float]]:
+        """OpenAI's string keys -> token ids; ValueError naming logit_bias for a key that is not one."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(k): v for k, v in self.logit_bias.items()}
+        except ValueError:
+            raise ValueError(f"logit_bias keys must be token ids (integers as strings), got "
+                             f"{list(self.logit_bias)[:5]!r}") from None
+
     def to_sampling_params(self) -> SamplingParams:
         """The engine's parameters; ValueError (-> 400) when a value is out of range."""
         self.check_supported()
@@ -114,6 +126,10 @@ class _SamplingRequest(BaseModel):
             max_tokens=self._max_tokens(), stop=self.stop, stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self._logit_bias(), min_tokens=self.min_tokens,
             output_kind=RequestOutputKind.DELTA)        # the server streams what is new, once
 
 
@@ -279,6 +295,51 @@ class ModelCard(BaseModel):
     owned_by: str = "minisys"
     root: Optional[str] = None
     max_model_len: Optional[int] = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's): a ``prompt`` as /v1/completions tokenizes it, or ``messages`` through the
+    chat template as /v1/chat/completions does. minisys adds no special tokens to a prompt, so
+    ``add_special_tokens`` may only be false."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt or messages: give exactly one of them")
+        if self.add_special_tokens:
+            raise ValueError("add_special_tokens must be false: minisys adds no special tokens to a prompt")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages is empty: give at least one message")
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's): token ids -> the text (special tokens kept)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    tokens: list[StrictInt]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
 
 
 class ModelList(BaseModel):
