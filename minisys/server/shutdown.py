@@ -7,7 +7,8 @@ The sequence (``G`` = the grace period):
 2. uvicorn closes the listening socket (new connections are refused) and
    asks every open connection to close once its response is over;
 3. requests in flight keep being served for up to ``G - margin`` seconds
-   (``margin = min(1 s, G / 4)``: time to flush the last events); those
+   (``margin = min(2 s, G / 2)``: time to flush the last events, even on a
+   loaded machine where the event loop is slow to write them); those
    still open then are aborted: a stream gets an SSE error event
    (``code: server_shutting_down``) and ``data: [DONE]``, a non-streamed
    request a 503; the engine frees their KV blocks;
@@ -35,7 +36,7 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def abort_after(grace_s: float) -> float:
     """Seconds after the signal when in-flight requests are aborted: the grace period less a margin."""
-    return grace_s - min(1.0, grace_s / 4)
+    return grace_s - min(2.0, grace_s / 2)
 
 
 class GracefulServer(uvicorn.Server):
