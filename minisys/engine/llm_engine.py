@@ -245,10 +245,11 @@ class LLMEngine:
                 text, ids, lps = p.text, list(s.output_token_ids), list(s.logprobs) if want_lp else None
             outs.append(CompletionOutput(i, text, ids, p.finish_reason, p.stop_reason, lps))
         prompt_lps = None
-        first = g.seqs[0]
-        if g.params.prompt_logprobs is not None and not first.needs_prompt_logprobs:   # complete: send it
-            prompt_lps = (first.prompt_logprobs[g.prompt_sent:] or None) if delta else list(first.prompt_logprobs)
-            g.prompt_sent = len(first.prompt_logprobs)
+        # the prompt's logprobs, from any sequence that has them all (one that emitted a token has)
+        done = next((s for s in g.seqs if not s.needs_prompt_logprobs), None)
+        if g.params.prompt_logprobs is not None and done is not None:
+            prompt_lps = (done.prompt_logprobs[g.prompt_sent:] or None) if delta else list(done.prompt_logprobs)
+            g.prompt_sent = len(done.prompt_logprobs)
         return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, outs, finished=finished,
                              prompt_logprobs=prompt_lps)
 
