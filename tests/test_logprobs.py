@@ -121,3 +121,11 @@ def test_logprobs_validation(smol):
             engine.add_request("s", [1, 2, 3], SamplingParams(**{name: 1}))
     with pytest.raises(ValueError, match="logprobs"):
         engine.add_request("v", [1, 2, 3], SamplingParams(logprobs=model.config.vocab_size + 1))
+
+
+def test_the_eager_baseline_refuses_logprobs(smol):
+    from minisys.engine.eager import EagerGenerator
+    model, tok = smol
+    for name in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=name):
+            EagerGenerator(model, tok).check_prompt([1, 2, 3], SamplingParams(**{name: 0}))
