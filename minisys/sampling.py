@@ -215,3 +215,23 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
     g = torch.Generator(device=device)
     g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     return g
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], num_top: Sequence[int]) -> list[tuple]:
+    """Per row i of ``logits`` (R, V): ``(token_ids[i], its logprob, its rank, top ids, top logprobs)``.
+
+    The logprobs are the *raw* model distribution, ``log_softmax(logits)`` in
+    fp32, before temperature, penalties, logit_bias or top-k/top-p/min-p (vLLM
+    V1's default ``logprobs_mode="raw_logprobs"``). The rank is 1 + the number
+    of tokens strictly more likely; the top ``num_top[i]`` alternatives come
+    most likely first (ties by the lower token id: `torch.topk` order).
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)                                   # (R, V)
+    tok = torch.tensor(list(token_ids), dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, tok[:, None])                                              # (R, 1)
+    ranks = (lp > chosen).sum(dim=1) + 1
+    k = max(num_top, default=0)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], tok[:, None][:, :0])
+    chosen, ranks, top_v, top_i = chosen[:, 0].tolist(), ranks.tolist(), top_v.tolist(), top_i.tolist()
+    return [(t, chosen[i], ranks[i], top_i[i][:num_top[i]], top_v[i][:num_top[i]])
+            for i, t in enumerate(token_ids)]

@@ -39,6 +39,9 @@ class EagerGenerator:
         """Refuse a prompt that cannot be served, with a message that says why."""
         check_prompt_ids(prompt_ids, self.model.config.vocab_size)
         params.check_vocab(self.model.config.vocab_size)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(params, name) is not None:
+                raise ValueError(f"{name} is not supported by the eager baseline: use the engine (--engine llm)")
         need = len(prompt_ids) + (params.max_tokens or 1)
         if need > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "

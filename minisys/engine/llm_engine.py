@@ -33,7 +33,7 @@ from ..spec.speculator import Speculator
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from .request import Request, check_prompt_ids, check_request_meta
 from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
@@ -70,6 +70,7 @@ class _Group:
     seqs: list[Request]
     procs: list[OutputProcessor]
     sent: list[int]
+    prompt_sent: int = 0      # prompt logprobs already returned (DELTA outputs)
 
 
 class LLMEngine:
@@ -98,7 +99,8 @@ class LLMEngine:
         if not params.greedy:
             gen = make_generator(sequence_seed(params.seed, index), self.model.device)
         return Request(seq_id, list(prompt_ids), params, gen, max_tokens=max_tokens,
-                       eos_token_ids=tuple(self.tokenizer.eos_token_ids), **who)
+                       eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+                       prompt_logprobs=[] if params.prompt_logprobs is None else [None], **who)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     prompt: str | None = None, *, client: str | None = None, priority: int = 0,
@@ -116,6 +118,10 @@ class LLMEngine:
         check_prompt_ids(prompt_token_ids, self.model.config.vocab_size)   # context/KV limits: Scheduler.add
         check_request_meta(client, priority, qoe)
         params.check_vocab(self.model.config.vocab_size)
+        if self.speculator is not None and (params.logprobs is not None or params.prompt_logprobs is not None):
+            name = "logprobs" if params.logprobs is not None else "prompt_logprobs"
+            raise ValueError(f"{name} is not supported with speculative decoding: serve this request "
+                             "without speculation")
         if self.speculator is not None and params.history_knobs:
             raise ValueError(f"{params.history_knobs[0]} is not supported with speculative decoding "
                              "(verification does not apply it): serve this request without speculation")
@@ -165,13 +171,17 @@ class LLMEngine:
         if sched.is_empty:
             return []
         token_lists = self.runner.execute(sched, self.scheduler.allocator)   # [] for a chunk inside a prompt
+        logprobs = self.runner.last_logprobs                  # {scheduled index: its logprobs}, if asked
         self.scheduler.update_computed(sched)
         touched: dict[str, _Group] = {}
         generated = 0
-        for s, tokens in zip(sched.scheduled, token_lists):
+        for k, (s, tokens) in enumerate(zip(sched.scheduled, token_lists)):
+            lps = logprobs.get(k, {})
+            s.request.prompt_logprobs += [self._entry(*lp) for lp in lps.get("prompt", [])]
             if not tokens:
                 continue
             req = s.request
+            req.logprobs += [self._entry(*lp) for lp in lps.get("sampled", [])]
             group = self._seq_group[req.request_id]
             i = group.seqs.index(req)
             for token in tokens:                    # 1 token, or accepted drafts + 1 when speculating
@@ -211,16 +221,37 @@ class LLMEngine:
         alloc = self.scheduler.allocator
         st.max_kv_usage = max(st.max_kv_usage, alloc.num_used / alloc.num_blocks)
 
+    def _entry(self, token: int, logprob: float, rank: int, top_ids: list[int], top_lps: list[float]
+               ) -> TokenLogprobs:
+        """One token's logprobs, vLLM's shape: the token first, then its top alternatives (ranks 1, 2, ...)."""
+        def text(t: int) -> str:
+            return self.tokenizer.decode([t], skip_special_tokens=False)
+        entry = {token: Logprob(logprob, rank, text(token))}
+        for r, (t, v) in enumerate(zip(top_ids, top_lps), start=1):
+            if t not in entry:
+                entry[t] = Logprob(v, r, text(t))
+        return entry
+
     def _output(self, g: _Group, finished: bool) -> RequestOutput:
         """The request's output as ``params.output_kind`` asks: whole so far, or only what is new."""
         outs = []
+        delta = g.params.output_kind is RequestOutputKind.DELTA
+        want_lp = g.params.logprobs is not None
         for i, (s, p) in enumerate(zip(g.seqs, g.procs)):
-            if g.params.output_kind is RequestOutputKind.DELTA:
+            if delta:
+                lps = s.logprobs[g.sent[i]:] if want_lp else None
                 text, ids, g.sent[i] = p.take_delta(), s.output_token_ids[g.sent[i]:], len(s.output_token_ids)
             else:
-                text, ids = p.text, list(s.output_token_ids)
-            outs.append(CompletionOutput(i, text, ids, p.finish_reason, p.stop_reason))
-        return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, outs, finished=finished)
+                text, ids, lps = p.text, list(s.output_token_ids), list(s.logprobs) if want_lp else None
+            outs.append(CompletionOutput(i, text, ids, p.finish_reason, p.stop_reason, lps))
+        prompt_lps = None
+        # the prompt's logprobs, from any sequence that has them all (one that emitted a token has)
+        done = next((s for s in g.seqs if not s.needs_prompt_logprobs), None)
+        if g.params.prompt_logprobs is not None and done is not None:
+            prompt_lps = (done.prompt_logprobs[g.prompt_sent:] or None) if delta else list(done.prompt_logprobs)
+            g.prompt_sent = len(done.prompt_logprobs)
+        return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, outs, finished=finished,
+                             prompt_logprobs=prompt_lps)
 
     @property
     def kv_usage(self) -> float:

@@ -7,7 +7,9 @@ Batch assembly (the scheduler said which requests feed how many tokens):
     slot_mapping (T,)  where each fed token's K/V are written in the pool
     block_tables (B, max_blocks)   each request's blocks (the paged attention reads them)
     LM-head rows                   the last fed token of each request that samples (+ its k drafts'
-                                   positions when speculating): the LM head runs only there
+                                   positions when speculating): the LM head runs only there;
+                                   then, for a request that asks for prompt logprobs, every fed
+                                   prompt position whose next prompt token has no logprob yet
 
 A prefill chunk and a decode token look the same here: a run of ``n >= 1``
 tokens after ``num_computed`` cached ones, so prefills and decodes share one
@@ -27,6 +29,7 @@ from ..attention.base import AttentionMetadata
 from ..kv.block_allocator import BlockAllocator
 from ..kv.paged import PagedKVCache
 from ..model.llama import LlamaModel
+from ..sampling import token_logprobs
 from ..spec.verify import verify_rows
 from .scheduler import SchedulerOutput
 
@@ -75,11 +78,17 @@ class ModelRunner:
     nothing: its K/V are written, nothing is sampled, its generator is
     untouched. A decoding request emits one token; a speculating one (it fed
     its last token + k drafts, lesson 06) emits its accepted drafts + one.
+
+    Logprobs come from the same forward's logits (`minisys.sampling.token_logprobs`):
+    after `execute`, ``last_logprobs[i]`` (i: index in ``out.scheduled``) is
+    ``{"sampled": [(token, logprob, rank, top ids, top logprobs)], "prompt": [...]}``
+    for the requests that asked (``"prompt"``: one tuple per newly covered prompt token, in order).
     """
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
         self.model = model
         self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device)
+        self.last_logprobs: dict[int, dict[str, list[tuple]]] = {}
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, allocator: BlockAllocator) -> list[list[int]]:
@@ -96,7 +105,50 @@ class ModelRunner:
         ends = batch.meta.cu_seqlens_q[1:].tolist()
         rows = [r for s, end in zip(out.scheduled, ends) if s.samples
                 for r in range(end - 1 - len(s.spec_token_ids), end)]
+        num_sampling = len(rows)
+        prompt_rows: list[tuple[int, list[int]]] = []        # (scheduled index, the prompt tokens scored)
+        for i, (s, end) in enumerate(zip(out.scheduled, ends)):
+            req = s.request
+            if not req.needs_prompt_logprobs:
+                continue
+            start = req.num_computed_tokens
+            first = max(start, len(req.prompt_logprobs) - 1)     # position j scores prompt token j + 1
+            last = min(start + s.num_tokens, req.num_prompt_tokens - 1)
+            assert start <= len(req.prompt_logprobs) - 1 or first >= last, "prompt logprobs would skip tokens"
+            if first < last:
+                base = end - s.num_tokens - start                # flat row of position 0
+                rows += [base + j for j in range(first, last)]
+                prompt_rows.append((i, req.prompt_token_ids[first + 1:last + 1]))
         logits = self.model(batch.input_ids, batch.positions, batch.meta, kv_cache=self.cache,
                             logits_indices=torch.tensor(rows, dtype=torch.long, device=self.model.device))
-        picked = iter(verify_rows(logits, emitting) if emitting else [])                  # logits (rows, V)
-        return [next(picked) if s.samples else [] for s in out.scheduled]
+        self.last_logprobs = {}
+        if prompt_rows:
+            r = num_sampling
+            for i, toks in prompt_rows:
+                k = out.scheduled[i].request.params.prompt_logprobs
+                self.last_logprobs.setdefault(i, {})["prompt"] = token_logprobs(logits[r:r + len(toks)], toks,
+                                                                                [k] * len(toks))
+                r += len(toks)
+        logits = logits[:num_sampling]
+        want = [(e, row) for e, (s, row) in enumerate(zip(emitting, _starts(emitting)))
+                if s.request.params.logprobs is not None]
+        raw = logits[[row for _, row in want]] if want else None     # a copy: the raw logits, whatever the sampler does
+        picked = verify_rows(logits, emitting) if emitting else []                       # logits (rows, V)
+        if want:
+            assert not any(emitting[e].spec_token_ids for e, _ in want), "logprobs with speculative decoding"
+            lps = token_logprobs(raw, [picked[e][0] for e, _ in want],
+                                 [emitting[e].request.params.logprobs for e, _ in want])
+            index = {id(s): i for i, s in enumerate(out.scheduled)}
+            for (e, _), lp in zip(want, lps):
+                self.last_logprobs.setdefault(index[id(emitting[e])], {})["sampled"] = [lp]
+        it = iter(picked)
+        return [next(it) if s.samples else [] for s in out.scheduled]
+
+
+def _starts(emitting: list) -> list[int]:
+    """Each sampling request's first row among the sampling rows (1 + k rows each)."""
+    starts, r = [], 0
+    for s in emitting:
+        starts.append(r)
+        r += 1 + len(s.spec_token_ids)
+    return starts

@@ -89,6 +89,16 @@ class Request:
     qoe: QoESpec | None = None                 # the reader's expected TTFT and pace (Andes); None: the default
     arrival_time: float = 0.0                  # the scheduler's clock when it was added (set by the scheduler)
     eos_token_ids: tuple[int, ...] = ()        # what ``min_tokens`` masks (`minisys.sampling.History`)
+    # params.logprobs / prompt_logprobs: one {token id: Logprob} per output token / per prompt token
+    # (prompt: the first is None; filled chunk by chunk, never twice: a recompute adds nothing)
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all collected yet (its prompt must then be computed, not
+        taken from the prefix cache: the LM head runs at every prompt position)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     def history(self):
         """The tokens the sampler's history knobs read (`minisys.sampling.History`)."""

@@ -42,6 +42,14 @@ class SamplingParams:
       tokens, OpenAI's formula: ``logit -= count * frequency + (count > 0) * presence``;
       ``min_p`` (in [0, 1]) after temperature: drop tokens less likely than
       ``min_p`` times the most likely one.
+    * ``logprobs`` (vLLM's semantics): per generated token, the sampled
+      token's logprob and rank plus the ``logprobs`` most likely alternatives
+      (0: the sampled token only); None: none. ``prompt_logprobs``: the same
+      for every prompt token (the first has none: None). They are the *raw*
+      model distribution, ``log_softmax`` of the logits in fp32 before
+      temperature, penalties, logit_bias and top-k/top-p/min-p (vLLM V1's
+      default, ``logprobs_mode="raw_logprobs"``): with temperature 0 the
+      sampled token has rank 1. Not with speculative decoding (refused).
     """
 
     n: int = 1
@@ -62,6 +70,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -110,11 +120,20 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0 or \
                 (self.max_tokens is not None and self.min_tokens > self.max_tokens):
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ValueError(f"{name} must be an integer >= 0 (the number of top alternatives) or None, "
+                                 f"got {v!r}")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 
     def check_vocab(self, vocab_size: int) -> None:
         """ValueError if ``logit_bias`` names a token outside the vocabulary."""
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and v > vocab_size:
+                raise ValueError(f"{name} must be at most the vocabulary size ({vocab_size}), got {v!r}")
         bad = [t for t in (self.logit_bias or {}) if t >= vocab_size]
         if bad:
             raise ValueError(f"logit_bias has token ids outside the vocabulary (size {vocab_size}): {bad[:5]}")

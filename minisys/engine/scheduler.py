@@ -395,7 +395,8 @@ class Scheduler:
     def _admit(self, req: Request) -> bool:
         """Blocks for a waiting request's whole prompt (prefix-cache hits included); on success it
         leaves the queue and becomes RUNNING with its cached tokens counted as computed."""
-        alloc = self.allocator.allocate(req.request_id, req.all_token_ids)
+        alloc = self.allocator.allocate(req.request_id, req.all_token_ids,
+                                        use_cache=not req.needs_prompt_logprobs)
         if not alloc:
             return False
         self.waiting.remove(req)

@@ -182,8 +182,9 @@ class BlockAllocator:
         return full + t.tail
 
     # ------------------------------------------------------------ allocate / append
-    def allocate(self, seq_id, token_ids: list[int]) -> Allocation | Refusal:
-        """Give a new sequence blocks for its prompt, reusing cached full blocks.
+    def allocate(self, seq_id, token_ids: list[int], use_cache: bool = True) -> Allocation | Refusal:
+        """Give a new sequence blocks for its prompt, reusing cached full blocks (unless not ``use_cache``:
+        then every token is to be computed; its full blocks are still registered for others).
 
         At most ``(n - 1) // block_size`` blocks are taken from the cache, so
         at least one token is left to compute (the model needs a query to
@@ -194,7 +195,7 @@ class BlockAllocator:
         if not token_ids:
             raise AllocatorError("cannot allocate an empty sequence")
         token_ids = list(token_ids)
-        hits = self._lookup_prefix(token_ids)
+        hits = self._lookup_prefix(token_ids) if use_cache else []
         need = self.blocks_for(len(token_ids)) - len(hits)
         free_after_hits = self.num_free - sum(1 for b in hits if self.blocks[b].ref_count == 0)
         if need > free_after_hits:

@@ -68,6 +68,13 @@ class _Choice:
     num_tokens: int = 0
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
+    echoed: bool = False                       # the prompt (echo) already put in front of the text
+    pending: list = field(default_factory=list)   # (token id, {id: Logprob} or None) not yet sent
+    offset: int = 0                            # text_offset of the next token (completions logprobs)
+
+    def take_logprobs(self) -> list:
+        out, self.pending = self.pending, []
+        return out
 
 
 @dataclass
@@ -84,25 +91,43 @@ class _Tracker:
     choices: list[_Choice] = field(default_factory=list)
     last_token_time: Optional[float] = None
     continuous_usage: bool = False            # usage so far on every streamed chunk
+    want_logprobs: bool = False               # collect each token's logprobs (params.logprobs is set)
+    num_top: int = 0                          # alternatives per token (params.logprobs)
+    echo: Optional[list[tuple[str, list[int]]]] = None   # per prompt: its text and ids, put before the output
+    prompt_logprobs: dict = field(default_factory=dict)  # prompt index -> its prompt logprobs (echo)
 
     def __post_init__(self) -> None:
         self.choices = [_Choice() for _ in range(self.n * len(self.prompt_lens))]
         self.metrics.prompt_tokens.inc(sum(self.prompt_lens))
 
     def update(self, prompt_index: int, out: RequestOutput) -> list[tuple[int, str, _Choice]]:
-        """(index, text delta, choice) for each choice that has new text or just finished."""
+        """(index, text delta, choice) for each choice that has new text or just finished.
+
+        With ``echo`` a choice's first delta starts with its prompt (and its logprobs with the
+        prompt's: they arrive, whole, with or before the request's first token)."""
         events, new_tokens = [], 0
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs[prompt_index] = out.prompt_logprobs
         for c in out.outputs:
             idx = prompt_index * self.n + c.index
             ch = self.choices[idx]
             if ch.finish_reason is not None:
                 continue
             new_tokens += len(c.token_ids)                     # outputs are deltas (RequestOutputKind.DELTA)
-            ch.text += c.text
+            text = c.text
+            if self.echo is not None and not ch.echoed:
+                ch.echoed = True
+                prompt_text, prompt_ids = self.echo[prompt_index]
+                text = prompt_text + text
+                if self.want_logprobs:
+                    ch.pending += list(zip(prompt_ids, self.prompt_logprobs[prompt_index]))
+            if self.want_logprobs:
+                ch.pending += list(zip(c.token_ids, c.logprobs or []))
+            ch.text += text
             ch.num_tokens += len(c.token_ids)
             ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
-            if c.text or ch.finish_reason is not None:
-                events.append((idx, c.text, ch))
+            if text or ch.finish_reason is not None:
+                events.append((idx, text, ch))
         self._observe(new_tokens)
         return events
 
@@ -468,7 +493,10 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
 async def _respond(server: Server, raw: Request, req, params: SamplingParams, meta: dict,
                    prompts: list[tuple[Optional[str], list[int]]], request_id: str, chat: bool):
     streams, ticket = await server.add(request_id, prompts, params, meta)
-    tracker = _Tracker(params.n, [len(ids) for _, ids in prompts], server.metrics, streams[0].arrival)
+    tracker = _Tracker(params.n, [len(ids) for _, ids in prompts], server.metrics, streams[0].arrival,
+                       want_logprobs=params.logprobs is not None, num_top=params.logprobs or 0)
+    if not chat and req.echo:
+        tracker.echo = [(text if text is not None else server.tokenizer.decode(ids), ids) for text, ids in prompts]
     created = int(time.time())
     if req.stream:
         opts = req.stream_options
@@ -490,16 +518,55 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams, me
     name = server.model_name
     if chat:
         choices = [P.ChatChoice(index=i, message=P.ChatResponseMessage(content=c.text),
-                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                logprobs=_chat_logprobs(server.tokenizer, c, params.logprobs)
+                                if tracker.want_logprobs else None)
                    for i, c in enumerate(tracker.choices)]
         body = P.ChatCompletionResponse(id=request_id, created=created, model=name, choices=choices,
                                         usage=tracker.usage())
     else:
         choices = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
-                                      stop_reason=c.stop_reason) for i, c in enumerate(tracker.choices)]
+                                      stop_reason=c.stop_reason,
+                                      logprobs=_completion_logprobs(server.tokenizer, c)
+                                      if tracker.want_logprobs else None)
+                   for i, c in enumerate(tracker.choices)]
         body = P.CompletionResponse(id=request_id, created=created, model=name, choices=choices,
                                     usage=tracker.usage())
     return JSONResponse(body.model_dump())
+
+
+def _token_text(tokenizer: Tokenizer, token: int, entry) -> str:
+    return entry[token].decoded_token if entry else tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _lp(x: float) -> float:
+    return max(x, -9999.0)        # JSON has no -inf (vLLM's clamp)
+
+
+def _completion_logprobs(tokenizer: Tokenizer, ch: _Choice) -> P.CompletionLogprobs:
+    """The choice's logprobs not yet sent, in the legacy completions shape (text offsets run on)."""
+    lp = P.CompletionLogprobs()
+    for token, entry in ch.take_logprobs():
+        text = _token_text(tokenizer, token, entry)
+        lp.tokens.append(text)
+        lp.token_logprobs.append(None if entry is None else _lp(entry[token].logprob))
+        lp.top_logprobs.append(None if entry is None else
+                               {e.decoded_token: _lp(e.logprob) for e in entry.values()})
+        lp.text_offset.append(ch.offset)
+        ch.offset += len(text)
+    return lp
+
+
+def _chat_logprobs(tokenizer: Tokenizer, ch: _Choice, num_top: int) -> P.ChatLogprobs:
+    """The choice's logprobs not yet sent, in the chat shape: each token with its ``num_top`` most likely."""
+    def item(cls, text, logprob, **kw):
+        return cls(token=text, logprob=_lp(logprob), bytes=list(text.encode("utf-8")), **kw)
+    content = []
+    for token, entry in ch.take_logprobs():
+        top = sorted((e for e in entry.values() if e.rank is not None and e.rank <= num_top), key=lambda e: e.rank)
+        content.append(item(P.ChatTokenLogprob, _token_text(tokenizer, token, entry), entry[token].logprob,
+                            top_logprobs=[item(P.ChatTopLogprob, e.decoded_token, e.logprob) for e in top][:num_top]))
+    return P.ChatLogprobs(content=content)
 
 
 def _shutting_down_body(exc: ServerShuttingDown) -> dict:
@@ -535,8 +602,10 @@ def _completion_stream(server, streams, ticket, tracker, request_id, created, in
     name = server.model_name
 
     def chunk(idx, delta, ch):
+        lps = _completion_logprobs(server.tokenizer, ch) if tracker.want_logprobs else None
         return P.CompletionResponse(id=request_id, created=created, model=name, choices=[
-            P.CompletionChoice(index=idx, text=delta, finish_reason=ch.finish_reason, stop_reason=ch.stop_reason)])
+            P.CompletionChoice(index=idx, text=delta, finish_reason=ch.finish_reason, stop_reason=ch.stop_reason,
+                               logprobs=lps)])
 
     def usage_chunk(usage):
         return P.CompletionResponse(id=request_id, created=created, model=name, choices=[], usage=usage)
@@ -553,9 +622,12 @@ async def _chat_stream(server, streams, ticket, tracker, request_id, created, in
     for idx in range(len(tracker.choices)):     # the role comes first, before any token (as OpenAI does)
         yield _sse(make([P.ChatChunkChoice(index=idx, delta=P.DeltaMessage(role="assistant", content=""))]))
 
+    num_top = tracker.num_top
+
     def chunk(idx, delta, ch):
+        lps = _chat_logprobs(server.tokenizer, ch, num_top) if tracker.want_logprobs else None
         return make([P.ChatChunkChoice(index=idx, delta=P.DeltaMessage(content=delta),
-                                       finish_reason=ch.finish_reason, stop_reason=ch.stop_reason)])
+                                       finish_reason=ch.finish_reason, stop_reason=ch.stop_reason, logprobs=lps)])
 
     def usage_chunk(usage):
         return make([], usage)

@@ -8,8 +8,8 @@ temperature >= 0 and not NaN, top_p in (0, 1], max_tokens >= 1) give the
 Strict by default: a field minisys does not implement is a 400 naming it,
 never silently ignored (vLLM ignores unknown fields; a client that sends
 ``response_format`` or ``tools`` would get an answer that quietly does not
-do what it asked). Known fields minisys cannot honour (``logprobs``,
-``echo``, ...) are refused the same way. The only fields accepted and
+do what it asked). Known fields minisys cannot honour (``prompt_logprobs``,
+``suffix``, ...) are refused the same way. The only fields accepted and
 ignored are `IGNORED_FIELDS`: ones real clients send that do not change
 the tokens generated.
 """
@@ -33,6 +33,8 @@ def random_id(prefix: str) -> str:
 
 # Accepted and ignored: what OpenAI clients (the `openai` package, LangChain) may send that does not change
 # the tokens generated. Everything else minisys does not implement is refused (``extra="forbid"``).
+MAX_LOGPROBS = 20         # the most alternatives per token a request may ask for (OpenAI's limit and vLLM's default)
+
 IGNORED_FIELDS = {
     "metadata": "OpenAI's key-value tags for stored completions (minisys stores nothing)",
     "store": "OpenAI's flag to store the completion for distillation/evals (minisys stores nothing)",
@@ -151,14 +153,19 @@ class CompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise ValueError("echo is not supported by minisys")
-        if self.logprobs is not None:
-            raise ValueError("logprobs is not supported by minisys")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.suffix:
             raise ValueError("suffix is not supported by minisys")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported by minisys (leave it unset or equal to n)")
+
+    def to_sampling_params(self) -> SamplingParams:
+        """``logprobs``: the sampled token + that many alternatives per token; with ``echo`` the prompt's too."""
+        sp = super().to_sampling_params()
+        sp.logprobs = self.logprobs
+        sp.prompt_logprobs = self.logprobs if self.echo else None
+        return sp
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompts as a list: each a string or a list of token ids. ValueError if there are none."""
@@ -208,12 +215,18 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise ValueError("logprobs is not supported by minisys")
-        if self.top_logprobs:
-            raise ValueError("top_logprobs is not supported by minisys")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if not self.messages:
             raise ValueError("messages is empty: give at least one message")
+
+    def to_sampling_params(self) -> SamplingParams:
+        """``logprobs: true``: the sampled token's logprob + ``top_logprobs`` alternatives per token."""
+        sp = super().to_sampling_params()
+        sp.logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return sp
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -227,10 +240,34 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: per token its text, logprob (None: the first prompt token),
+    {text: logprob} of it and its alternatives, and where it starts in the choice's text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
 
@@ -252,7 +289,7 @@ class ChatResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
 
@@ -274,7 +311,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
 
