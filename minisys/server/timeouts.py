@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .limits import flag
+
 
 def _knob(default: float, help: str) -> float:
     return field(default=default, metadata={"help": help})
@@ -49,10 +51,6 @@ class ServerTimeouts:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value <= 0:
                 raise ValueError(f"{flag(f.name)} must be a number of seconds > 0, got {value!r}")
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def add_timeout_args(parser: argparse.ArgumentParser) -> None:
