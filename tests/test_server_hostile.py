@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import time
@@ -20,10 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from minisys.bench.server_process import wait_healthy
 from minisys.server.metrics import parse_metrics
 
-from test_server_robust import TEMPLATE, launch, port_of, stop
+from test_server_robust import chat_dir, launch_healthy, stop  # noqa: F401 - chat_dir: the tiny chat model fixture
 
 pytestmark = pytest.mark.timeout(300)
 KEY = "hostile-key-91c2"
@@ -33,28 +31,13 @@ LIVE_GRACE_S = 3.0       # and its --shutdown-grace-s
 
 
 @pytest.fixture(scope="module")
-def chat_dir(tiny_dirs, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("hostile") / "tiny-chat"
-    shutil.copytree(tiny_dirs["llama"], d)
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|im_end|>"}))
-    return d
-
-
-@pytest.fixture(scope="module")
 def live(chat_dir, tmp_path_factory):
     """(base URL, log path, process) of one server for the module: tiny chat model, the key from the env,
     short timeouts. The last test stops it (SIGINT)."""
     log = tmp_path_factory.mktemp("hostile-live") / "server.log"
-    proc = launch(["--model", str(chat_dir), "--max-num-seqs", "16", "--timeout-header-s", str(TIMEOUT_S),
-                   "--timeout-body-s", str(TIMEOUT_S), "--shutdown-grace-s", str(LIVE_GRACE_S)], log,
-                  env={"MINISYS_API_KEY": KEY})
-
-    url = f"http://127.0.0.1:{port_of(proc)}"
-    try:
-        wait_healthy(url, proc, 120.0, log)
-    except TimeoutError:
-        proc.kill()
-        raise
+    proc, url = launch_healthy(["--model", str(chat_dir), "--max-num-seqs", "16",
+                                "--timeout-header-s", str(TIMEOUT_S), "--timeout-body-s", str(TIMEOUT_S),
+                                "--shutdown-grace-s", str(LIVE_GRACE_S)], log, env={"MINISYS_API_KEY": KEY})
     yield url, log, proc
     stop(proc)
 
@@ -326,14 +309,8 @@ def test_sigterm_during_32_streams_ends_every_stream_and_exits_0_within_the_grac
     """2 sequences at a time x 240 tokens each: most of the 32 streams cannot finish in the grace period."""
     grace = 3.0
     log = tmp_path / "server.log"
-    proc = launch(["--model", str(chat_dir), "--max-num-seqs", "2", "--shutdown-grace-s", str(grace)], log,
-                  env={"MINISYS_API_KEY": KEY})
-    url = f"http://127.0.0.1:{port_of(proc)}"
-    try:
-        wait_healthy(url, proc, 120.0, log)
-    except BaseException:
-        proc.kill()
-        raise
+    proc, url = launch_healthy(["--model", str(chat_dir), "--max-num-seqs", "2", "--shutdown-grace-s", str(grace)],
+                               log, env={"MINISYS_API_KEY": KEY})
     outcomes = signal_during_streams(proc, url, log, signal.SIGTERM, 32, grace)
     assert "errored" in outcomes                  # the abort path ran (and "finished" ones may be there too)
 

@@ -56,6 +56,18 @@ def port_of(proc: subprocess.Popen) -> int:
     return int(proc.args[proc.args.index("--port") + 1])
 
 
+def launch_healthy(args: list[str], log: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`launch`, then wait until /health answers; (process, base URL). Killed if it never gets healthy."""
+    proc = launch(args, log, env)
+    url = f"http://127.0.0.1:{port_of(proc)}"
+    try:
+        wait_healthy(url, proc, 120.0, log)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -68,16 +80,10 @@ def stop(proc: subprocess.Popen) -> None:
 def live(chat_dir, tmp_path_factory):
     """(base URL, log path) of a server on the tiny chat model with small limits; the key from the env."""
     log = tmp_path_factory.mktemp("robust") / "server.log"
-    proc = launch(["--model", str(chat_dir), "--max-num-seqs", "64", "--max-prompts-per-request", "101",
-                   "--max-n", "100", "--max-sequences-per-request", "10000", "--max-queued-sequences", "12500",
-                   "--max-queued-sequences-per-user", "10100", "--max-body-bytes", str(8 << 20)],
-                  log, env={"MINISYS_API_KEY": KEY})
-    url = f"http://127.0.0.1:{port_of(proc)}"
-    try:
-        wait_healthy(url, proc, 120.0, log)
-    except TimeoutError:
-        proc.kill()
-        raise
+    proc, url = launch_healthy(["--model", str(chat_dir), "--max-num-seqs", "64", "--max-prompts-per-request", "101",
+                                "--max-n", "100", "--max-sequences-per-request", "10000",
+                                "--max-queued-sequences", "12500", "--max-queued-sequences-per-user", "10100",
+                                "--max-body-bytes", str(8 << 20)], log, env={"MINISYS_API_KEY": KEY})
     yield url, log
     stop(proc)
 
