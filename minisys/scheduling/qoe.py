@@ -37,7 +37,9 @@ DEFAULT_TDS = 5.0           # tokens/s they digest: ~240 words/min of reading at
 
 @dataclass(frozen=True)
 class QoESpec:
-    """A request's expectation: first token within ``ttft`` s, then ``tds`` tokens/s."""
+    """A request's expectation: first token within ``ttft`` s, then ``tds`` tokens/s.
+
+    Errors name the server's request fields (``expected_ttft``, ``expected_tds``), which are these."""
 
     ttft: float = DEFAULT_TTFT_S
     tds: float = DEFAULT_TDS
@@ -46,9 +48,9 @@ class QoESpec:
         for name in ("ttft", "tds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
-                raise ValueError(f"expected {name} must be a finite number >= 0, got {v!r}")
+                raise ValueError(f"expected_{name} must be a finite number >= 0, got {v!r}")
         if self.tds == 0:
-            raise ValueError("expected tds (tokens/s) must be > 0")
+            raise ValueError("expected_tds (tokens per second) must be > 0, got 0")
 
     def due(self, arrival: float, j: int) -> float:
         """e_j: when token ``j`` (1-based) is due for a request that arrived at ``arrival``."""

@@ -97,16 +97,8 @@ class _SamplingRequest(BaseModel):
     def request_meta(self) -> dict:
         """Who asks and how they want to be served, for the scheduling policy (``client``,
         ``priority``, ``qoe``); ValueError naming the field for a bad expectation."""
-        qoe = None
-        if self.expected_ttft is not None or self.expected_tds is not None:
-            for name in ("expected_ttft", "expected_tds"):
-                v = getattr(self, name)
-                if v is not None and not (0 <= v < float("inf")) or (name == "expected_tds" and v == 0):
-                    raise ValueError(f"{name} must be a finite number {'> 0' if name == 'expected_tds' else '>= 0'}"
-                                     f" (seconds to first token / tokens per second), got {v!r}")
-            default = QoESpec()
-            qoe = QoESpec(default.ttft if self.expected_ttft is None else self.expected_ttft,
-                          default.tds if self.expected_tds is None else self.expected_tds)
+        given = {k: v for k, v in (("ttft", self.expected_ttft), ("tds", self.expected_tds)) if v is not None}
+        qoe = QoESpec(**given) if given else None          # QoESpec checks them, naming the field
         return {"client": self.user, "priority": self.priority, "qoe": qoe}
 
     def _logit_bias(self) -> Optional[dict[int, float]]:
