@@ -5,6 +5,7 @@ plus the model's jinja2 chat template, both read from a model directory.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -65,14 +66,43 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tk.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in the text (e.g. <|im_start|>) map to their ids.
 
         Through ``encode_batch`` (same ids): HF tokenizers' ``encode`` holds
         Python's GIL for the whole text (seconds on a multi-MB prompt, which
         froze the server's event loop), ``encode_batch`` releases it.
+
+        ``limit``: ValueError, without tokenizing, when `min_tokens` shows the
+        text cannot fit in that many tokens (a 4 MB prompt costs seconds of a
+        core to tokenize; the server refuses it in microseconds). A text that
+        fits is never refused: the bound is below its true count.
         """
+        if limit is not None and (least := self.min_tokens(text)) > limit:
+            raise ValueError(f"the prompt has at least {least} tokens ({len(text.encode('utf-8'))} bytes, at most "
+                             f"{self.max_token_bytes} per token), over the model's context of {limit} tokens")
         return self._tk.encode_batch([text], add_special_tokens=False)[0].ids
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int | None:
+        """The most UTF-8 bytes of text one token can stand for (special tokens included), or None when
+        the tokenizer has a normalizer (which may drop input characters, so no such bound holds).
+
+        Measured on the decoded vocabulary: byte-level BPE decodes each token to
+        exactly the input bytes it covers; a partial UTF-8 byte decodes to U+FFFD
+        (3 bytes), which only makes the bound larger, never wrong.
+        """
+        if self._tk.normalizer is not None:
+            return None
+        n = self._tk.get_vocab_size(with_added_tokens=True)
+        return max(1, max(len(self._tk.decode([i], skip_special_tokens=False).encode("utf-8")) for i in range(n)))
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))``: ceil(bytes / `max_token_bytes`) (0 when there is no
+        bound). Invariant, tested on random text: ``min_tokens(t) <= len(encode(t))``."""
+        if self.max_token_bytes is None:
+            return 0
+        return -(-len(text.encode("utf-8")) // self.max_token_bytes)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)

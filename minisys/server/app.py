@@ -290,12 +290,14 @@ class Server:
         """(text, ids) per prompt. Blocking: the routes run it in a worker thread."""
         out = []
         for p in req.prompts():
-            out.append((p, self.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)))
+            out.append((p, self.tokenizer.encode(p, limit=self.engine.max_model_len)) if isinstance(p, str)
+                       else (None, list(p)))
         return out
 
-    def chat_prompt(self, req: Union[P.ChatCompletionRequest, P.TokenizeRequest]
+    def chat_prompt(self, req: Union[P.ChatCompletionRequest, P.TokenizeRequest], bounded: bool = True
                     ) -> list[tuple[Optional[str], list[int]]]:
-        """The conversation through the chat template, tokenized. Blocking: run in a worker thread."""
+        """The conversation through the chat template, tokenized. Blocking: run in a worker thread.
+        ``bounded``: a text that cannot fit the model's context is refused before tokenizing."""
         conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in req.messages]
         try:
@@ -304,7 +306,7 @@ class Server:
             raise
         except Exception as e:            # jinja2 errors from the template
             raise OpenAIError(f"could not apply the chat template: {e}") from None
-        return [(text, self.tokenizer.encode(text))]
+        return [(text, self.tokenizer.encode(text, limit=self.engine.max_model_len if bounded else None))]
 
 
 class _FinishingStream(StreamingResponse):
@@ -441,7 +443,7 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
             if req.prompt is not None:
                 ids = await asyncio.to_thread(server.tokenizer.encode, req.prompt)
             else:
-                ids = (await asyncio.to_thread(server.chat_prompt, req))[0][1]
+                ids = (await asyncio.to_thread(server.chat_prompt, req, False))[0][1]
         except ValueError as e:
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
         return JSONResponse(P.TokenizeResponse(tokens=ids, count=len(ids),
