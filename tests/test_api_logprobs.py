@@ -129,3 +129,126 @@ def test_bad_logprobs_fields_are_a_400_naming_them(env, path, body, param):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
     assert not llm.engine.has_unfinished()
+
+
+# ------------------------------------------------ vLLM's prompt_logprobs and truncate_prompt_tokens
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_dirs):
+    """The same tiny checkpoint loaded by Hugging Face transformers: the independent oracle."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(tiny_dirs["llama"]), dtype=torch.float32).eval()
+
+
+def _hf_rows(hf, ids):
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)     # (len, V)
+
+
+def _check_prompt_logprobs(got, ids, lp, k, tok):
+    """vLLM's shape: None, then per token {"id": {logprob, rank, decoded_token}} = it + its top k."""
+    assert len(got) == len(ids) and got[0] is None
+    for j in range(1, len(ids)):
+        entry, row, t = got[j], lp[j - 1], ids[j]
+        want = row[t].item()
+        assert abs(entry[str(t)]["logprob"] - want) < ATOL
+        assert int((row > want + ATOL).sum()) + 1 <= entry[str(t)]["rank"] <= int((row > want - ATOL).sum()) + 1
+        top_v, top_i = row.topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        assert set(entry) == {str(i) for i in top_i.tolist()} | {str(t)}
+        for r, (i, v) in enumerate(zip(top_i.tolist(), top_v.tolist()), start=1):
+            assert abs(entry[str(i)]["logprob"] - v) < ATOL and (i == t or entry[str(i)]["rank"] == r)
+        for i, e in entry.items():
+            assert e["decoded_token"] == _text(tok, int(i))
+
+
+def _post(c, path, body):
+    return c.post(path, json=body, headers={"Authorization": f"Bearer {KEY}"})
+
+
+def test_prompt_logprobs_match_transformers(env, hf_tiny):
+    """Completions (two token-id prompts, n=2: each choice carries its prompt's) and chat (top level)."""
+    _, c, llm = env
+    tok = llm.tokenizer
+    prompts = [tok.encode("the quick brown fox"), tok.encode("over the lazy dog the")]
+    r = _post(c, "/v1/completions", {"prompt": prompts, "max_tokens": 1, "n": 2, "prompt_logprobs": 3})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 4 and all(ch["logprobs"] is None for ch in choices)
+    for ch in choices:
+        ids = prompts[ch["index"] // 2]
+        _check_prompt_logprobs(ch["prompt_logprobs"], ids, _hf_rows(hf_tiny, ids), 3, tok)
+    msgs = [{"role": "user", "content": "the lazy fox"}]
+    r = _post(c, "/v1/chat/completions", {"messages": msgs, "max_tokens": 1, "prompt_logprobs": 0})
+    assert r.status_code == 200, r.text
+    ids = tok.encode(tok.apply_chat_template(msgs))
+    _check_prompt_logprobs(r.json()["prompt_logprobs"], ids, _hf_rows(hf_tiny, ids), 0, tok)
+    plain = _post(c, "/v1/completions", {"prompt": "the", "max_tokens": 1}).json()
+    assert plain["choices"][0]["prompt_logprobs"] is None
+
+
+def test_echo_logprobs_and_prompt_logprobs_each_keep_their_own_count(env, hf_tiny):
+    """lm-eval's loglikelihood request (echo, logprobs=1, max_tokens=1) beside prompt_logprobs=4."""
+    _, c, llm = env
+    tok = llm.tokenizer
+    ids = tok.encode("the quick brown fox jumps")
+    r = _post(c, "/v1/completions", {"prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True,
+                                     "logprobs": 1, "prompt_logprobs": 4})
+    ch = r.json()["choices"][0]
+    lp = _hf_rows(hf_tiny, ids)
+    _check_prompt_logprobs(ch["prompt_logprobs"], ids, lp, 4, tok)
+    legacy = ch["logprobs"]
+    assert legacy["token_logprobs"][0] is None and len(legacy["token_logprobs"]) == len(ids) + 1
+    for j in range(1, len(ids)):
+        assert abs(legacy["token_logprobs"][j] - lp[j - 1, ids[j]].item()) < ATOL
+        assert 1 <= len(legacy["top_logprobs"][j]) <= 2                   # the token + its top 1
+        assert abs(max(legacy["top_logprobs"][j].values()) - lp[j - 1].max().item()) < ATOL
+
+
+def test_truncate_prompt_tokens_keeps_the_last_k(env, hf_tiny):
+    _, c, llm = env
+    tok = llm.tokenizer
+    ids = tok.encode("the quick brown fox jumps over the lazy dog")
+    body = {"prompt": "the quick brown fox jumps over the lazy dog", "max_tokens": 2, "temperature": 0,
+            "echo": True, "prompt_logprobs": 0, "truncate_prompt_tokens": 4, "ignore_eos": True}
+    r = _post(c, "/v1/completions", body).json()
+    kept = ids[-4:]
+    assert r["usage"]["prompt_tokens"] == 4
+    ch = r["choices"][0]
+    _check_prompt_logprobs(ch["prompt_logprobs"], kept, _hf_rows(hf_tiny, kept), 0, tok)
+    out_ids, _ = _oracle(llm, kept, 2)
+    assert ch["text"] == tok.decode(kept) + tok.decode(out_ids)
+    longer = _post(c, "/v1/completions", {**body, "truncate_prompt_tokens": len(ids)}).json()
+    assert longer["usage"]["prompt_tokens"] == len(ids)                  # k >= the prompt: nothing cut
+    # -1: as many as fit beside max_tokens (a prompt too long for the context otherwise)
+    n_ctx = llm.engine.config.max_model_len
+    long_ids = (ids * (n_ctx // len(ids) + 2))[:n_ctx + 5]
+    too_long = _post(c, "/v1/completions", {"prompt": long_ids, "max_tokens": 3})
+    assert too_long.status_code == 400, too_long.text
+    fit = _post(c, "/v1/completions", {"prompt": long_ids, "max_tokens": 3, "truncate_prompt_tokens": -1})
+    assert fit.status_code == 200, fit.text
+    assert fit.json()["usage"]["prompt_tokens"] == n_ctx - 3
+    msgs = [{"role": "user", "content": "the quick brown fox"}]
+    chat = _post(c, "/v1/chat/completions", {"messages": msgs, "max_tokens": 1, "truncate_prompt_tokens": 3,
+                                             "prompt_logprobs": 0}).json()
+    cids = tok.encode(tok.apply_chat_template(msgs))[-3:]
+    assert chat["usage"]["prompt_tokens"] == 3
+    _check_prompt_logprobs(chat["prompt_logprobs"], cids, _hf_rows(hf_tiny, cids), 0, tok)
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "the", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "the", "prompt_logprobs": -1}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "the", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": 1,
+                              "stream": True}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "the", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"prompt": "the", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"prompt": "the", "truncate_prompt_tokens": 10 ** 6}, "truncate_prompt_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "truncate_prompt_tokens": 10 ** 6},
+     "truncate_prompt_tokens"),
+])
+def test_bad_prompt_logprobs_and_truncation_are_a_400_naming_them(env, path, body, param):
+    _, c, llm = env
+    r = _post(c, path, {**body, "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    assert not llm.engine.has_unfinished()

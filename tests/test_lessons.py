@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]-*.md"))
+LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]-*.md")) + sorted((ROOT / "lessons").glob("[A-Z]-*.md"))  # + appendices
 FIGURES = ROOT / "lessons" / "figures"
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")                 # [text](target) and ![alt](target)

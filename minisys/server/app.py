@@ -94,7 +94,7 @@ class _Tracker:
     want_logprobs: bool = False               # collect each token's logprobs (params.logprobs is set)
     num_top: int = 0                          # alternatives per token (params.logprobs)
     echo: Optional[list[tuple[str, list[int]]]] = None   # per prompt: its text and ids, put before the output
-    prompt_logprobs: dict = field(default_factory=dict)  # prompt index -> its prompt logprobs (echo)
+    prompt_logprobs: dict = field(default_factory=dict)  # prompt index -> its prompt logprobs (echo, prompt_logprobs)
 
     def __post_init__(self) -> None:
         self.choices = [_Choice() for _ in range(self.n * len(self.prompt_lens))]
@@ -290,8 +290,10 @@ class Server:
         """(text, ids) per prompt. Blocking: the routes run it in a worker thread."""
         out = []
         for p in req.prompts():
-            out.append((p, self.tokenizer.encode(p, limit=self.engine.max_model_len)) if isinstance(p, str)
-                       else (None, list(p)))
+            limit = None if req.truncate_prompt_tokens is not None else self.engine.max_model_len
+            ids = self.tokenizer.encode(p, limit=limit) if isinstance(p, str) else list(p)
+            kept = req.truncate(ids, self.engine.max_model_len)       # truncate_prompt_tokens
+            out.append((p if isinstance(p, str) and len(kept) == len(ids) else None, kept))
         return out
 
     def chat_prompt(self, req: Union[P.ChatCompletionRequest, P.TokenizeRequest], bounded: bool = True
@@ -306,7 +308,13 @@ class Server:
             raise
         except Exception as e:            # jinja2 errors from the template
             raise OpenAIError(f"could not apply the chat template: {e}") from None
-        return [(text, self.tokenizer.encode(text, limit=self.engine.max_model_len if bounded else None))]
+        truncating = getattr(req, "truncate_prompt_tokens", None) is not None
+        ids = self.tokenizer.encode(text, limit=self.engine.max_model_len if bounded and not truncating else None)
+        if isinstance(req, P.ChatCompletionRequest):
+            kept = req.truncate(ids, self.engine.max_model_len)        # truncate_prompt_tokens
+            if len(kept) < len(ids):
+                return [(None, kept)]
+        return [(text, ids)]
 
 
 class _FinishingStream(StreamingResponse):
@@ -525,12 +533,15 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams, me
                                 if tracker.want_logprobs else None)
                    for i, c in enumerate(tracker.choices)]
         body = P.ChatCompletionResponse(id=request_id, created=created, model=name, choices=choices,
-                                        usage=tracker.usage())
+                                        usage=tracker.usage(),
+                                        prompt_logprobs=_prompt_logprobs(tracker, prompts, 0, req.prompt_logprobs))
     else:
         choices = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
                                       stop_reason=c.stop_reason,
-                                      logprobs=_completion_logprobs(server.tokenizer, c)
-                                      if tracker.want_logprobs else None)
+                                      logprobs=_completion_logprobs(server.tokenizer, c, tracker.num_top)
+                                      if tracker.want_logprobs else None,
+                                      prompt_logprobs=_prompt_logprobs(tracker, prompts, i // params.n,
+                                                                       req.prompt_logprobs))
                    for i, c in enumerate(tracker.choices)]
         body = P.CompletionResponse(id=request_id, created=created, model=name, choices=choices,
                                     usage=tracker.usage())
@@ -545,7 +556,25 @@ def _lp(x: float) -> float:
     return max(x, -9999.0)        # JSON has no -inf (vLLM's clamp)
 
 
-def _completion_logprobs(tokenizer: Tokenizer, ch: _Choice) -> P.CompletionLogprobs:
+def _top(entry: dict, token: int, k: int) -> dict:
+    """The token's own entry and its ``k`` most likely alternatives (the engine may have computed more:
+    echo's and ``prompt_logprobs``' counts share one prompt computation)."""
+    return {t: e for t, e in entry.items() if t == token or (e.rank is not None and e.rank <= k)}
+
+
+def _prompt_logprobs(tracker: _Tracker, prompts: list[tuple[Optional[str], list[int]]], prompt_index: int,
+                     k: Optional[int]) -> Optional[list]:
+    """vLLM's ``prompt_logprobs`` field for one prompt: None, then per token {id: Logprob} (k alternatives)."""
+    if k is None:
+        return None
+    ids = prompts[prompt_index][1]
+    return [None if entry is None else
+            {t: P.Logprob(logprob=_lp(e.logprob), rank=e.rank, decoded_token=e.decoded_token)
+             for t, e in _top(entry, token, k).items()}
+            for token, entry in zip(ids, tracker.prompt_logprobs[prompt_index])]
+
+
+def _completion_logprobs(tokenizer: Tokenizer, ch: _Choice, num_top: int) -> P.CompletionLogprobs:
     """The choice's logprobs not yet sent, in the legacy completions shape (text offsets run on)."""
     lp = P.CompletionLogprobs()
     for token, entry in ch.take_logprobs():
@@ -553,7 +582,7 @@ def _completion_logprobs(tokenizer: Tokenizer, ch: _Choice) -> P.CompletionLogpr
         lp.tokens.append(text)
         lp.token_logprobs.append(None if entry is None else _lp(entry[token].logprob))
         lp.top_logprobs.append(None if entry is None else
-                               {e.decoded_token: _lp(e.logprob) for e in entry.values()})
+                               {e.decoded_token: _lp(e.logprob) for e in _top(entry, token, num_top).values()})
         lp.text_offset.append(ch.offset)
         ch.offset += len(text)
     return lp
@@ -604,7 +633,7 @@ def _completion_stream(server, streams, ticket, tracker, request_id, created, in
     name = server.model_name
 
     def chunk(idx, delta, ch):
-        lps = _completion_logprobs(server.tokenizer, ch) if tracker.want_logprobs else None
+        lps = _completion_logprobs(server.tokenizer, ch, tracker.num_top) if tracker.want_logprobs else None
         return P.CompletionResponse(id=request_id, created=created, model=name, choices=[
             P.CompletionChoice(index=idx, text=delta, finish_reason=ch.finish_reason, stop_reason=ch.stop_reason,
                                logprobs=lps)])

@@ -54,12 +54,16 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
                 "content": {"application/json": {"schema": {"$ref": ERROR_SCHEMA_REF}}}} for s in statuses}
 
 
+SSE_EVENT = {"type": "object", "required": ["data"], "description": "one server-sent event",
+             "properties": {"data": {"type": "string", "description": "a JSON chunk (or error); `[DONE]` last"},
+                            "event": {"type": "string"}}}
+
+
 def json_response(model: type[BaseModel], description: str, stream: bool = False) -> dict[int | str, dict]:
     """``responses=`` for a 200 whose JSON body is ``model`` (and an SSE stream when ``stream``)."""
     content: dict[str, Any] = {}
-    if stream:
-        content["text/event-stream"] = {"schema": {"type": "string"},
-                                        "description": "server-sent events when `stream` is true"}
+    if stream:     # OpenAPI 3.1 (before 3.2's itemSchema): an SSE media type's schema describes one event
+        content["text/event-stream"] = {"schema": SSE_EVENT, "description": "server-sent events when `stream` is true"}
     return {200: {"model": model, "description": description, "content": content}}
 
 

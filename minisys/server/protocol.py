@@ -8,8 +8,8 @@ temperature >= 0 and not NaN, top_p in (0, 1], max_tokens >= 1) give the
 Strict by default: a field minisys does not implement is a 400 naming it,
 never silently ignored (vLLM ignores unknown fields; a client that sends
 ``response_format`` or ``tools`` would get an answer that quietly does not
-do what it asked). Known fields minisys cannot honour (``prompt_logprobs``,
-``suffix``, ...) are refused the same way. The only fields accepted and
+do what it asked). Known fields minisys cannot honour (``suffix``,
+``best_of`` != n, ...) are refused the same way. The only fields accepted and
 ignored are `IGNORED_FIELDS`: ones real clients send that do not change
 the tokens generated.
 """
@@ -74,6 +74,8 @@ class _SamplingRequest(BaseModel):
     expected_tds: Optional[float] = None
     top_k: Optional[StrictInt] = None
     min_p: Optional[float] = None
+    prompt_logprobs: Optional[StrictInt] = None         # per prompt token: it + this many alternatives
+    truncate_prompt_tokens: Optional[StrictInt] = None  # keep the prompt's last k tokens (-1: as many as fit)
     repetition_penalty: Optional[float] = None
     min_tokens: StrictInt = 0
     ignore_eos: StrictBool = False
@@ -93,6 +95,32 @@ class _SamplingRequest(BaseModel):
         """ValueError for what minisys does not implement (instead of silently ignoring it)."""
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None:
+            if self.stream:          # vLLM's rule: the streamed chunks have no place for them
+                raise ValueError("prompt_logprobs are not available when stream is true")
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:     # vLLM's -1 (whole vocabulary) is over it too
+                raise ValueError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], "
+                                 f"got {self.prompt_logprobs!r}")
+        if self.truncate_prompt_tokens is not None and not (self.truncate_prompt_tokens == -1
+                                                            or self.truncate_prompt_tokens >= 1):
+            raise ValueError("truncate_prompt_tokens must be -1 (keep as many as fit) or an integer >= 1, "
+                             f"got {self.truncate_prompt_tokens!r}")
+
+    def truncate(self, ids: list[int], max_model_len: int) -> list[int]:
+        """vLLM's ``truncate_prompt_tokens``: the last k tokens of the prompt (its left side is cut).
+
+        None: the prompt as is; -1: k = ``max_model_len - max_tokens`` (all that fit beside the
+        output; vLLM's ``max_input_tokens``); a k larger than that is a ValueError naming the field."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        room = max_model_len - (self._max_tokens() or 1)
+        if k == -1:
+            k = room
+        if not 1 <= k <= room:
+            raise ValueError(f"truncate_prompt_tokens ({self.truncate_prompt_tokens}) must keep between 1 and "
+                             f"max_model_len - max_tokens = {room} tokens")
+        return ids[-k:] if k < len(ids) else ids
 
     def request_meta(self) -> dict:
         """Who asks and how they want to be served, for the scheduling policy (``client``,
@@ -153,10 +181,13 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("best_of is not supported by minisys (leave it unset or equal to n)")
 
     def to_sampling_params(self) -> SamplingParams:
-        """``logprobs``: the sampled token + that many alternatives per token; with ``echo`` the prompt's too."""
+        """``logprobs``: the sampled token + that many alternatives per token; with ``echo`` the prompt's
+        too (the engine computes the larger of ``logprobs`` and ``prompt_logprobs``; the response cuts
+        each list to its own count)."""
         sp = super().to_sampling_params()
         sp.logprobs = self.logprobs
-        sp.prompt_logprobs = self.logprobs if self.echo else None
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        sp.prompt_logprobs = max(wanted) if wanted else None
         return sp
 
     def prompts(self) -> list[Union[str, list[int]]]:
@@ -218,6 +249,7 @@ class ChatCompletionRequest(_SamplingRequest):
         """``logprobs: true``: the sampled token's logprob + ``top_logprobs`` alternatives per token."""
         sp = super().to_sampling_params()
         sp.logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        sp.prompt_logprobs = self.prompt_logprobs
         return sp
 
     def conversation(self) -> list[dict[str, str]]:
@@ -230,6 +262,19 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+
+
+class Logprob(BaseModel):
+    """vLLM's `Logprob` as its ``prompt_logprobs`` field serializes it."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# vLLM's prompt_logprobs field: per prompt token, None (the first) or {token id: Logprob} of the token
+# and its top alternatives (JSON object keys are the ids as strings)
+PromptLogprobs = list[Optional[dict[int, Logprob]]]
 
 
 class CompletionLogprobs(BaseModel):
@@ -262,6 +307,7 @@ class CompletionChoice(BaseModel):
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None      # vLLM's: its prompt's (``prompt_logprobs``)
 
 
 class CompletionResponse(BaseModel):
@@ -293,6 +339,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: Optional[PromptLogprobs] = None      # vLLM's: the templated prompt's
 
 
 class DeltaMessage(BaseModel):
