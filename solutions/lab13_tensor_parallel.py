@@ -295,14 +295,12 @@ def partition(n: int, tp_rank: int, tp_size: int) -> range:
     ### END SOLUTION
 
 
-ATTN_ROWS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-REPLICATED = ("input_layernorm.weight", "post_attention_layernorm.weight")
-
-
 def shard_checkpoint(state_dict: dict, num_heads: int, num_kv_heads: int, head_dim: int,
                      tp_rank: int, tp_size: int) -> dict:
     """One decoder layer's tensors for rank ``tp_rank``: whole KV-head groups, a block of the MLP."""
     ### BEGIN SOLUTION
+    replicated = ("input_layernorm.weight", "post_attention_layernorm.weight")
+    biased = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     kv = partition(num_kv_heads, tp_rank, tp_size)
     group = num_heads // num_kv_heads
     q_rows = range(kv.start * group * head_dim, kv.stop * group * head_dim)
@@ -314,9 +312,9 @@ def shard_checkpoint(state_dict: dict, num_heads: int, num_kv_heads: int, head_d
     out = {}
     for name, tensor in state_dict.items():
         module, _, kind = name.rpartition(".")
-        if name in REPLICATED:
+        if name in replicated:
             out[name] = tensor.clone()
-        elif module in rows and (kind == "weight" or (kind == "bias" and module in ATTN_ROWS)):
+        elif module in rows and (kind == "weight" or (kind == "bias" and module in biased)):
             out[name] = tensor[rows[module].start:rows[module].stop].clone()
         elif module in cols and kind == "weight":
             out[name] = tensor[:, cols[module].start:cols[module].stop].clone()
