@@ -98,7 +98,8 @@ for name, (params, layers, kv_heads, head_dim) in MODELS.items():
 # notebook's variables and functions as they are, so `fn` may be a lambda or
 # use your classes (a *spawned* process would start a fresh interpreter and
 # could not import a function defined in a notebook). Each child uses one
-# torch thread.
+# torch thread. Fork exists on Linux and macOS (this cell asks for it even
+# where Python's default is spawn); Windows has none: use WSL.
 
 # %%
 def free_port() -> int:
