@@ -499,29 +499,16 @@ def fifo_latencies(arrivals: list[float], service_s: float) -> list[float]:
 # mean `1 / rate` and coefficient of variation `cv` — `cv = 1` is Poisson,
 # larger is burstier. Each model gets its own stream; the `tp` and
 # `pipeline` placements serve the two streams merged, on one queue.
+# `gamma_arrivals` and `placement_latencies` come from
+# `minisys/bench/multiplexing.py`; the queue they run is yours.
 
 # %%
-def gamma_arrivals(rate: float, cv: float, n: int, rng: random.Random) -> list[float]:
-    """n arrival times with gamma-distributed gaps: mean 1/rate, coefficient of variation cv."""
-    shape = 1.0 / (cv * cv)
-    t, out = 0.0, []
-    for _ in range(n):
-        t += rng.gammavariate(shape, 1.0 / (rate * shape))
-        out.append(t)
-    return out
+from minisys.bench.multiplexing import gamma_arrivals, placement_latencies  # noqa: E402
 
 
 def mean_latency(placement: str, a: list[float], b: list[float], latency_s: float, overhead: float) -> float:
-    """Mean latency of A's and B's requests under the ``dedicated``, ``tp`` or ``pipeline`` placement."""
-    stage = latency_s * (1 + overhead) / 2
-    if placement == "dedicated":
-        lat = fifo_latencies(a, latency_s) + fifo_latencies(b, latency_s)
-    elif placement == "tp":
-        lat = fifo_latencies(a + b, stage)
-    elif placement == "pipeline":       # the queue admits one request per stage time; the second stage adds one more
-        lat = [t + stage for t in fifo_latencies(a + b, stage)]
-    else:
-        raise ValueError(f"unknown placement {placement!r}")
+    """Mean latency of A's and B's requests under ``dedicated``, ``tp`` or ``pipeline``, on your queue."""
+    lat = placement_latencies(placement, a, b, latency_s, overhead, fifo=fifo_latencies)
     return sum(lat) / len(lat)
 
 
@@ -533,7 +520,7 @@ print(f"L = 1 s, each model at 0.2 req/s (20% of a device), {n} requests per mod
 print(f"{'cv':>4} " + " ".join(f"{p + ' +' + str(int(o * 100)) + '%':>14}" for p, o in columns))
 for cv in (1.0, 2.0, 4.0, 8.0):
     rng = random.Random(0)
-    a, b = gamma_arrivals(0.2, cv, n, rng), gamma_arrivals(0.2, cv, n, rng)
+    a, b = gamma_arrivals(n, 0.2, cv, rng), gamma_arrivals(n, 0.2, cv, rng)
     print(f"{cv:4.0f} " + " ".join(f"{mean_latency(p, a, b, 1.0, o):14.2f}" for p, o in columns))
 
 # %% [markdown]
@@ -543,5 +530,5 @@ for cv in (1.0, 2.0, 4.0, 8.0):
 # it loses to the dedicated placement; as the load gets burstier it wins,
 # and by more: a burst of A can use both devices. That is AlpaServe's
 # argument in miniature (its Figures 1–3). Try a load where A is busy and B
-# almost idle (`gamma_arrivals(0.9, ...)` and `gamma_arrivals(0.05, ...)`):
+# almost idle (`gamma_arrivals(n, 0.9, ...)` and `gamma_arrivals(n, 0.05, ...)`):
 # dedicated device 0 nearly saturates while device 1 idles.

@@ -10,8 +10,8 @@ all-reduce simulated here chunk by chunk; the FIFO queue against a
 tick-by-tick simulation. Sizes are SmolLM2's head layout (9 query heads, 3 KV
 heads) on a narrow hidden size, so every test takes well under a second.
 
-``reference_impl`` is written here, not in minisys: minisys's engine-side
-``minisys/parallel/`` has other signatures (whole checkpoints, engine config).
+``reference_impl`` is minisys's own: ``minisys/model/sharding.py`` (the split
+of one layer) and ``minisys/bench/multiplexing.py`` (the AlpaServe queue).
 """
 from __future__ import annotations
 
@@ -35,82 +35,29 @@ from minisys.model.layers import RotaryEmbedding
 from minisys.model.llama import DecoderLayer
 
 
-# ------------------------------------------------------------------ the reference (independent of the solution)
+# ------------------------------------------------------------------ the reference: minisys's own
 def reference_impl():
+    from minisys.bench.multiplexing import fifo_latencies
+    from minisys.model.sharding import (
+        ColumnParallelBlock,
+        RowParallelBlock,
+        allreduce_bytes,
+        layer_blocks,
+        partition,
+        shard_layer,
+        tp_comm_bytes_per_token,
+    )
+
     def kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes=2):
-        cfg = ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=num_layers,
-                          num_heads=num_kv_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
-        return cfg.kv_bytes_per_token(dtype_bytes)
+        shape = types.SimpleNamespace(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        return ModelConfig.kv_bytes_per_token(shape, dtype_bytes)
 
-    class ColumnParallelLinear(nn.Module):
-        def __init__(self, full, rows):
-            super().__init__()
-            if len(rows) == 0 or rows.step != 1 or rows.start < 0 or rows.stop > full.out_features:
-                raise ValueError(f"bad rows {rows}")
-            idx = torch.arange(rows.start, rows.stop)
-            self.weight = nn.Parameter(full.weight.detach().index_select(0, idx), requires_grad=False)
-            self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().index_select(0, idx))
-
-        def forward(self, x):
-            return F.linear(x, self.weight, self.bias)
-
-    class RowParallelLinear(nn.Module):
-        def __init__(self, full, cols, group=None):
-            super().__init__()
-            if len(cols) == 0 or cols.step != 1 or cols.start < 0 or cols.stop > full.in_features:
-                raise ValueError(f"bad cols {cols}")
-            idx = torch.arange(cols.start, cols.stop)
-            self.weight = nn.Parameter(full.weight.detach().index_select(1, idx), requires_grad=False)
-            self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
-            self.group = group
-
-        def forward(self, x):
-            y = x @ self.weight.T
-            dist.all_reduce(y, group=self.group)
-            return y if self.bias is None else y + self.bias
-
-    def partition(n, tp_rank, tp_size):
-        if not 0 <= tp_rank < tp_size or tp_size > n:
-            raise ValueError(f"cannot give rank {tp_rank} of {tp_size} a block of {n}")
-        blocks = torch.arange(n).tensor_split(tp_size)   # larger blocks first
-        return range(int(blocks[tp_rank][0]), int(blocks[tp_rank][-1]) + 1)
-
-    def shard_checkpoint(state_dict, num_heads, num_kv_heads, head_dim, tp_rank, tp_size):
-        kv = partition(num_kv_heads, tp_rank, tp_size)
-        g = num_heads // num_kv_heads
-        inter = partition(state_dict["mlp.gate_proj.weight"].shape[0], tp_rank, tp_size)
-        heads = {"q": range(kv.start * g, kv.stop * g), "k": kv, "v": kv}
-        out = {}
-        for name, t in state_dict.items():
-            if name.endswith("layernorm.weight"):
-                out[name] = t.clone()
-            elif name.startswith("self_attn.") and name[10] in "qkv" and name[11:] in ("_proj.weight", "_proj.bias"):
-                h = heads[name[10]]
-                out[name] = t.reshape(-1, head_dim, *t.shape[1:])[h.start:h.stop].reshape(-1, *t.shape[1:]).clone()
-            elif name == "self_attn.o_proj.weight":
-                h = heads["q"]
-                out[name] = t.reshape(t.shape[0], -1, head_dim)[:, h.start:h.stop].reshape(t.shape[0], -1).clone()
-            elif name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-                out[name] = t[inter.start:inter.stop].clone()
-            elif name == "mlp.down_proj.weight":
-                out[name] = t[:, inter.start:inter.stop].clone()
-            else:
-                raise ValueError(f"unknown tensor {name!r}")
-        return out
-
-    def tp_comm_bytes_per_token(hidden, num_layers, tp_size, dtype_bytes=2):
-        return 2 * num_layers * hidden * dtype_bytes * 2 * (tp_size - 1) / tp_size
-
-    def fifo_latencies(arrivals, service_s):
-        if service_s < 0:
-            raise ValueError("negative service time")
-        done, out = float("-inf"), {}
-        for t, i in sorted((t, i) for i, t in enumerate(arrivals)):
-            done = max(done, t) + service_s
-            out[i] = done - t
-        return [out[i] for i in range(len(arrivals))]
-
-    return types.SimpleNamespace(**{k: v for k, v in locals().items() if not k.startswith("_")})
+    # the helpers by name too, so that the grader's guard also refuses a notebook answering with them
+    rules = (allreduce_bytes, layer_blocks)
+    return types.SimpleNamespace(rules=rules, kv_bytes_per_token=kv_bytes_per_token, ColumnParallelLinear=ColumnParallelBlock,
+                                 RowParallelLinear=RowParallelBlock, partition=partition,
+                                 shard_checkpoint=shard_layer, tp_comm_bytes_per_token=tp_comm_bytes_per_token,
+                                 fifo_latencies=fifo_latencies)
 
 
 # ------------------------------------------------------------------ helpers (the oracles)
