@@ -275,8 +275,7 @@ def test_smollm2_heads_at_tp2_split_by_whole_kv_groups(impl):
 
 @pytest.mark.points(3)
 @pytest.mark.exercise("shard_checkpoint")
-@pytest.mark.parametrize("heads,kv_heads,tp,bias", [(9, 3, 2, False), (9, 3, 3, False), (8, 2, 2, False),
-                                                    (12, 4, 3, False), (9, 3, 2, True)])
+@pytest.mark.parametrize("heads,kv_heads,tp,bias", [(9, 3, 2, False), (12, 4, 3, False), (9, 3, 3, True)])
 def test_partial_products_of_the_shards_sum_to_the_full_layer(impl, heads, kv_heads, tp, bias):
     cfg = small_config(heads, kv_heads, bias=bias)
     layer = random_layer(cfg)
