@@ -199,7 +199,7 @@ NO_QUEUEING = ("start = max(arrivals[i], free_at)", "start = arrivals[i]")
 
 
 
-def tests_of(module, exercise: str) -> set[str]:
+def exercise_tests(module, exercise: str) -> set[str]:
     """The names of the tests of ``module`` marked ``@pytest.mark.exercise(exercise)``."""
     return {name for name, f in vars(module).items() if name.startswith("test_") and any(
         m.name == "exercise" and m.args[0] == exercise for m in getattr(f, "pytestmark", []))}
@@ -208,7 +208,7 @@ def tests_of(module, exercise: str) -> set[str]:
 def test_lab13_as_written_passes_the_in_process_tests() -> None:
     """The runner works on this lab (every test, the gloo ones too, passes in tests/labs/test_lab13.py[solution])."""
     module = lab_tests("13")
-    only = set().union(*(tests_of(module, e) for e in ("partition", "tp_comm_bytes_per_token", "fifo_latencies",
+    only = set().union(*(exercise_tests(module, e) for e in ("partition", "tp_comm_bytes_per_token", "fifo_latencies",
                                                        "ColumnParallelLinear")))
     cases = run_lab_tests(module, solution_namespace("13", TP), only=only)
     assert len(cases) >= 8 and not lost(cases), failed(cases)
@@ -223,5 +223,5 @@ def test_lab13_bugs_fail_their_exercise_tests() -> None:
                            (QUERY_HEADS_SPLIT_EVENLY, "shard_checkpoint"),
                            (ONE_ALL_REDUCE_PER_LAYER, "tp_comm_bytes_per_token"),
                            (NO_QUEUEING, "fifo_latencies")]:
-        cases = run_lab_tests(module, solution_namespace("13", TP, edit), only=tests_of(module, exercise))
+        cases = run_lab_tests(module, solution_namespace("13", TP, edit), only=exercise_tests(module, exercise))
         assert lost(cases).get(exercise, 0) > 0, (edit, failed(cases))
