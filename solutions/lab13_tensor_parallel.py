@@ -435,7 +435,8 @@ def split_model(rank, world_size):
         attn.q_proj, attn.k_proj = ColumnParallelLinear(attn.q_proj, q_rows), ColumnParallelLinear(attn.k_proj, kv_rows)
         attn.v_proj, attn.o_proj = ColumnParallelLinear(attn.v_proj, kv_rows), RowParallelLinear(attn.o_proj, q_rows)
         attn.num_heads, attn.num_kv_heads = len(heads), len(kv)
-        mlp.gate_proj, mlp.up_proj = ColumnParallelLinear(mlp.gate_proj, inter), ColumnParallelLinear(mlp.up_proj, inter)
+        mlp.gate_proj = ColumnParallelLinear(mlp.gate_proj, inter)
+        mlp.up_proj = ColumnParallelLinear(mlp.up_proj, inter)
         mlp.down_proj = RowParallelLinear(mlp.down_proj, inter)
     return len(heads), len(kv)
 

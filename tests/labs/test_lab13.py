@@ -54,7 +54,8 @@ def reference_impl():
 
     # the helpers by name too, so that the grader's guard also refuses a notebook answering with them
     rules = (allreduce_bytes, layer_blocks)
-    return types.SimpleNamespace(rules=rules, kv_bytes_per_token=kv_bytes_per_token, ColumnParallelLinear=ColumnParallelBlock,
+    return types.SimpleNamespace(rules=rules, kv_bytes_per_token=kv_bytes_per_token,
+                                 ColumnParallelLinear=ColumnParallelBlock,
                                  RowParallelLinear=RowParallelBlock, partition=partition,
                                  shard_checkpoint=shard_layer, tp_comm_bytes_per_token=tp_comm_bytes_per_token,
                                  fifo_latencies=fifo_latencies)
@@ -263,7 +264,8 @@ def test_smollm2_heads_at_tp2_split_by_whole_kv_groups(impl):
     cfg = small_config()
     layer = random_layer(cfg)
     s0, s1 = shards_of(impl, cfg, layer, 2)
-    d, q, k, o = cfg.head_dim, layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.o_proj.weight
+    attn, d = layer.self_attn, cfg.head_dim
+    q, k, o = attn.q_proj.weight, attn.k_proj.weight, attn.o_proj.weight
     heads = q.detach().view(9, d, -1)
     torch.testing.assert_close(s0["self_attn.q_proj.weight"], heads[0:6].reshape(6 * d, -1))
     torch.testing.assert_close(s1["self_attn.q_proj.weight"], heads[6:9].reshape(3 * d, -1))
