@@ -38,6 +38,7 @@
 import multiprocessing
 import os
 import random
+import shutil
 import socket
 import tempfile
 import traceback
@@ -137,15 +138,18 @@ def run_ranks(fn, world_size: int = 2, timeout: float = 120.0) -> list:
         if p.is_alive():
             p.kill()
             raise TimeoutError(f"a rank did not finish within {timeout} s")
-    results = []
-    for r, path in enumerate(paths):
-        if not os.path.exists(path):
-            raise RuntimeError(f"rank {r} exited (code {procs[r].exitcode}) without a result")
-        result = torch.load(path, weights_only=False)
-        if "error" in result:
-            raise RuntimeError(f"rank {r} raised:\n{result['error']}")
-        results.append(result["value"])
-    return results
+    try:
+        results = []
+        for r, path in enumerate(paths):
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {r} exited (code {procs[r].exitcode}) without a result")
+            result = torch.load(path, weights_only=False)
+            if "error" in result:
+                raise RuntimeError(f"rank {r} raised:\n{result['error']}")
+            results.append(result["value"])
+        return results
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # %% tags=["benchmark"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import shutil
 import socket
 import tempfile
 import traceback
@@ -91,14 +92,17 @@ def run_ranks(fn, world_size=2, timeout=60.0):
     for p in procs:
         if p.is_alive():
             p.kill()
-    results = []
-    for r in range(world_size):
-        path = os.path.join(folder, f"{r}.pt")
-        assert os.path.exists(path), f"rank {r} died or hung (exit code {procs[r].exitcode})"
-        result = torch.load(path, weights_only=False)
-        assert "error" not in result, f"rank {r} raised:\n{result['error']}"
-        results.append(result["value"])
-    return results
+    try:
+        results = []
+        for r in range(world_size):
+            path = os.path.join(folder, f"{r}.pt")
+            assert os.path.exists(path), f"rank {r} died or hung (exit code {procs[r].exitcode})"
+            result = torch.load(path, weights_only=False)
+            assert "error" not in result, f"rank {r} raised:\n{result['error']}"
+            results.append(result["value"])
+        return results
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def linear(n_in, n_out, bias=True, seed=0):
