@@ -174,3 +174,54 @@ def test_lab04_budget_off_by_one_fails_the_boundary_test() -> None:
     assert "test_a_prompt_of_exactly_the_budget_is_admitted" in failed(cases)
     assert set(lost(cases)) == {"schedule"}
 
+
+
+# ---------------------------------------------------------------- lab 13: tensor parallelism
+TP = ["kv_bytes_per_token", "_check_range", "ColumnParallelLinear", "RowParallelLinear", "partition",
+      "shard_checkpoint", "tp_comm_bytes_per_token", "fifo_latencies"]
+BIAS_BEFORE_ALL_REDUCE = (  # every rank adds the bias, then the sum counts it twice
+    "y = F.linear(x, self.weight)                 # this rank's partial product, full output size\n"
+    "        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)\n"
+    "        return y if self.bias is None else y + self.bias",
+    "y = F.linear(x, self.weight, self.bias)\n"
+    "        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)\n"
+    "        return y")
+ALL_REDUCE_OVER_THE_WORLD = ("op=dist.ReduceOp.SUM, group=self.group)", "op=dist.ReduceOp.SUM)")
+REMAINDER_DROPPED = ("start + base + (1 if tp_rank < extra else 0))", "start + base)")
+QUERY_HEADS_SPLIT_EVENLY = (  # ignores the KV groups: query heads 0-4 / 5-8 at 9/3 heads, TP=2
+    "q_rows = range(kv.start * group * head_dim, kv.stop * group * head_dim)",
+    "q_rows = range(partition(num_heads, tp_rank, tp_size).start * head_dim, "
+    "partition(num_heads, tp_rank, tp_size).stop * head_dim)")
+ONE_ALL_REDUCE_PER_LAYER = ("return num_layers * 2 * (2 * (tp_size - 1) / tp_size) * message",
+                            "return num_layers * (2 * (tp_size - 1) / tp_size) * message")
+NO_QUEUEING = ("start = max(arrivals[i], free_at)", "start = arrivals[i]")
+
+
+
+
+def exercise_tests(module, exercise: str) -> set[str]:
+    """The names of the tests of ``module`` marked ``@pytest.mark.exercise(exercise)``."""
+    return {name for name, f in vars(module).items() if name.startswith("test_") and any(
+        m.name == "exercise" and m.args[0] == exercise for m in getattr(f, "pytestmark", []))}
+
+
+def test_lab13_as_written_passes_the_in_process_tests() -> None:
+    """The runner works on this lab (every test, the gloo ones too, passes in tests/labs/test_lab13.py[solution])."""
+    module = lab_tests("13")
+    only = set().union(*(exercise_tests(module, e) for e in ("partition", "tp_comm_bytes_per_token", "fifo_latencies",
+                                                       "ColumnParallelLinear")))
+    cases = run_lab_tests(module, solution_namespace("13", TP), only=only)
+    assert len(cases) >= 8 and not lost(cases), failed(cases)
+
+
+def test_lab13_bugs_fail_their_exercise_tests() -> None:
+    """Each bug against the tests of its own exercise only (the gloo tests fork: this keeps it to seconds)."""
+    module = lab_tests("13")
+    for edit, exercise in [(BIAS_BEFORE_ALL_REDUCE, "RowParallelLinear"),
+                           (ALL_REDUCE_OVER_THE_WORLD, "RowParallelLinear"),
+                           (REMAINDER_DROPPED, "partition"),
+                           (QUERY_HEADS_SPLIT_EVENLY, "shard_checkpoint"),
+                           (ONE_ALL_REDUCE_PER_LAYER, "tp_comm_bytes_per_token"),
+                           (NO_QUEUEING, "fifo_latencies")]:
+        cases = run_lab_tests(module, solution_namespace("13", TP, edit), only=exercise_tests(module, exercise))
+        assert lost(cases).get(exercise, 0) > 0, (edit, failed(cases))

@@ -378,7 +378,75 @@ def replot_kv_cache() -> Path | None:
     return path
 
 
-DIAGRAMS = [flash_tiling, paged_memory, batching_timeline, sarathi_steps, spec_tree]
+# ---------------------------------------------------------------- lesson 13
+def tp_split() -> Path:
+    """One Llama layer at TP=2 (SmolLM2: 9 Q / 3 KV heads, intermediate 1536), and one step's timeline."""
+    fig, (ax, tx) = plt.subplots(2, 1, figsize=(11, 6.4), gridspec_kw={"height_ratios": [2.3, 1]})
+    ranks = [("rank 0", "Q heads 0\u20135\nKV heads 0\u20131", "6 heads", "o_proj cols\nof heads 0\u20135",
+              "gate/up rows\n0\u2013767", "down cols\n0\u2013767"),
+             ("rank 1", "Q heads 6\u20138\nKV head 2", "3 heads", "o_proj cols\nof heads 6\u20138",
+              "gate/up rows\n768\u20131535", "down cols\n768\u20131535")]
+    for r, (name, qkv, heads, o, gu, down) in enumerate(ranks):
+        y = 3.2 - 2.6 * r
+        ax.text(-0.15, y + 0.6, name, ha="right", va="center", fontsize=9, weight="bold")
+        box(ax, 0, y, 1.3, 1.2, GREY, "x (T \u00d7 576)\nreplicated", fontsize=7)
+        box(ax, 1.7, y, 1.6, 1.2, BLUE, "q/k/v: column-\nparallel\n" + qkv, fontsize=7)
+        box(ax, 3.7, y, 1.3, 1.2, "#9ecae9", "attention\n" + heads + "\n(local KV cache)", fontsize=7)
+        box(ax, 5.4, y, 1.4, 1.2, ORANGE, "row-parallel\n" + o + "\n\u2192 partial", fontsize=7)
+        box(ax, 8.6, y, 1.5, 1.2, GREEN, "column-parallel\n" + gu + "\nsilu(g)\u00b7u", fontsize=7)
+        box(ax, 10.5, y, 1.4, 1.2, ORANGE, "row-parallel\n" + down + "\n\u2192 partial", fontsize=7)
+        for x0, x1 in [(1.3, 1.7), (3.3, 3.7), (5.0, 5.4), (6.8, 7.2), (8.1, 8.6), (10.1, 10.5), (11.9, 12.3)]:
+            arrow(ax, (x0, y + 0.6), (x1, y + 0.6))
+    for x, label in [(7.2, "all-reduce \u03a3\n+ residual"), (12.3, "all-reduce \u03a3\n+ residual")]:
+        box(ax, x, 0.6, 0.9, 3.8, RED, label, fontsize=7)
+    ax.text(4.25, 4.9, "attention: whole KV-head groups per rank", ha="center", fontsize=8)
+    ax.text(10.25, 4.9, "MLP: a block of the intermediate size", ha="center", fontsize=8)
+    ax.set_xlim(-1.0, 13.4), ax.set_ylim(0.2, 5.4)
+    ax.set_title("Megatron's split of one layer at TP=2: a column-parallel linear, then a row-parallel one, "
+                 "then one all-reduce", fontsize=10)
+    ax.axis("off")
+    t = 0.0                                              # two layers of one step, the same on both ranks
+    for layer in range(2):
+        for part, w, color in [("attn", 2.2, "#9ecae9"), ("AR", 0.6, RED), ("MLP", 2.6, GREEN), ("AR", 0.6, RED)]:
+            for r in range(2):
+                box(tx, t, 1.2 - 1.0 * r, w, 0.7, color, part if part == "AR" else f"L{layer} {part}", fontsize=7)
+            t += w
+    tx.text(t + 0.3, 1.55, "\u2026 30 layers; logits gathered on rank 0", fontsize=8, va="center")
+    for r in range(2):
+        tx.text(-0.15, 1.55 - 1.0 * r, f"rank {r}", ha="right", va="center", fontsize=8)
+    tx.set_xlim(-1.0, t + 4.2), tx.set_ylim(0, 2.1)
+    tx.set_title("One step: every all-reduce (AR) is a barrier \u2014 compute halves, communication is added",
+                 fontsize=10)
+    tx.axis("off")
+    return save(fig, "tp_split.svg")
+
+
+def pipeline_parallel() -> Path:
+    """Pipeline parallelism (not in minisys): 2 stages, 4 micro-batches, the bubble at fill and drain."""
+    fig, ax = plt.subplots(figsize=(9, 2.4))
+    stages, micro = 2, 4
+    colors = [BLUE, ORANGE, GREEN, PURPLE]
+    for s in range(stages):
+        ax.text(-0.15, 1.4 - 1.0 * s, f"device {s}\nlayers {15 * s}\u2013{15 * s + 14}", ha="right", va="center",
+                fontsize=8)
+        for m in range(micro):
+            box(ax, s + m, 1.05 - 1.0 * s, 1, 0.7, colors[m], f"mb {m}", fontsize=7)
+        if s:
+            box(ax, 0, 1.05 - 1.0 * s, 1, 0.7, "white", "idle", hatch="//", fontsize=7, ec="#999999")
+        else:
+            box(ax, micro, 1.05, 1, 0.7, "white", "idle", hatch="//", fontsize=7, ec="#999999")
+    for m in range(micro):
+        arrow(ax, (m + 1, 1.05), (m + 1.15, 0.75), color=RED)
+    ax.text(micro + 1.3, 0.9, "one activation (T \u00d7 hidden)\nsent per micro-batch per stage boundary",
+            fontsize=8, color=RED, va="center")
+    ax.set_xlim(-1.6, micro + 4.6), ax.set_ylim(-0.1, 1.9)
+    ax.set_title("Pipeline parallelism (left out of minisys): layers split between devices; "
+                 "micro-batches fill the pipeline", fontsize=10)
+    ax.axis("off")
+    return save(fig, "pipeline_parallel.svg")
+
+
+DIAGRAMS = [flash_tiling, paged_memory, batching_timeline, sarathi_steps, spec_tree, tp_split, pipeline_parallel]
 
 
 def main(argv: list[str] | None = None) -> int:
