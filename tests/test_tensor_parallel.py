@@ -142,3 +142,55 @@ def test_tp2_logits_equal_tp1_on_the_real_model(tp2_results, smol):
     exact = m64.forward_sequence(PROMPT_IDS)
     assert float((got.double() - exact).abs().max()) <= 2 * float((ref.double() - exact).abs().max()) + 1e-6
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+# --------------------------------------------------------------------- the engine
+def _engine_prompts() -> list[list[int]]:
+    return [[(7 * i + 3 * j) % 500 + 3 for j in range(n)] for i, n in enumerate([13, 5, 21, 9, 17])]
+
+
+def test_engine_greedy_tp2_equals_tp1_then_a_dead_worker_fails_fast(tiny_dirs):
+    """Continuous batching + chunked prefill (8-token budget < prompts) + preemption (10 blocks of 4 slots
+    for 5 sequences of up to 33 tokens): TP=2 emits exactly TP=1's greedy tokens. Then a worker is killed:
+    the next generate raises within seconds, and shutdown leaves no worker behind."""
+    import psutil
+
+    from minisys import LLM, SamplingParams
+    from minisys.engine.config import EngineConfig
+    from minisys.parallel.executor import TensorParallelError
+    cfg = EngineConfig(num_kv_blocks=10, block_size=4, max_num_seqs=4, max_num_batched_tokens=8)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in _engine_prompts()]
+    one = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True, engine_config=cfg)
+    want = [o.outputs[0].token_ids for o in one.generate(prompts, sp, use_tqdm=False)]
+    assert one.engine.stats.preemptions > 0
+    two = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True, engine_config=cfg,
+              tensor_parallel_size=2)
+    try:
+        got = [o.outputs[0].token_ids for o in two.generate(prompts, sp, use_tqdm=False)]
+        assert two.engine.stats.preemptions > 0
+        assert got == want and all(len(t) == 12 for t in got)
+        (pid,) = two.engine.runner.workers.pids
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match="worker rank 1"):
+            for _ in range(50):             # the watcher sees the death within a moment
+                two.generate(prompts[:1], sp, use_tqdm=False)
+                time.sleep(0.2)
+        assert time.monotonic() - start < 30
+    finally:
+        two.shutdown()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_head_count_that_does_not_split_is_refused(tiny_dirs):
+    """The tiny Llama has 2 KV heads: TP=3 is refused before any process starts, naming the limit."""
+    from minisys import LLM
+    from minisys.engine.config import EngineConfig
+    with pytest.raises(ValueError, match="exceeds the model's 2 KV heads"):
+        LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True, tensor_parallel_size=3)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="tensor_parallel_size"):
+            EngineConfig(tensor_parallel_size=bad)
+    with pytest.raises(ValueError, match="speculative_method is not supported with tensor_parallel_size"):
+        EngineConfig(tensor_parallel_size=2, speculative_method="ngram")
