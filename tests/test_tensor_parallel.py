@@ -26,6 +26,7 @@ from minisys.model.loader import load_model, resolve_model_dir
 from minisys.parallel import comm
 from minisys.parallel.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from minisys.parallel.shard import head_shard, partition, shard_state_dict
+from test_server_robust import chat_dir, launch_healthy  # noqa: F401 - chat_dir: the tiny chat model fixture
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT_IDS = [1, 504, 3458, 282, 4649, 314, 2127, 30, 731, 1789, 260, 1028, 28, 7]
@@ -194,3 +195,110 @@ def test_a_head_count_that_does_not_split_is_refused(tiny_dirs):
             EngineConfig(tensor_parallel_size=bad)
     with pytest.raises(ValueError, match="speculative_method is not supported with tensor_parallel_size"):
         EngineConfig(tensor_parallel_size=2, speculative_method="ngram")
+
+
+# --------------------------------------------------------------------- the server
+def _tree(pid: int) -> list:
+    import psutil
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _gone(procs: list) -> bool:
+    import psutil
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+def test_server_tp2_serves_then_a_killed_worker_errors_and_nothing_is_left(chat_dir, tmp_path):
+    """`serve --tensor-parallel-size 2`: a chat completion through the openai client; then a worker is
+    SIGKILLed mid-stream: the stream ends with an error (well before the client's read timeout), /health
+    turns 503, a new request fails at once, and after SIGTERM no process of the server's tree is left."""
+    import openai
+
+    proc, url = launch_healthy(["--model", str(chat_dir), "--tensor-parallel-size", "2"], tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=60, max_retries=0)
+        msgs = [{"role": "user", "content": "the quick brown fox"}]
+        r = client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=8, temperature=0)
+        assert r.choices[0].message.content and r.usage.completion_tokens == 8
+        tree = _tree(proc.pid)
+        workers = [p for p in tree if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 1, [p.cmdline() for p in tree]
+        stream = client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=200, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        start = time.monotonic()
+        workers[0].kill()
+        with pytest.raises(openai.APIError) as info:
+            for _ in stream:
+                pass
+        assert not isinstance(info.value, openai.APITimeoutError)
+        assert time.monotonic() - start < 30
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health", timeout=10).status_code == 200:
+            assert time.monotonic() < deadline, "/health still 200 after a worker died"
+            time.sleep(0.2)
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=4)
+        assert "died with exit code -9" in (tmp_path / "server.log").read_text()
+    finally:
+        tree = _tree(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while not _gone(tree):
+        assert time.monotonic() < deadline, "processes of the server's tree left behind"
+        time.sleep(0.2)
+
+
+def test_server_refuses_a_tensor_parallel_size_the_heads_cannot_take(chat_dir):
+    r = subprocess.run([sys.executable, "-m", "minisys", "serve", "--model", str(chat_dir), "--device", "cpu",
+                        "--port", "0", "--tensor-parallel-size", "4"], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1],
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 2 and "exceeds the model's 2 KV heads" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------- the process layer
+WORKER_SCRIPT = '''
+import os, sys, time
+from minisys.parallel.workers import WorkerGroup, report_ready
+
+def block(conn):
+    report_ready(conn, os.getpid())
+    conn.recv()                        # never sent: the worker waits until it is ended
+
+if __name__ == "__main__":
+    group = WorkerGroup(block, [()], name="test-worker")
+    group.start()
+    print(group.wait_ready(120)[0], flush=True)
+    time.sleep(600)
+'''
+
+
+def test_a_worker_ignores_ctrl_c_and_exits_when_its_parent_is_killed(tmp_path):
+    """Ctrl-C reaches the whole process group: the worker leaves the shutdown to its parent. A parent
+    killed with SIGKILL (no cleanup at all) leaves no orphan: the worker sees it and exits."""
+    import psutil
+    script = tmp_path / "parent.py"
+    script.write_text(WORKER_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        worker = psutil.Process(int(parent.stdout.readline()))
+        worker.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE, "SIGINT ended the worker"
+    finally:
+        parent.kill()
+        parent.wait(10)
+    deadline = time.monotonic() + 10
+    while not _gone([worker]):
+        assert time.monotonic() < deadline, "the worker outlived its killed parent"
+        time.sleep(0.1)
