@@ -9,7 +9,12 @@ listens on ``MASTER_ADDR:MASTER_PORT`` and the others connect to it, so the
 same code runs on one machine (``127.0.0.1`` and a free port picked by
 `pick_free_port`) or on several (``torchrun`` sets the variables; nothing
 here changes). Control messages (`broadcast_object`) always go over a gloo
-group, also on CUDA, so the batch never has to be copied to a GPU first.
+group of their own, also on CUDA, so the batch never has to be copied to a
+GPU first, and with no practical timeout: a worker waits there between steps
+for as long as the engine is idle. The collectives inside a step keep the
+default group's ``timeout_s``. A peer that DIES is seen at once (its socket
+closes, gloo raises; the parent's watcher sees the process exit), so the
+timeouts only matter for a peer that hangs while alive.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_TIMEOUT_S = 300.0     # bounds one collective inside a step (a peer wedged without dying)
+IDLE_TIMEOUT_DAYS = 365       # the step broadcast: an idle server waits for its next request
 _control_group = None
 
 
@@ -56,8 +62,8 @@ def init_process_group(rank: int, world_size: int, master_addr: str | None = Non
     """Join the default process group as ``rank`` of ``world_size`` (env:// rendezvous at rank 0).
 
     ``master_addr``/``master_port`` default to the environment's MASTER_ADDR/MASTER_PORT (torchrun's).
-    ``timeout_s`` bounds every collective: a peer that vanished without closing its socket fails the
-    step after that long instead of hanging it forever.
+    ``timeout_s`` bounds every collective inside a step: a peer that hangs without dying fails the
+    step after that long instead of hanging it forever (the step broadcast waits without a bound).
     """
     global _control_group
     if master_addr is not None:
@@ -70,7 +76,8 @@ def init_process_group(rank: int, world_size: int, master_addr: str | None = Non
     backend = backend or default_backend()
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
-    _control_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    # its own group: a worker waits there for the next step however long the engine stays idle
+    _control_group = dist.new_group(backend="gloo", timeout=timedelta(days=IDLE_TIMEOUT_DAYS))
 
 
 def destroy_process_group() -> None:

@@ -57,6 +57,7 @@ def _bootstrap(target: Callable, conn, parent_pid: int, *args: Any) -> None:
     try:
         target(conn, *args)
     except BaseException:
+        traceback.print_exc()           # to the worker's stderr (the parent's): visible after start-up too
         try:
             conn.send(("error", traceback.format_exc()))
         except OSError:
