@@ -1,16 +1,14 @@
 """Tensor parallelism (issue 16, lesson 13): TP=2 computes what TP=1 computes, and fails cleanly.
 
 Oracles: the TP=1 model (plain `nn.Linear` math, itself checked against transformers elsewhere), plain
-`torch.nn.functional` ops for the parallel layers, an fp64 forward of the real model (how far fp32
-rounding alone moves the logits), the TP=1 engine's greedy tokens, and the operating system's process
-table (no process of the server's tree is left).
+`torch.nn.functional` ops for the parallel layers, the TP=1 engine's greedy tokens, and the operating
+system's process table (no process of the server's tree is left).
 
 The two-rank checks run in ONE pair of spawned gloo processes (one thread each): the parallel layers
 against torch ops, then the real model and the tiny random Llama and Qwen2 checkpoints.
 """
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import subprocess
@@ -132,16 +130,14 @@ def test_tp2_logits_equal_tp1_on_tiny_checkpoints(tp2_results, tiny_dirs, name):
 
 
 def test_tp2_logits_equal_tp1_on_the_real_model(tp2_results, smol):
-    """SmolLM2's 9 heads split 6 + 3 (uneven). fp32 rounding alone moves a 30-layer model's logits by
-    ~5e-5 (measured against fp64 here), so the bound is: TP=2 within 1e-5 of TP=1 relative to the logits'
-    scale, and no farther from the fp64 logits than TP=1 is (up to 2x)."""
+    """SmolLM2's 9 heads split 6 + 3 (uneven). The bound is 1e-5 relative to the logits' scale (~30), not
+    1e-5 absolute: fp32 rounding alone puts TP=1's own logits ~6e-5 from an fp64 forward of this 30-layer
+    model (measured; TP=2's are ~7e-5 from it), and summing the row-parallel partial products in another
+    order moves them by that much."""
     model, _ = smol
     ref = model.forward_sequence(PROMPT_IDS)
     got = tp2_results["smol"]
-    scale = float(ref.abs().max())
-    assert float((got - ref).abs().max()) <= 1e-5 * scale
-    exact = copy.deepcopy(model).double().forward_sequence(PROMPT_IDS)
-    assert float((got.double() - exact).abs().max()) <= 2 * float((ref.double() - exact).abs().max()) + 1e-6
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
@@ -150,27 +146,32 @@ def _engine_prompts() -> list[list[int]]:
     return [[(7 * i + 3 * j) % 500 + 3 for j in range(n)] for i, n in enumerate([13, 5, 21, 9, 17])]
 
 
-def test_engine_greedy_tp2_equals_tp1_then_a_dead_worker_fails_fast(tiny_dirs):
+def test_engine_greedy_tp2_equals_tp1_then_a_dead_worker_fails_fast(tiny_dirs, monkeypatch):
     """Continuous batching + chunked prefill (8-token budget < prompts) + preemption (10 blocks of 4 slots
-    for 5 sequences of up to 33 tokens): TP=2 emits exactly TP=1's greedy tokens. Then a worker is killed:
-    the next generate raises within seconds, and shutdown leaves no worker behind."""
+    for 5 sequences of up to 29 tokens): TP=2 emits exactly TP=1's greedy tokens, also after the engine
+    sat idle longer than the collectives' timeout (4 s here). Then a worker is killed: the next generate
+    raises within seconds, and shutdown leaves no worker behind."""
     import psutil
 
     from minisys import LLM, SamplingParams
     from minisys.engine.config import EngineConfig
     from minisys.parallel.executor import TensorParallelError
     cfg = EngineConfig(num_kv_blocks=10, block_size=4, max_num_seqs=4, max_num_batched_tokens=8)
-    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in _engine_prompts()]
     one = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True, engine_config=cfg)
     want = [o.outputs[0].token_ids for o in one.generate(prompts, sp, use_tqdm=False)]
     assert one.engine.stats.preemptions > 0
+    monkeypatch.setenv("MINISYS_TP_TIMEOUT_S", "4")            # the workers inherit it
     two = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True, engine_config=cfg,
               tensor_parallel_size=2)
     try:
         got = [o.outputs[0].token_ids for o in two.generate(prompts, sp, use_tqdm=False)]
         assert two.engine.stats.preemptions > 0
-        assert got == want and all(len(t) == 12 for t in got)
+        assert got == want and all(len(t) == 8 for t in got)
+        time.sleep(5)                                          # idle: the workers wait for the next step
+        again = two.generate(prompts[:2], sp, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in again] == want[:2]
         (pid,) = two.engine.runner.workers.pids
         os.kill(pid, signal.SIGKILL)
         start = time.monotonic()

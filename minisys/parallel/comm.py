@@ -58,13 +58,16 @@ def default_backend(device: str | torch.device = "cpu") -> str:
 
 
 def init_process_group(rank: int, world_size: int, master_addr: str | None = None, master_port: int | None = None,
-                       backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                       backend: str | None = None, timeout_s: float | None = None) -> None:
     """Join the default process group as ``rank`` of ``world_size`` (env:// rendezvous at rank 0).
 
     ``master_addr``/``master_port`` default to the environment's MASTER_ADDR/MASTER_PORT (torchrun's).
     ``timeout_s`` bounds every collective inside a step: a peer that hangs without dying fails the
     step after that long instead of hanging it forever (the step broadcast waits without a bound).
+    Default: ``$MINISYS_TP_TIMEOUT_S``, else `DEFAULT_TIMEOUT_S`.
     """
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("MINISYS_TP_TIMEOUT_S", DEFAULT_TIMEOUT_S))
     global _control_group
     if master_addr is not None:
         os.environ["MASTER_ADDR"] = master_addr
