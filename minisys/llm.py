@@ -40,18 +40,32 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, device: str | None = None,
                  dtype: torch.dtype | str | None = None, attention_backend: str = "auto",
                  use_kv_cache: bool = True, quiet: bool = False, engine: str = "llm",
-                 engine_config: EngineConfig | None = None, rebuild_cache: bool = False) -> None:
+                 engine_config: EngineConfig | None = None, rebuild_cache: bool = False,
+                 tensor_parallel_size: int | None = None) -> None:
+        """``tensor_parallel_size`` (lesson 13) sets ``engine_config.tensor_parallel_size``: this process
+        loads rank 0's shard and the engine starts the other ranks; `shutdown` stops them."""
         if isinstance(dtype, str):
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                      "float16": torch.float16}.get(dtype) or _bad_dtype(dtype)
         if engine not in ("llm", "eager"):
             raise ValueError(f"engine must be 'llm' (continuous batching) or 'eager', got {engine!r}")
+        if tensor_parallel_size is not None:
+            engine_config = replace(engine_config or EngineConfig(), tensor_parallel_size=tensor_parallel_size)
+        tp = engine_config.tensor_parallel_size if engine_config is not None else 1
+        if tp > 1 and engine != "llm":
+            raise ValueError(f"tensor_parallel_size={tp} needs engine='llm' (the eager baseline runs one process)")
         self.model, self.tokenizer = load(model, device, dtype, attention_backend, quiet=quiet,
-                                          rebuild_cache=rebuild_cache)
-        self.runner = EagerGenerator(self.model, self.tokenizer, use_kv_cache=use_kv_cache)
+                                          rebuild_cache=rebuild_cache, tp_size=tp)
+        # the eager baseline needs the whole model: none beside a tensor-parallel engine
+        self.runner = EagerGenerator(self.model, self.tokenizer, use_kv_cache=use_kv_cache) if tp == 1 else None
         self.engine_kind = engine
         self.engine = LLMEngine(self.model, self.tokenizer, engine_config) if engine == "llm" else None
         self._next_id = 0
+
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel workers, if any (also done at interpreter exit)."""
+        if self.engine is not None:
+            self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.tokenizer

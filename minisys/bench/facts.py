@@ -228,8 +228,9 @@ def profile(llm, batch: int = 64, prompt_len: int = 128, steps: int = 6) -> dict
     attn_s, linear_s = [0.0], [0.0]
     starts: dict[int, float] = {}
     hooks = []
+    from ..parallel.linear import ParallelLMHead
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
+        if isinstance(m, (torch.nn.Linear, ParallelLMHead)):     # the LM head is a linear layer too
             hooks.append(m.register_forward_pre_hook(lambda mod, _: starts.__setitem__(id(mod), time.perf_counter())))
             hooks.append(m.register_forward_hook(
                 lambda mod, _i, _o: linear_s.__setitem__(0, linear_s[0] + time.perf_counter() - starts[id(mod)])))

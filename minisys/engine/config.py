@@ -37,6 +37,8 @@ class EngineConfig:
     * Speculative decoding (lesson 06, `minisys.spec`) is off unless ``speculative_method`` is set.
     * ``scheduling_policy`` (lesson 08, `minisys.scheduling`) orders admission and preemption; the
       ``vtc_*`` and ``andes_*`` knobs belong to those policies.
+    * ``tensor_parallel_size`` (lesson 13, `minisys.parallel`): N ranks, N-1 of them worker processes;
+      the KV pool has the same number of blocks on every rank, each holding that rank's KV heads.
     """
 
     block_size: int = field(default=16, metadata={"help": "token slots per KV block"})
@@ -80,6 +82,9 @@ class EngineConfig:
     andes_preempt_ahead_s: float = field(default=2.0, metadata={
         "help": "andes: pause a running request for a waiting one only when its reader is this many "
                 "seconds behind it"})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "ranks the model is split over (lesson 13, Megatron's split): N-1 worker processes on this "
+                "machine, gloo on CPU / nccl on CUDA; at most the model's number of KV heads"})
 
     def __post_init__(self) -> None:
         def positive_int(name, allow_none=True):
@@ -104,6 +109,10 @@ class EngineConfig:
             raise ValueError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
         self._check_speculative(positive_int)
         self._check_scheduling()
+        positive_int("tensor_parallel_size", allow_none=False)
+        if self.tensor_parallel_size > 1 and self.speculative_method is not None:
+            raise ValueError("speculative_method is not supported with tensor_parallel_size > 1 (the draft "
+                             "would run on rank 0 only): use one of them")
 
     def _check_scheduling(self) -> None:
         if self.scheduling_policy not in SCHEDULING_POLICIES:
@@ -132,6 +141,8 @@ class EngineConfig:
     def resolve(self, model_config: ModelConfig, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> "EngineConfig":
         """A copy with every ``None`` filled in for this model, dtype and device (no field left None but the KV alternatives)."""
+        from ..parallel.shard import check_tensor_parallel
+        check_tensor_parallel(model_config, self.tensor_parallel_size)
         max_model_len = self.max_model_len or model_config.max_position_embeddings
         if max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's context "

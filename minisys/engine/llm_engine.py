@@ -82,11 +82,33 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         self.config = (config or EngineConfig()).resolve(model.config, model.dtype, model.device)
         self.scheduler = Scheduler(self.config, clock=clock, policy=policy)
-        self.runner = ModelRunner(model, self.config.num_kv_blocks, self.config.block_size)
+        self.runner = self._make_runner(model)
         self.stats = EngineStats(service=ServiceMeter(self.config.vtc_input_weight, self.config.vtc_output_weight))
         self.speculator = Speculator.from_config(self.config, model, self.stats.spec)   # None: no speculation
         self._groups: dict[str, _Group] = {}
         self._seq_group: dict[str, _Group] = {}
+
+    def _make_runner(self, model: LlamaModel) -> ModelRunner:
+        """One process's `ModelRunner`, or rank 0 of ``tensor_parallel_size`` (lesson 13: it starts the
+        other ranks as worker processes; `shutdown` stops them)."""
+        tp = self.config.tensor_parallel_size
+        if getattr(model, "tp_size", 1) != tp:
+            raise ValueError(f"tensor_parallel_size={tp} needs rank 0's shard of a model split {tp} ways, got "
+                             f"a model split {getattr(model, 'tp_size', 1)} ways (load it with "
+                             f"minisys.model.load(..., tp_size={tp}), as LLM does)")
+        if tp == 1:
+            return ModelRunner(model, self.config.num_kv_blocks, self.config.block_size)
+        from ..parallel.executor import TPModelRunner
+        return TPModelRunner(model, self.config.num_kv_blocks, self.config.block_size)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer step (a tensor-parallel worker died); None while healthy."""
+        return self.runner.failure
+
+    def shutdown(self) -> None:
+        """Stop what the engine started (tensor-parallel workers); idempotent."""
+        self.runner.shutdown()
 
     # ------------------------------------------------------------ requests in
     def _make_seq(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, index: int,

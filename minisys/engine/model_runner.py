@@ -87,8 +87,28 @@ class ModelRunner:
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
         self.model = model
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device)
+        # sized by this rank's own KV heads (all of them without tensor parallelism)
+        self.cache = PagedKVCache(model.local_config, num_blocks, block_size, model.dtype, model.device)
         self.last_logprobs: dict[int, dict[str, list[tuple]]] = {}
+
+    def forward(self, block_copies: list[tuple[int, int]], batch: StepBatch,
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """Copy-on-write the step's blocks, then one forward: logits (len(logits_indices), V).
+
+        The one place the model runs: the tensor-parallel runner (`minisys.parallel.executor`)
+        broadcasts these arguments to its workers, then calls this on rank 0."""
+        for src, dst in block_copies:
+            self.cache.copy_block(src, dst)
+        return self.model(batch.input_ids, batch.positions, batch.meta, kv_cache=self.cache,
+                          logits_indices=logits_indices)
+
+    @property
+    def failure(self) -> str | None:
+        """Why this runner can no longer run a step (a tensor-parallel worker died); None when healthy."""
+        return None
+
+    def shutdown(self) -> None:
+        """Release what the runner started (nothing here; the tensor-parallel runner stops its workers)."""
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, allocator: BlockAllocator) -> list[list[int]]:
@@ -98,8 +118,6 @@ class ModelRunner:
         (k = its drafts, 0 without speculation): the target's next-token
         distributions after the last token and after each draft.
         """
-        for src, dst in out.block_copies:
-            self.cache.copy_block(src, dst)
         batch = build_batch(out, allocator, self.model.device)
         emitting = [s for s in out.scheduled if s.samples]               # chunks inside a prompt: none
         ends = batch.meta.cu_seqlens_q[1:].tolist()
@@ -119,8 +137,8 @@ class ModelRunner:
                 base = end - s.num_tokens - start                # flat row of position 0
                 rows += [base + j for j in range(first, last)]
                 prompt_rows.append((i, req.prompt_token_ids[first + 1:last + 1]))
-        logits = self.model(batch.input_ids, batch.positions, batch.meta, kv_cache=self.cache,
-                            logits_indices=torch.tensor(rows, dtype=torch.long, device=self.model.device))
+        logits = self.forward(out.block_copies, batch,
+                              torch.tensor(rows, dtype=torch.long, device=self.model.device))
         self.last_logprobs = {}
         if prompt_rows:
             r = num_sampling

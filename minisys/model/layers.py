@@ -56,13 +56,20 @@ class RotaryEmbedding(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """The Llama MLP: down( silu(gate(x)) * up(x) )."""
+    """The Llama MLP: down( silu(gate(x)) * up(x) ).
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    Tensor-parallel (lesson 13) when ``tp_size > 1``: gate/up are column-parallel (rank r holds a
+    slice of the intermediate features; silu(gate) * up is elementwise, so it stays local) and down is
+    row-parallel: one all-reduce per MLP. With ``tp_size == 1`` they are plain `nn.Linear` layers.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        from ..parallel.linear import ColumnParallelLinear, RowParallelLinear
+        tp = dict(tp_rank=tp_rank, tp_size=tp_size)
+        self.gate_proj = ColumnParallelLinear(hidden, intermediate, False, **tp)
+        self.up_proj = ColumnParallelLinear(hidden, intermediate, False, **tp)
+        self.down_proj = RowParallelLinear(intermediate, hidden, False, **tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

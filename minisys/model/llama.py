@@ -12,28 +12,47 @@ tokens' K/V (``kv_cache.write``) and hands back a view of what the step may
 attend to (``kv_cache.read``); the view calls the backend's method for its
 kind: ``forward_packed`` for packed K/V (contiguous cache, or no cache),
 ``forward_paged`` for a paged cache's block pools (`minisys.attention.views`).
+
+Tensor parallelism (lesson 13) is this same file built with ``tp_size > 1``:
+rank ``tp_rank`` holds its own heads (q/k/v column-parallel, o row-parallel),
+its slice of the MLP (gate/up column-, down row-parallel) and of the
+vocabulary (`minisys.parallel.linear`); every rank runs `forward` on the same
+batch and the row-parallel layers' all-reduces make their outputs whole.
+Heads go by whole KV-head groups (`minisys.parallel.shard.head_shard`), so a
+rank's KV cache holds only its own KV heads (``local_config``). With
+``tp_size == 1`` every parallel layer is the plain `nn.Linear`/`nn.Embedding`.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from ..attention import AttentionBackend, AttentionMetadata, PackedKV, get_backend
 from ..kv.base import KVCache
+from ..parallel.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from ..parallel.shard import head_feature_sizes, head_shard
 from .config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding) -> None:
+    """Self-attention over this rank's heads: all of them when ``tp_size == 1``."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        heads = head_shard(config, tp_size, tp_rank)
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, config.head_dim
+        bias, C, D = config.attention_bias, config.hidden_size, config.head_dim
+        q_sizes, kv_sizes = head_feature_sizes(config, tp_size, kv=False), head_feature_sizes(config, tp_size, kv=True)
+        tp = dict(tp_rank=tp_rank, tp_size=tp_size)
+        self.q_proj = ColumnParallelLinear(C, config.num_heads * D, bias, out_sizes=q_sizes, **tp)
+        self.k_proj = ColumnParallelLinear(C, config.num_kv_heads * D, bias, out_sizes=kv_sizes, **tp)
+        self.v_proj = ColumnParallelLinear(C, config.num_kv_heads * D, bias, out_sizes=kv_sizes, **tp)
+        self.o_proj = RowParallelLinear(config.num_heads * D, C, False, in_sizes=q_sizes, **tp)
         self.rope = rope  # shared by all layers; not a submodule of each
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -53,12 +72,13 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx, rope)
+        self.self_attn = Attention(config, layer_idx, rope, tp_rank, tp_size)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, tp_rank, tp_size)
 
     def forward(self, x, positions, meta, backend, kv_cache):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta, backend, kv_cache)
@@ -67,17 +87,27 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """Parameter names follow Hugging Face's (``model.layers.0.self_attn.q_proj.weight``),
-    so a safetensors checkpoint loads with a plain ``load_state_dict``."""
+    so a safetensors checkpoint loads with a plain ``load_state_dict``.
 
-    def __init__(self, config: ModelConfig, attention_backend: str | AttentionBackend = "auto") -> None:
+    ``tp_rank``/``tp_size``: this module is rank ``tp_rank``'s shard (load it with
+    `minisys.model.loader.load_model(..., tp_rank=, tp_size=)`); ``config`` stays the full model's.
+    """
+
+    def __init__(self, config: ModelConfig, attention_backend: str | AttentionBackend = "auto",
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.config = config
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        heads = head_shard(config, tp_size, tp_rank)       # refuses a tp_size the heads cannot take
+        # what this rank's KV cache is sized by: its own heads only
+        self.local_config = replace(config, num_heads=heads.num_heads, num_kv_heads=heads.num_kv_heads)
+        tp = dict(tp_rank=tp_rank, tp_size=tp_size)
         self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(config, i, self.rope) for i in range(config.num_layers))
+        self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **tp)
+        self.model.layers = nn.ModuleList(DecoderLayer(config, i, self.rope, **tp) for i in range(config.num_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=False, **tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.set_attention_backend(attention_backend)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,14 @@ import torch
 from .config import ModelConfig
 from .llama import LlamaModel
 from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a loaded model came from: what a tensor-parallel worker needs to load its own shard."""
+
+    path: Path
+    attention_backend: str
 
 
 def default_device() -> str:
@@ -63,6 +72,32 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_state_dict_shard(path: Path, config: ModelConfig, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+    """Rank ``tp_rank``'s slice of the checkpoint, read slice by slice (`safetensors` ``get_slice``): a
+    worker never holds the whole model in memory (`minisys.parallel.shard.shard_spec` says which slice)."""
+    from safetensors import safe_open
+
+    from ..parallel.shard import shard_spec
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    spec = shard_spec(name, config, tp_rank, tp_size)
+                    if spec is None:
+                        state[name] = sf.get_tensor(name)
+                        continue
+                    dim, start, end = spec
+                    sl = sf.get_slice(name)
+                    state[name] = sl[start:end] if dim == 0 else sl[:, start:end]
+        except (OSError, RuntimeError) as e:    # safetensors raises its own error types
+            raise ValueError(f"cannot read the weights in {f}: {e}") from None
+    return state
+
+
 def read_config(path: Path) -> ModelConfig:
     """The model's `ModelConfig` from ``path/config.json``; ValueError naming the file if it is bad."""
     try:
@@ -72,13 +107,15 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: Path, device: str | None = None, dtype: torch.dtype | None = None,
-               attention_backend: str = "auto") -> LlamaModel:
+               attention_backend: str = "auto", tp_rank: int = 0, tp_size: int = 1) -> LlamaModel:
+    """The model in ``path``; with ``tp_size > 1`` only rank ``tp_rank``'s shard (lesson 13), read
+    slice by slice. ``model.source`` remembers how it was loaded (tensor-parallel workers load the same)."""
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     config = read_config(path)
     with torch.device("meta"):
-        model = LlamaModel(config, attention_backend=attention_backend)
-    state = load_state_dict(path)
+        model = LlamaModel(config, attention_backend=attention_backend, tp_rank=tp_rank, tp_size=tp_size)
+    state = load_state_dict(path) if tp_size == 1 else load_state_dict_shard(path, config, tp_rank, tp_size)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = _check_keys(model, state)
@@ -92,6 +129,7 @@ def load_model(path: Path, device: str | None = None, dtype: torch.dtype | None 
     model.rope.__init__(config.head_dim, config.max_position_embeddings, config.rope_theta)
     for layer in model.model.layers:
         layer.self_attn.rope = model.rope
+    model.source = ModelSource(path, attention_backend)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -102,9 +140,11 @@ def _check_keys(model: LlamaModel, state: dict) -> tuple[list[str], list[str]]:
 
 def load(model: str | os.PathLike | None = None, device: str | None = None,
          dtype: torch.dtype | None = None, attention_backend: str = "auto",
-         quiet: bool = False, rebuild_cache: bool = False) -> tuple[LlamaModel, Tokenizer]:
-    """Load (model, tokenizer) from the default model or a local path (``rebuild_cache``: convert again)."""
+         quiet: bool = False, rebuild_cache: bool = False, tp_rank: int = 0,
+         tp_size: int = 1) -> tuple[LlamaModel, Tokenizer]:
+    """Load (model, tokenizer) from the default model or a local path (``rebuild_cache``: convert again);
+    ``tp_size > 1``: only rank ``tp_rank``'s shard of the model."""
     path = resolve_model_dir(model, quiet=quiet, rebuild_cache=rebuild_cache)
-    m = load_model(path, device, dtype, attention_backend)
+    m = load_model(path, device, dtype, attention_backend, tp_rank, tp_size)
     tok = Tokenizer.from_dir(path, eos_token_ids=m.config.eos_token_ids)
     return m, tok

@@ -47,7 +47,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..model.tokenizer import Tokenizer
-from .async_engine import PromptError, RequestStream, ServerShuttingDown
+from .async_engine import EngineDeadError, PromptError, RequestStream, ServerShuttingDown
 from .body_text import check_body_text
 from .errors import OpenAIError, error_body, install_error_handlers, internal_error_body
 from .limits import Admission, ServerLimits, Ticket
@@ -247,6 +247,9 @@ class Server:
             self.admission.release(ticket)
             where = f"prompt {e.index}: " if len(prompts) > 1 else ""
             raise OpenAIError(where + e.reason, param="prompt") from None
+        except EngineDeadError as e:                 # the engine cannot step (a tensor-parallel worker died)
+            self.admission.release(ticket)
+            raise OpenAIError(str(e), status=500, type="internal_error", code="engine_dead") from None
         except BaseException:
             self.admission.release(ticket)
             raise

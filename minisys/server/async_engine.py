@@ -21,7 +21,10 @@ no memory).
 A step that raises is logged with its traceback and an error id (logger
 ``minisys.server``), counted (``num_step_errors``), and fails only the
 requests in flight, with an `EngineDeadError` carrying that id and no
-exception text (the client sees the id; the log has the detail).
+exception text (the client sees the id; the log has the detail) When the
+engine itself cannot step any more (``LLMEngine.failure``: a tensor-parallel
+worker died, lesson 13) the loop ends: /health turns 503 and new requests
+get `EngineDeadError` at once instead of waiting forever.
 
 `AsyncEagerEngine` serves the same interface one request at a time with the
 eager baseline (`EagerGenerator`): the baseline server of the benchmark.
@@ -242,15 +245,38 @@ class AsyncLLMEngine(_AsyncEngineBase):
     def __init__(self, engine: LLMEngine) -> None:
         super().__init__()
         self.engine = engine
+        self._dead_error: EngineDeadError | None = None
 
     @property
     def max_model_len(self) -> int:
         return self.engine.config.max_model_len
 
+    @property
+    def is_running(self) -> bool:
+        """The loop task is alive and the engine can step (no tensor-parallel worker died): /health."""
+        return super().is_running and self.engine.failure is None
+
+    def _check_alive(self) -> None:
+        """`EngineDeadError` (-> 500, the detail in the log) once the engine can no longer step."""
+        if self.engine.failure is not None:
+            if self._dead_error is None:
+                self._dead_error = EngineDeadError(new_error_id())
+                logger.error("the engine cannot step: %s (error id %s)", self.engine.failure,
+                             self._dead_error.error_id)
+            raise self._dead_error
+
+    async def shutdown(self) -> None:
+        """The base shutdown, then stop what the engine started (tensor-parallel workers)."""
+        try:
+            await super().shutdown()
+        finally:
+            self.engine.shutdown()
+
     async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                           prompt: str | None = None, **meta) -> RequestStream:
         """Queue a request; ValueError (with the engine's reason) if it can never be served.
         ``meta``: ``client``, ``priority``, ``qoe`` for the scheduling policy (`LLMEngine.add_request`)."""
+        self._check_alive()
         queue = OutputSlot()
         self._queues[request_id] = queue            # registered first: no output can be missed
         try:
@@ -267,6 +293,7 @@ class AsyncLLMEngine(_AsyncEngineBase):
         """Queue several requests in ONE call on the engine thread, all or none (`PromptError` with the
         index of the one refused). One trip, however many prompts: adding never waits behind a step
         per prompt, and a client that leaves meanwhile has everything it added aborted."""
+        self._check_alive()
         slots = [OutputSlot() for _ in items]
         for (rid, *_), slot in zip(items, slots):
             self._queues[rid] = slot                    # registered first: no output can be missed
@@ -315,6 +342,10 @@ class AsyncLLMEngine(_AsyncEngineBase):
                 outs = await self._call(self.engine.step)
             except Exception:                        # a bug: log it, fail the requests in flight, keep serving
                 await self._call(self._apply_aborts, self._fail_all())
+                if self.engine.failure is not None:  # a dead tensor-parallel worker: no step can succeed
+                    logger.error("the engine cannot step any more: %s; /health reports 503",
+                                 self.engine.failure)
+                    return
                 continue
             for out in outs:
                 self._deliver(out)

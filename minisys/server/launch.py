@@ -169,7 +169,11 @@ def serve(args) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    engine, tokenizer, model = build_engine(args, config)
+    try:
+        engine, tokenizer, model = build_engine(args, config)
+    except ValueError as exc:                   # e.g. a --tensor-parallel-size the model's heads cannot take
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     name = model_name(args)
     app = build_app(engine, tokenizer, name, api_key=api_key, limits=limits, metrics_open=args.metrics_open,
                     timeouts=timeouts)

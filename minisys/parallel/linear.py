@@ -1,0 +1,118 @@
+"""Parallel linear and embedding layers: Megatron's column/row split, as small modules.
+
+Each holds its rank's slice of the full weight under the usual names
+(``weight``, ``bias``), so a sharded checkpoint loads with ``load_state_dict``.
+With ``tp_size == 1`` each is exactly the layer it replaces (`nn.Linear`,
+`nn.Embedding`): same math, no process group needed.
+
+    ColumnParallelLinear   y_r = x @ W[rows_r].T + b[rows_r]     no communication
+    RowParallelLinear      y = sum_r x_r @ W[:, cols_r].T  (+ b)  ONE all-reduce, bias after it
+    VocabParallelEmbedding e = sum_r (rows_r own the id ? W_r[id - start_r] : 0)   one all-reduce
+    ParallelLMHead         logits = concat_r (h @ W[rows_r].T)   one all-gather
+
+A column-parallel layer feeding a row-parallel one needs no communication in
+between (each rank's slice of the activation is exactly the input columns its
+row-parallel weight holds), so an attention block or an MLP costs one
+all-reduce each: two per layer.
+
+The LM head is vocab-parallel, not replicated: with tied embeddings (SmolLM2)
+it shares the embedding's rows, so each rank keeps 1/N of the largest matrix
+of a small model; the price is one all-gather of (B, V/N) logits per step,
+small next to the per-layer all-reduces of (T, C).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .comm import all_gather_cat, all_reduce
+from .shard import partition, partition_sizes
+
+
+def _sizes(n: int, tp_size: int, given: list[int] | None, what: str) -> list[int]:
+    sizes = list(given) if given is not None else partition_sizes(n, tp_size)
+    if len(sizes) != tp_size or sum(sizes) != n or min(sizes) < 0:
+        raise ValueError(f"{what}: {sizes} is not a split of {n} features over {tp_size} ranks")
+    return sizes
+
+
+class ColumnParallelLinear(nn.Linear):
+    """Rows [start, end) of an (out_features, in_features) weight (and its bias): y_r = x @ W_r.T + b_r.
+
+    ``out_sizes``: every rank's number of rows (default: as even as possible); uneven splits are how
+    whole attention-head groups are kept on one rank. No communication: the output stays split.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1,
+                 out_sizes: list[int] | None = None) -> None:
+        sizes = _sizes(out_features, tp_size, out_sizes, "ColumnParallelLinear out_sizes")
+        super().__init__(in_features, sizes[tp_rank], bias=bias)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.full_out_features = out_features
+        self.out_start = sum(sizes[:tp_rank])          # this rank's first row of the full weight
+
+
+class RowParallelLinear(nn.Linear):
+    """Columns [start, end) of an (out_features, in_features) weight: y = all_reduce(x_r @ W_r.T) + b.
+
+    ``x_r`` is this rank's slice of the input features (a column-parallel layer's output). The bias is
+    whole on every rank and added once, after the sum. ``in_sizes`` as ``out_sizes`` above.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1,
+                 group=None, in_sizes: list[int] | None = None) -> None:
+        sizes = _sizes(in_features, tp_size, in_sizes, "RowParallelLinear in_sizes")
+        super().__init__(sizes[tp_rank], out_features, bias=bias)
+        self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
+        self.full_in_features = in_features
+        self.in_start = sum(sizes[:tp_rank])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight)                   # (T, out): this rank's partial sum
+        all_reduce(y, self.group)                      # the one communication of the layer
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Rows [start, end) of the (vocab, hidden) table. A token's row is found on exactly one rank; the
+    others contribute zeros, and one all-reduce adds them up (exact: x + 0 = x)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0, tp_size: int = 1,
+                 group=None) -> None:
+        self.vocab_start, self.vocab_end = partition(num_embeddings, tp_size, tp_rank)
+        super().__init__(self.vocab_end - self.vocab_start, embedding_dim)
+        self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
+        self.full_num_embeddings = num_embeddings
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        mine = (ids >= self.vocab_start) & (ids < self.vocab_end)
+        local = torch.where(mine, ids - self.vocab_start, torch.zeros_like(ids))
+        out = F.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)   # (T, C)
+        return all_reduce(out, self.group)
+
+
+class ParallelLMHead(nn.Module):
+    """Vocabulary rows [start, end) of the LM head; logits are gathered so every rank holds all (T, V).
+
+    With tied embeddings its ``weight`` IS the `VocabParallelEmbedding`'s (same rows on the same rank).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False, tp_rank: int = 0,
+                 tp_size: int = 1, group=None) -> None:
+        super().__init__()
+        self.vocab_start, self.vocab_end = partition(num_embeddings, tp_size, tp_rank)
+        self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, embedding_dim))
+        self.bias = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start)) if bias else None
+        self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
+        self.sizes = partition_sizes(num_embeddings, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight, self.bias)   # (T, V/N): this rank's slice of the vocabulary
+        if self.tp_size == 1:
+            return logits
+        return all_gather_cat(logits, self.sizes, self.group)    # (T, V)
