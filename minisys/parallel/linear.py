@@ -19,15 +19,21 @@ The LM head is vocab-parallel, not replicated: with tied embeddings (SmolLM2)
 it shares the embedding's rows, so each rank keeps 1/N of the largest matrix
 of a small model; the price is one all-gather of (B, V/N) logits per step,
 small next to the per-layer all-reduces of (T, C).
+
+``ColumnParallelLinear.from_full(full, rows)`` / ``RowParallelLinear.from_full(full, cols, group)``
+build the same layers by cutting a block out of a whole ``nn.Linear`` (lab 13's
+form: the block is given, not derived from a rank); the engine's loader
+instead builds them empty and loads `shard.shard_state_dict`'s slice.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .comm import all_gather_cat, all_reduce
-from .shard import partition, partition_sizes
+from .shard import check_block, partition, partition_sizes
 
 
 def _sizes(n: int, tp_size: int, given: list[int] | None, what: str) -> list[int]:
@@ -52,6 +58,18 @@ class ColumnParallelLinear(nn.Linear):
         self.full_out_features = out_features
         self.out_start = sum(sizes[:tp_rank])          # this rank's first row of the full weight
 
+    @classmethod
+    def from_full(cls, full: nn.Linear, rows: range) -> "ColumnParallelLinear":
+        """Rows ``rows`` of ``full`` (copies): x [..., in] -> [..., len(rows)]. Knows no group (tp 0 of 1)."""
+        check_block(rows, full.out_features, "rows")
+        layer = cls(full.in_features, len(rows), full.bias is not None)
+        layer.full_out_features, layer.out_start = full.out_features, rows.start
+        with torch.no_grad():
+            layer.weight.copy_(full.weight[rows.start:rows.stop])                   # (len(rows), in)
+            if full.bias is not None:
+                layer.bias.copy_(full.bias[rows.start:rows.stop])
+        return layer.requires_grad_(False)
+
 
 class RowParallelLinear(nn.Linear):
     """Columns [start, end) of an (out_features, in_features) weight: y = all_reduce(x_r @ W_r.T) + b.
@@ -67,6 +85,23 @@ class RowParallelLinear(nn.Linear):
         self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
         self.full_in_features = in_features
         self.in_start = sum(sizes[:tp_rank])
+
+    @classmethod
+    def from_full(cls, full: nn.Linear, cols: range, group=None) -> "RowParallelLinear":
+        """Columns ``cols`` of ``full`` (copies), summed over ``group``: x [..., len(cols)] -> [..., out].
+
+        Every rank of ``group`` (default: the default group; none initialized: no sum) holds one block.
+        """
+        check_block(cols, full.in_features, "cols")
+        layer = cls(len(cols), full.out_features, full.bias is not None)
+        if dist.is_initialized():
+            layer.tp_rank, layer.tp_size = dist.get_rank(group), dist.get_world_size(group)
+        layer.group, layer.full_in_features, layer.in_start = group, full.in_features, cols.start
+        with torch.no_grad():
+            layer.weight.copy_(full.weight[:, cols.start:cols.stop])                # (out, len(cols))
+            if full.bias is not None:
+                layer.bias.copy_(full.bias)            # whole: added once, after the sum
+        return layer.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

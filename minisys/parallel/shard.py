@@ -19,6 +19,10 @@ does; it costs a copy of those heads' KV cache on every rank sharing them).
 
 The MLP's intermediate size and the vocabulary are split the same way
 (evenly when they divide, else the first ranks one more).
+
+Two forms of the same rule: `shard_state_dict` cuts a whole checkpoint (the
+engine's loader), `shard_layer` one decoder layer's tensors given only its
+head counts (lab 13's exercise, and the shortest page to read the split on).
 """
 from __future__ import annotations
 
@@ -33,9 +37,17 @@ def partition(n: int, tp_size: int, rank: int) -> tuple[int, int]:
     """[start, end) of rank ``rank``'s share of ``n`` items: sizes differ by at most one, larger first."""
     if not 0 <= rank < tp_size:
         raise ValueError(f"rank {rank} is not in [0, {tp_size})")
+    if tp_size > n:
+        raise ValueError(f"cannot split {n} items over {tp_size} ranks: some rank would get none")
     base, extra = divmod(n, tp_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
+
+
+def check_block(block: range, n: int, what: str) -> None:
+    """ValueError unless ``block`` is a non-empty contiguous block of ``range(n)`` (a rank's share)."""
+    if len(block) == 0 or block.step != 1 or block.start < 0 or block.stop > n:
+        raise ValueError(f"{what} {block} is not a non-empty block of 0..{n - 1}")
 
 
 def partition_sizes(n: int, tp_size: int) -> list[int]:
@@ -117,3 +129,16 @@ def shard_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, t
         spec = shard_spec(name, config, tp_rank, tp_size)
         out[name] = t if spec is None else t.narrow(spec[0], spec[1], spec[2] - spec[1]).contiguous()
     return out
+
+
+def shard_layer(state_dict: dict[str, torch.Tensor], num_heads: int, num_kv_heads: int, head_dim: int,
+                tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+    """One decoder layer's tensors (``DecoderLayer.state_dict()`` names) for rank ``tp_rank``: copies.
+
+    The rule of `shard_spec`, with the sizes read from the layer (hidden from q_proj's columns, the
+    intermediate size from gate_proj's rows). A tensor it has no rule for is a ValueError naming it.
+    """
+    config = ModelConfig(vocab_size=1, hidden_size=state_dict["self_attn.q_proj.weight"].shape[1],
+                         intermediate_size=state_dict["mlp.gate_proj.weight"].shape[0], num_layers=1,
+                         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    return {name: t.clone() for name, t in shard_state_dict(state_dict, config, tp_rank, tp_size).items()}

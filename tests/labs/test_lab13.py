@@ -10,8 +10,9 @@ all-reduce simulated here chunk by chunk; the FIFO queue against a
 tick-by-tick simulation. Sizes are SmolLM2's head layout (9 query heads, 3 KV
 heads) on a narrow hidden size, so every test takes well under a second.
 
-``reference_impl`` is minisys's own: ``minisys/model/sharding.py`` (the split
-of one layer) and ``minisys/bench/multiplexing.py`` (the AlpaServe queue).
+``reference_impl`` is minisys's own: the engine's ``minisys/parallel/``
+(``shard.py``'s split, ``linear.py``'s column/row pair through ``from_full``,
+``cost.py``'s bytes) and ``minisys/bench/multiplexing.py`` (the AlpaServe queue).
 """
 from __future__ import annotations
 
@@ -39,26 +40,23 @@ from minisys.model.llama import DecoderLayer
 # ------------------------------------------------------------------ the reference: minisys's own
 def reference_impl():
     from minisys.bench.multiplexing import fifo_latencies
-    from minisys.model.sharding import (
-        ColumnParallelBlock,
-        RowParallelBlock,
-        allreduce_bytes,
-        layer_blocks,
-        partition,
-        shard_layer,
-        tp_comm_bytes_per_token,
-    )
+    from minisys.parallel import shard
+    from minisys.parallel.cost import allreduce_bytes, tp_comm_bytes_per_token
+    from minisys.parallel.linear import ColumnParallelLinear, RowParallelLinear
 
     def kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes=2):
         shape = types.SimpleNamespace(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
         return ModelConfig.kv_bytes_per_token(shape, dtype_bytes)
 
+    def partition(n, tp_rank, tp_size):                  # the lab's form: (rank, size) in, a range out
+        return range(*shard.partition(n, tp_size, tp_rank))
+
     # the helpers by name too, so that the grader's guard also refuses a notebook answering with them
-    rules = (allreduce_bytes, layer_blocks)
+    rules = (allreduce_bytes, shard.partition_sizes, shard.shard_spec, shard.shard_state_dict, shard.head_shard)
     return types.SimpleNamespace(rules=rules, kv_bytes_per_token=kv_bytes_per_token,
-                                 ColumnParallelLinear=ColumnParallelBlock,
-                                 RowParallelLinear=RowParallelBlock, partition=partition,
-                                 shard_checkpoint=shard_layer, tp_comm_bytes_per_token=tp_comm_bytes_per_token,
+                                 ColumnParallelLinear=ColumnParallelLinear.from_full,
+                                 RowParallelLinear=RowParallelLinear.from_full, partition=partition,
+                                 shard_checkpoint=shard.shard_layer, tp_comm_bytes_per_token=tp_comm_bytes_per_token,
                                  fifo_latencies=fifo_latencies)
 
 
