@@ -155,7 +155,7 @@ def test_engine_greedy_tp2_equals_tp1_then_a_dead_worker_fails_fast(tiny_dirs, m
 
     from minisys import LLM, SamplingParams
     from minisys.engine.config import EngineConfig
-    from minisys.parallel.executor import TensorParallelError
+    from minisys.engine.tp_model_runner import TensorParallelError
     cfg = EngineConfig(num_kv_blocks=10, block_size=4, max_num_seqs=4, max_num_batched_tokens=8)
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in _engine_prompts()]

@@ -98,7 +98,7 @@ class LLMEngine:
                              f"minisys.model.load(..., tp_size={tp}), as LLM does)")
         if tp == 1:
             return ModelRunner(model, self.config.num_kv_blocks, self.config.block_size)
-        from ..parallel.executor import TPModelRunner
+        from .tp_model_runner import TPModelRunner
         return TPModelRunner(model, self.config.num_kv_blocks, self.config.block_size)
 
     @property

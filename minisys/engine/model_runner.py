@@ -95,7 +95,7 @@ class ModelRunner:
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """Copy-on-write the step's blocks, then one forward: logits (len(logits_indices), V).
 
-        The one place the model runs: the tensor-parallel runner (`minisys.parallel.executor`)
+        The one place the model runs: the tensor-parallel runner (`minisys.engine.tp_model_runner`)
         broadcasts these arguments to its workers, then calls this on rank 0."""
         for src, dst in block_copies:
             self.cache.copy_block(src, dst)

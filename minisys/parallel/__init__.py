@@ -5,5 +5,7 @@
 - `cost`: the bytes the all-reduces send per token (the paper arithmetic; `comm` times the real ones).
 - `comm`: the process group (gloo on CPU, nccl on CUDA) and the timed all-reduce.
 - `workers`: start, watch and stop worker processes (generic: reused by lesson 14's replicas).
-- `executor`: the tensor-parallel model runner: rank 0 broadcasts each step's batch to the workers.
+
+The tensor-parallel model runner (rank 0 broadcasts each step's batch to the workers) is
+`minisys.engine.tp_model_runner`: an engine part, above the model that uses this package.
 """

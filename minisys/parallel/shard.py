@@ -27,10 +27,12 @@ head counts (lab 13's exercise, and the shortest page to read the split on).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..model.config import ModelConfig
+if TYPE_CHECKING:       # parallel/ sits below model/ (llama.py builds its layers from linear.py)
+    from ..model.config import ModelConfig
 
 
 def partition(n: int, tp_size: int, rank: int) -> tuple[int, int]:
@@ -138,6 +140,7 @@ def shard_layer(state_dict: dict[str, torch.Tensor], num_heads: int, num_kv_head
     The rule of `shard_spec`, with the sizes read from the layer (hidden from q_proj's columns, the
     intermediate size from gate_proj's rows). A tensor it has no rule for is a ValueError naming it.
     """
+    from ..model.config import ModelConfig      # at call time: parallel/ does not load model/
     config = ModelConfig(vocab_size=1, hidden_size=state_dict["self_attn.q_proj.weight"].shape[1],
                          intermediate_size=state_dict["mlp.gate_proj.weight"].shape[0], num_layers=1,
                          num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)

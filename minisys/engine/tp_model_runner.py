@@ -16,6 +16,11 @@ records it in `failure`; the step in flight fails (gloo raises when a peer's
 socket closes, or the process group's timeout ends the wait), every later
 step fails at once with `TensorParallelError`, and the server reports itself
 unhealthy. `shutdown` stops the workers (stop message, then terminate/kill).
+
+It lives in ``engine/``, not ``parallel/``: it is a `ModelRunner` (an engine
+part) built on the model, while ``minisys/parallel/`` stays below the model
+(``model/llama.py`` builds its layers from ``parallel/linear.py``), so the
+packages never import each other in a circle (tests/test_layering.py).
 """
 from __future__ import annotations
 
@@ -27,11 +32,11 @@ from pathlib import Path
 import torch
 
 from ..attention.base import AttentionMetadata
-from ..engine.model_runner import ModelRunner, StepBatch
 from ..kv.paged import PagedKVCache
 from ..model.llama import LlamaModel
-from . import comm
-from .workers import WorkerGroup, report_ready
+from ..parallel import comm
+from ..parallel.workers import WorkerGroup, report_ready
+from .model_runner import ModelRunner, StepBatch
 
 READY_TIMEOUT_S = 300.0
 
