@@ -24,7 +24,7 @@ import torch
 from ..attention import AttentionMetadata
 from ..engine.request import check_prompt_ids
 
-MAX_TOKENS_PER_FORWARD = 4096     # texts are packed into forwards of at most this many tokens
+MAX_TOKENS_PER_FORWARD = 2048     # texts are packed into forwards of at most this many tokens
 
 
 @dataclass
