@@ -8,6 +8,8 @@ import torch
 
 from minisys.rag.embed import embed_token_ids, mean_pool
 
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
 TEXTS = ["The prefix cache reuses full KV blocks of a shared prompt prefix.",
          "Paris is the capital of France.", "x", "Continuous batching admits new requests every step."]
 
@@ -137,3 +139,81 @@ def test_index_refuses_bad_input():
         index.search(np.ones((1, 3)), 1)
     with pytest.raises(ValueError, match="k must be"):
         index.search(np.ones((1, 4)), 0)
+
+
+# ---------------------------------------------------------------- the course corpus and the RAG prompt
+def test_corpus_passages_cover_the_files_under_their_headings(tmp_path):
+    from minisys.rag.corpus import build_corpus, load_passages, save_passages, split_markdown
+    text = ("intro words here\n\n# Alpha\n\none two three. four five six.\n\n```\n# not a heading\n\ncode\n```\n\n"
+            "## Beta\n\n" + " ".join(f"w{i}." for i in range(25)))
+    ps = split_markdown(text, "x.md", max_words=10)
+    assert [p.heading for p in ps][:2] == ["", "Alpha"] and {p.heading for p in ps} == {"", "Alpha", "Beta"}
+    assert all(len(p.text.split()) <= 10 for p in ps)
+    assert any("# not a heading\n\ncode" in p.text for p in ps)              # a fence is kept whole
+    body = [ln for ln in text.splitlines() if ln not in ("# Alpha", "## Beta")]    # the two real headings
+    assert [w for p in ps for w in p.text.split()] == " ".join(body).split()     # every word once, in order
+    (tmp_path / "a.md").write_text(text)
+    (tmp_path / "b.md").write_text("# B\n\nlast words")
+    corpus = build_corpus(tmp_path, ["a.md", "b.md"], max_words=10)
+    assert [p.id for p in corpus] == list(range(len(corpus))) and corpus[-1].source == "b.md"
+    save_passages(corpus, tmp_path / "p.jsonl")
+    assert load_passages(tmp_path / "p.jsonl") == corpus
+
+
+def test_rag_prompt_is_canonical_and_block_aligned(smol):
+    from minisys.rag.corpus import Passage
+    from minisys.rag.prompt import build_rag_prompt
+    _, tok = smol
+    ps = [Passage(i, "lessons/x.md", f"h{i}", f"passage number {i} says something {'long ' * i}") for i in range(4)]
+    a = build_rag_prompt(tok, "why?", [ps[3], ps[1]], block_size=16)
+    b = build_rag_prompt(tok, "why?", [ps[1], ps[3]], block_size=16)
+    assert a == b and a.passage_ids == [1, 3]
+    assert all(e % 16 == 0 for e in a.segment_ends)
+    c = build_rag_prompt(tok, "how?", [ps[1], ps[2]], block_size=16)    # shares head + passage 1
+    assert c.token_ids[:a.segment_ends[1]] == a.token_ids[:a.segment_ends[1]]
+    assert c.token_ids[a.segment_ends[1]:a.segment_ends[2]] != a.token_ids[a.segment_ends[1]:a.segment_ends[2]]
+    text = tok.decode(a.token_ids)
+    assert text.index("h1") < text.index("h3") < text.index("why?")
+    raw = build_rag_prompt(tok, "why?", [ps[3], ps[1]], canonical=False, align=False)
+    assert raw.passage_ids == [3, 1] and len(raw.token_ids) < len(a.token_ids)
+
+
+# ---------------------------------------------------------------- document KV reuse
+def _lcp_blocks(a: list[int], b: list[int], block_size: int) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n // block_size
+
+
+def test_document_kv_reuse_gives_the_same_greedy_answers_and_prefills_less(smol):
+    """The oracle for the saving: for each prompt, the full blocks of its longest common prefix with any
+    earlier prompt (at least one token left to compute), counted from the token lists alone."""
+    from minisys.engine.config import EngineConfig
+    from minisys.engine.llm_engine import LLMEngine
+    from minisys.engine.sampling_params import SamplingParams
+    from minisys.rag.corpus import build_corpus
+    from minisys.rag.prompt import build_rag_prompt
+    model, tok = smol
+    ps = build_corpus(REPO, ["lessons/03-paged-kv.md"], max_words=60)[:5]
+    stream = [(0, 2), (2, 0), (0, 3), (1, 4), (0, 2)]                      # passage 0 is popular
+    questions = ["What is a block?", "Why page the cache?", "What is reused?", "What is freed?", "Say it again."]
+    prompts = [build_rag_prompt(tok, q, [ps[i] for i in ids]).token_ids for q, ids in zip(questions, stream)]
+    sp = SamplingParams(temperature=0, max_tokens=6)
+    answers, prefilled = {}, {}
+    for cache in (False, True):
+        engine = LLMEngine(model, tok, EngineConfig(num_kv_blocks=256, max_num_seqs=2, enable_prefix_caching=cache))
+        answers[cache] = []
+        for i, ids in enumerate(prompts):                                   # one at a time: a query stream
+            engine.add_request(str(i), ids, sp)
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.finished:
+                        answers[cache].append(out.outputs[0].token_ids)
+        prefilled[cache] = engine.stats.prefill_tokens
+    assert answers[True] == answers[False]                                  # token for token
+    bs = 16
+    reused = sum(min(max((_lcp_blocks(p, q, bs) for q in prompts[:i]), default=0), (len(p) - 1) // bs) * bs
+                 for i, p in enumerate(prompts))
+    assert prefilled[False] == sum(map(len, prompts))
+    assert prefilled[True] == prefilled[False] - reused and reused >= 2 * bs * 3
