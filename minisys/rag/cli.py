@@ -68,8 +68,10 @@ def embed_texts(llm, texts: list[str]) -> np.ndarray:
 
 
 def build_store(llm, root: Path, sources: list[str] | None, config: IndexConfig,
-                max_words: int = DEFAULT_MAX_WORDS, model_name: str = "default") -> RagStore:
-    passages = build_corpus(root, sources, max_words)
+                max_words: int = DEFAULT_MAX_WORDS, model_name: str = "default",
+                limit: int | None = None) -> RagStore:
+    """Embed the passages of ``sources`` under ``root`` (the first ``limit`` of them, if given) and index them."""
+    passages = build_corpus(root, sources, max_words)[:limit]
     if not passages:
         raise ValueError("no passages: the sources are empty")
     vectors = embed_texts(llm, [p.embedding_text() for p in passages])
@@ -100,7 +102,7 @@ def cmd_index(args) -> int:
     llm = _llm(args)
     config = IndexConfig(kind=args.kind, nprobe=args.nprobe, ef_search=args.ef_search)
     store = build_store(llm, Path(args.root), args.source or None, config, args.max_words,
-                        model_name=args.model or "default")
+                        model_name=args.model or "default", limit=args.limit)
     store.save(Path(args.dir))
     print(f"indexed {len(store.passages)} passages from {len(store.meta['sources'])} files "
           f"({args.kind}, {store.vectors.shape[1]} dimensions) into {args.dir}")
@@ -153,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--nprobe", type=int, default=8, help="ivf: cells scanned per query")
             s.add_argument("--ef-search", type=int, default=128, help="hnsw: search beam")
             s.add_argument("--max-words", type=int, default=DEFAULT_MAX_WORDS, help="words per passage, at most")
+            s.add_argument("--limit", type=int, default=None, help="index only the first N passages (quick runs)")
             s.add_argument("--root", default=str(REPO_ROOT), help="the repository whose text is indexed")
             s.add_argument("--source", action="append", default=None,
                            help="a file under --root to index (repeatable; default: lessons/*.md, "
