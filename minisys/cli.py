@@ -9,7 +9,7 @@
     python -m minisys grade labs/01-tokens-to-text.ipynb [--results results.json]
     python -m minisys labs build | check
     python -m minisys labs start 01            # a working copy: work/01-tokens-to-text.ipynb
-    python -m minisys bench kv-cache | attention | paged-kv | throughput | chunked | spec | serve | scheduling | soak | facts
+    python -m minisys bench kv-cache | attention | paged-kv | throughput | chunked | spec | serve | scheduling | soak | facts | compound
     python -m minisys serve [--port 8000] [--engine llm|eager] [--api-key KEY]
     python -m minisys rag index | query "..." | ask "..."   # lesson 16: RAG over the course's text
 """

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "scheduling": "minisys.bench.scheduling",
     "soak": "minisys.bench.soak",
     "facts": "minisys.bench.facts",
+    "compound": "minisys.bench.compound",
 }
 
 
