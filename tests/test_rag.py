@@ -176,6 +176,8 @@ def test_rag_prompt_is_canonical_and_block_aligned(smol):
     assert text.index("h1") < text.index("h3") < text.index("why?")
     raw = build_rag_prompt(tok, "why?", [ps[3], ps[1]], canonical=False, align=False)
     assert raw.passage_ids == [3, 1] and len(raw.token_ids) < len(a.token_ids)
+    popular = build_rag_prompt(tok, "why?", [ps[1], ps[3], ps[1]], order_key=lambda p: (-{3: 5}.get(p.id, 0), p.id))
+    assert popular.passage_ids == [3, 1]                                   # the most retrieved first, no duplicates
 
 
 # ---------------------------------------------------------------- document KV reuse
@@ -289,3 +291,10 @@ def test_rag_index_query_ask_on_a_subset_of_the_course(tmp_path, smol, capsys, m
     assert f"#{target.id} " in out.splitlines()[0] and out.splitlines()[2].startswith("answer: ")
     assert len(out.splitlines()[2]) > len("answer: ")
     assert cli.main(["ask", "x", "--model", "other", *common]) == 2                  # built by another model
+
+
+def test_rag_is_a_minisys_command_and_a_missing_index_is_a_clear_error(tmp_path, capsys):
+    from minisys.cli import main
+    assert main(["rag", "query", "what?", "--dir", str(tmp_path / "none")]) == 2
+    assert "rag index" in capsys.readouterr().err
+    assert main(["rag", "ask", "what?", "-k", "0", "--dir", str(tmp_path)]) == 2

@@ -28,12 +28,13 @@ it attends to differ), so {3, 9} after {3, 7} reuses head + 3 and recomputes
 caching with a partial recomputation to restore cross-attention: CacheBlend
 (Yao et al., 2024) and Prompt Cache (Gim et al., 2024) are the readings. A
 popularity-first order (most retrieved passages first) would share longer
-prefixes under a skewed stream but is not stable as popularity drifts.
+prefixes under a skewed stream (``order_key``; `minisys.bench.compound` measures it with counts
+of the queries so far) but changes order, and so loses reuse, as popularity drifts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from .corpus import Passage
 
@@ -49,9 +50,11 @@ class RagPrompt:
     segment_ends: list[int]         # token offset where the head and each passage end (block multiples if aligned)
 
 
-def canonical_order(passages: Sequence[Passage]) -> list[Passage]:
-    """The retrieved passages sorted by id (duplicates dropped): the same set gives the same order."""
-    return sorted({p.id: p for p in passages}.values(), key=lambda p: p.id)
+def canonical_order(passages: Sequence[Passage], key: Callable[[Passage], Any] | None = None) -> list[Passage]:
+    """The retrieved passages sorted by ``key`` (default: the passage id), duplicates dropped: the same
+    set gives the same order. A key must be a total order that is stable while prefixes are to be reused
+    (e.g. ``(-popularity, id)`` with popularity counts that change rarely)."""
+    return sorted({p.id: p for p in passages}.values(), key=key or (lambda p: p.id))
 
 
 def passage_text(p: Passage) -> str:
@@ -63,10 +66,12 @@ def _pad(ids: list[int], block_size: int, pad_id: int) -> list[int]:
 
 
 def build_rag_prompt(tokenizer, question: str, passages: Sequence[Passage], block_size: int = 16,
-                     canonical: bool = True, align: bool = True, system: str = SYSTEM) -> RagPrompt:
+                     canonical: bool = True, align: bool = True, system: str = SYSTEM,
+                     order_key: Callable[[Passage], Any] | None = None) -> RagPrompt:
     """The chat prompt (the model's own template) with ``passages`` before ``question``, as token ids.
 
-    ``canonical``: sort by passage id (else keep the given order, e.g. by retrieval score);
+    ``canonical``: sort by ``order_key`` (default: passage id; else keep the given order, e.g. by
+    retrieval score);
     ``align``: pad the head and each passage to a multiple of ``block_size`` tokens."""
     template = tokenizer.apply_chat_template(
         [{"role": "system", "content": system}, {"role": "user", "content": _SLOT}], True)
@@ -74,7 +79,7 @@ def build_rag_prompt(tokenizer, question: str, passages: Sequence[Passage], bloc
         raise ValueError("the chat template must place the user message once")
     before, after = template.split(_SLOT)
     pad_id = tokenizer.encode("\n")[-1]
-    ordered = canonical_order(passages) if canonical else list(passages)
+    ordered = canonical_order(passages, order_key) if canonical else list(passages)
     ids = tokenizer.encode(before + "Passages:\n\n")
     ids = _pad(ids, block_size, pad_id) if align else ids
     ends = [len(ids)]
