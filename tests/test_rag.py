@@ -298,3 +298,17 @@ def test_rag_is_a_minisys_command_and_a_missing_index_is_a_clear_error(tmp_path,
     assert main(["rag", "query", "what?", "--dir", str(tmp_path / "none")]) == 2
     assert "rag index" in capsys.readouterr().err
     assert main(["rag", "ask", "what?", "-k", "0", "--dir", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_an_index_saved_and_loaded_searches_the_same(tmp_path, kind):
+    from minisys.rag.index import IndexConfig, VectorIndex
+    rng = np.random.default_rng(4)
+    X = _clustered(rng, 500)
+    config = IndexConfig(kind=kind, nprobe=4, ef_search=32)
+    index = VectorIndex.build(X, config)
+    index.save(tmp_path / "i.faiss")
+    loaded = VectorIndex.load(tmp_path / "i.faiss", config)
+    assert loaded.ntotal == 500 and loaded.dim == 32
+    for a, b in zip(index.search(X[:20], 5), loaded.search(X[:20], 5)):
+        np.testing.assert_array_equal(a, b)
