@@ -1,4 +1,4 @@
-"""Command-line entry points: generate, chat, serve, grade, labs, bench.
+"""Command-line entry points: generate, chat, serve, grade, labs, bench, rag.
 
 ``generate`` and ``chat`` stream one conversation on the eager path
 (``LLM(engine="eager")``: a contiguous KV cache sized to the request);
@@ -9,8 +9,9 @@
     python -m minisys grade labs/01-tokens-to-text.ipynb [--results results.json]
     python -m minisys labs build | check
     python -m minisys labs start 01            # a working copy: work/01-tokens-to-text.ipynb
-    python -m minisys bench kv-cache | attention | paged-kv | throughput | chunked | spec | serve | scheduling | soak | facts
+    python -m minisys bench kv-cache | attention | paged-kv | throughput | chunked | spec | serve | scheduling | soak | facts | compound
     python -m minisys serve [--port 8000] [--engine llm|eager] [--api-key KEY]
+    python -m minisys rag index | query "..." | ask "..."   # lesson 16: RAG over the course's text
 """
 from __future__ import annotations
 
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("grade", help="grade a lab notebook (see minisys/grading)", add_help=False)
     sub.add_parser("labs", help="build or check the student notebooks; start NN: copy one to work/",
                    add_help=False)
+    sub.add_parser("rag", help="retrieval-augmented generation over the course's text: index, query, ask",
+                   add_help=False)
     sub.add_parser("bench", help="run a benchmark (kv-cache, attention, paged-kv, throughput, chunked, spec, "
                                  "serve, scheduling, soak) or the lessons' small measured facts (facts)",
                    add_help=False)
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         from .bench.__main__ import main as main_bench
         return main_bench(argv[1:])
+    if argv and argv[0] == "rag":
+        from .rag.cli import main as main_rag
+        return main_rag(argv[1:])
     if argv and argv[0] == "labs":
         from .grading.notebooks import main_labs
         return main_labs(argv[1:])

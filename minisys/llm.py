@@ -31,6 +31,7 @@ from .engine.outputs import RequestOutput
 from .engine.sampling_params import RequestOutputKind, SamplingParams
 from .model.loader import load
 from .model.tokenizer import check_text
+from .rag.embed import EmbeddingRequestOutput
 
 PromptType = Union[str, dict[str, Any]]   # "text" | {"prompt": "text"} | {"prompt_token_ids": [...]}
 Message = dict[str, str]
@@ -113,6 +114,25 @@ class LLM:
         prompts = [{"prompt": self.tokenizer.apply_chat_template(c, add_generation_prompt)}
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType], use_tqdm: bool = False,
+              normalize: bool = True) -> list[EmbeddingRequestOutput]:
+        """One vector per prompt, in input order (vLLM's ``LLM.embed``; `minisys.rag.embed`): the served
+        model's final hidden states mean-pooled over the prompt's tokens, L2-normalised (unless
+        ``normalize=False``). A prompt longer than the context, empty, or with ids outside the
+        vocabulary is a ValueError; nothing is truncated. ``use_tqdm`` is accepted for vLLM's signature."""
+        from .rag.embed import EmbeddingOutput, check_embedding_input, embed_token_ids
+        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        ids = [self._tokenize(p)[1] for p in prompt_list]
+        for i, p in enumerate(ids):
+            check_embedding_input(p, self.model.config.vocab_size, self.model.config.max_position_embeddings,
+                                  f"prompt {i}")
+        vectors = embed_token_ids(self.model, ids, normalize=normalize)               # (B, C) fp32
+        outs = []
+        for p, v in zip(ids, vectors):
+            outs.append(EmbeddingRequestOutput(str(self._next_id), p, EmbeddingOutput(v.tolist())))
+            self._next_id += 1
+        return outs
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(text, ids) of one prompt; ValueError for a malformed one or text UTF-8 cannot encode."""

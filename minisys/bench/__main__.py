@@ -15,6 +15,7 @@ BENCHMARKS = {
     "soak": "minisys.bench.soak",
     "facts": "minisys.bench.facts",
     "tp": "minisys.bench.tp",
+    "compound": "minisys.bench.compound",
 }
 
 

@@ -144,3 +144,13 @@ class LlamaModel(nn.Module):
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
         meta = AttentionMetadata(seqlens_q=[ids.numel()], context_lens=[0])
         return self.forward(ids, meta.positions(self.device), meta)
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: (T,) -> the last layer's hidden states after the final norm, (T, C),
+        in the model's dtype, no KV cache: the input of the LM head (embeddings, lesson 16)."""
+        x = self.model.embed_tokens(input_ids)                           # (T, C)
+        for layer in self.model.layers:
+            x = layer(x, positions, meta, self.attention, None)
+        return self.model.norm(x)                                        # (T, C)
