@@ -14,6 +14,8 @@ BENCHMARKS = {
     "scheduling": "minisys.bench.scheduling",
     "soak": "minisys.bench.soak",
     "facts": "minisys.bench.facts",
+    "structured": "minisys.bench.structured",
+    "structured-library": "minisys.bench.structured_library",
 }
 
 
