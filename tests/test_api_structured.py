@@ -24,16 +24,16 @@ pytestmark = pytest.mark.slow
 
 
 class Address(BaseModel):
-    city: str = Field(max_length=12)
+    city: str = Field(max_length=10)
     country: Literal["UK", "FR", "US"]
 
 
 class Person(BaseModel):
     """A person and where they live."""
 
-    name: str = Field(max_length=16)
-    age: int
-    languages: list[Literal["en", "fr", "de"]] = Field(max_length=3)
+    name: str = Field(max_length=12)
+    age: int = Field(ge=0, le=150)
+    languages: list[Literal["en", "fr", "de"]] = Field(max_length=2)
     address: Address
 
 
@@ -57,7 +57,7 @@ MSG = [{"role": "user", "content": "Give the name, age, languages and address of
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_openai_parse_helper_returns_a_valid_pydantic_object(env, temperature):
     client, _, _ = env
-    r = client.chat.completions.parse(model="smol", messages=MSG, response_format=Person, max_tokens=150,
+    r = client.chat.completions.parse(model="smol", messages=MSG, response_format=Person, max_tokens=100,
                                       temperature=temperature, seed=1)
     msg = r.choices[0].message
     assert r.choices[0].finish_reason == "stop"
@@ -69,7 +69,7 @@ def test_langchain_with_structured_output_json_schema(env):
     from langchain_openai import ChatOpenAI
     _, c, _ = env
     llm = ChatOpenAI(model="smol", base_url="http://testserver/v1", api_key=KEY, http_client=c, max_retries=0,
-                     temperature=0, max_tokens=150)
+                     temperature=0, max_tokens=100)
     out = llm.with_structured_output(Person, method="json_schema").invoke(MSG[0]["content"])
     assert isinstance(out, Person)
 
@@ -101,7 +101,7 @@ def test_vllm_fields_and_json_object_on_both_routes(env, path, base):
 def test_streamed_deltas_add_up_to_valid_json(env):
     client, _, _ = env
     schema = Person.model_json_schema()
-    stream = client.chat.completions.create(model="smol", messages=MSG, max_tokens=150, temperature=0, stream=True,
+    stream = client.chat.completions.create(model="smol", messages=MSG, max_tokens=100, temperature=0, stream=True,
                                             response_format={"type": "json_schema",
                                                              "json_schema": {"name": "p", "schema": schema}})
     text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)

@@ -52,7 +52,10 @@ class EagerGenerator:
                              f"{need} exceeds the model's context of {self.max_model_len} tokens")
 
     def _grammars(self) -> GrammarCompiler:
-        return GrammarCompiler.for_tokenizer(self.tokenizer, self.model.config.vocab_size)
+        """The structured-output compiler, built on first use and kept (its compile cache with it)."""
+        if getattr(self, "_compiler", None) is None:
+            self._compiler = GrammarCompiler.for_tokenizer(self.tokenizer, self.model.config.vocab_size)
+        return self._compiler
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, index: int = 0,
                generator: torch.Generator | None = None) -> Iterator[StepEvent]:

@@ -55,6 +55,7 @@ class GrammarCompiler:
     def __init__(self, ll_tokenizer: "llguidance.LLTokenizer", vocab_size: int, cache_size: int = 128) -> None:
         self.ll_tokenizer, self.vocab_size, self.cache_size = ll_tokenizer, vocab_size, cache_size
         self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()       # the eager server checks specs on the event loop, runs them on its thread
         self.compiles = 0          # cache misses (what the tests and the benchmark count)
 
     @classmethod
@@ -73,10 +74,11 @@ class GrammarCompiler:
     def compile(self, spec: StructuredOutputsParams) -> "llguidance.LLMatcher":
         """The template matcher of ``spec`` (cached); ValueError naming the field if it does not compile."""
         key = spec.key()
-        m = self._cache.get(key)
-        if m is not None:
-            self._cache.move_to_end(key)
-            return m
+        with self._lock:
+            m = self._cache.get(key)
+            if m is not None:
+                self._cache.move_to_end(key)
+                return m
         try:
             grammar = grammar_text(spec)
         except (ValueError, TypeError) as e:
@@ -87,10 +89,11 @@ class GrammarCompiler:
         m = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if m.is_error():
             raise ValueError(f"{spec.field_name} is not a valid {_what(spec)}: {m.get_error()[:300]}")
-        self.compiles += 1
-        self._cache[key] = m
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self.compiles += 1
+            self._cache[key] = m
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         return m
 
     def matcher(self, spec: StructuredOutputsParams) -> StructuredMatcher:
