@@ -217,8 +217,10 @@ def test_preemption_keeps_the_matcher_consistent(smol_paged):
     reqs = [(f"r{i}", _prompt(tok, f"JSON for item {i}."),
              SamplingParams(temperature=0, max_tokens=40, structured_outputs=_spec("small"))) for i in range(3)]
     roomy = _run(LLMEngine(model, tok, EngineConfig(max_num_seqs=4, num_kv_blocks=128)), reqs)
-    need = max(len(ids) + len(roomy[rid].outputs[0].token_ids) for rid, ids, _ in reqs)
-    tight = LLMEngine(model, tok, EngineConfig(block_size=4, num_kv_blocks=-(-need // 4) + 3, max_num_seqs=4))
+    biggest = max(-(-(len(ids) + 40) // 4) for _, ids, _ in reqs)      # blocks of one request at max_tokens
+    used = sum(-(-(len(ids) + len(roomy[rid].outputs[0].token_ids)) // 4) for rid, ids, _ in reqs)
+    assert used > biggest + 1, "the pool must be too small for all three at once"
+    tight = LLMEngine(model, tok, EngineConfig(block_size=4, num_kv_blocks=biggest + 1, max_num_seqs=4))
     done = _run(tight, reqs)
     assert tight.stats.preemptions > 0
     for rid, _, _ in reqs:

@@ -69,10 +69,11 @@ def apply_token_mask(logits: torch.Tensor, rows: Sequence[int], bitmask: torch.T
     if not len(rows):
         return logits
     allowed = unpack_bitmask(bitmask.to(logits.device), logits.shape[-1])          # (R, V)
-    out = logits.clone()
-    idx = torch.as_tensor(list(rows), dtype=torch.long, device=logits.device)
-    out[idx] = out[idx].masked_fill(~allowed, float("-inf"))
-    return out
+    if list(rows) != list(range(logits.shape[0])):                                  # some rows: widen to (B, V)
+        keep = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+        keep[torch.as_tensor(list(rows), dtype=torch.long, device=logits.device)] = allowed
+        allowed = keep
+    return torch.where(allowed, logits, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
 def allowed_token_ids(bitmask_row: torch.Tensor, vocab_size: int) -> list[int]:
