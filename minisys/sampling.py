@@ -19,6 +19,11 @@ seed itself).
     top-p: keep the smallest set of most likely tokens whose mass reaches p
     min-p: keep the tokens at least min_p times as likely as the most likely one
 
+Then a structured-output row (`minisys.structured`) gets its grammar's token
+mask: disallowed tokens to -inf (`apply_token_mask`, one vectorized call for
+all masked rows), after the history knobs and before temperature and the
+filters, for greedy and sampled rows alike.
+
 Before all that, `process_logits` applies the knobs that read a sequence's
 tokens (its `History`), in vLLM's order, to the rows that set one (greedy
 rows too): logit_bias, min_tokens, then the repetition, frequency and
@@ -29,6 +34,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
+
+from .structured.mask import RowMasks, apply_token_mask
 
 if TYPE_CHECKING:
     from .engine.sampling_params import SamplingParams
@@ -163,15 +170,18 @@ def uniforms(generators: torch.Generator | Sequence[torch.Generator | None] | No
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[torch.Generator | None],
-                histories: Sequence[History | None] | None = None) -> list[int]:
+                histories: Sequence[History | None] | None = None, masks: RowMasks | None = None) -> list[int]:
     """One token per row of logits (B, V), row i under ``params[i]`` with ``generators[i]``.
 
     The rows with a history knob are processed first (`process_logits`, with
-    ``histories[i]``). Greedy rows: one argmax together. Sampled rows are
+    ``histories[i]``), then ``masks`` (structured outputs: row ``masks.rows[j]``
+    may only pick the tokens set in ``masks.bitmask[j]``). Greedy rows: one argmax together. Sampled rows are
     grouped by (temperature, top_k, top_p, min_p) so each group is filtered in
     one call; each row then draws ONE uniform from its own generator.
     """
     logits = process_logits(logits, params, histories)
+    if masks is not None:
+        logits = apply_token_mask(logits, masks.rows, masks.bitmask)
     tokens = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
@@ -191,11 +201,15 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def sample_next_token(logits: torch.Tensor, params: SamplingParams,
-                      generator: torch.Generator | None = None, history: History | None = None) -> torch.Tensor:
-    """logits (B, V) -> next tokens (B,), every row under ``params`` (and ``history``), drawing from one
-    ``generator``. For one row this is exactly `sample_rows` with that row's generator and history.
+                      generator: torch.Generator | None = None, history: History | None = None,
+                      bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> next tokens (B,), every row under ``params`` (and ``history``, and the structured
+    output ``bitmask`` (1, W) if given), drawing from one ``generator``. For one row this is exactly
+    `sample_rows` with that row's generator, history and mask.
     """
     logits = process_logits(logits.float(), [params] * logits.shape[0], [history] * logits.shape[0])
+    if bitmask is not None:
+        logits = apply_token_mask(logits, range(logits.shape[0]), bitmask.expand(logits.shape[0], -1))
     if params.greedy:
         return logits.argmax(dim=-1)
     u = uniforms(generator, 1, logits.shape[0], logits.device)[:, 0]                   # (B,)

@@ -34,8 +34,8 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.mark.parametrize("field,value", [
-    ("frobnicate", 1), ("response_format", {"type": "json_object"}), ("tools", []), ("tool_choice", "none"),
-    ("guided_json", {}), ("structured_outputs", {"json": {}}),
+    ("frobnicate", 1), ("tools", []), ("tool_choice", "none"),
+    ("guided_decoding_backend", "xgrammar"), ("guided_whitespace_pattern", " "),
     ("reasoning_effort", "low")])
 def test_a_field_minisys_does_not_implement_is_a_400_naming_it(app, field, value):
     c, llm = app

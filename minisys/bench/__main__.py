@@ -16,6 +16,8 @@ BENCHMARKS = {
     "facts": "minisys.bench.facts",
     "tp": "minisys.bench.tp",
     "compound": "minisys.bench.compound",
+    "structured": "minisys.bench.structured",
+    "structured-library": "minisys.bench.structured_library",
 }
 
 

@@ -21,6 +21,8 @@ from ..kv.contiguous import ContiguousKVCache
 from ..model.llama import LlamaModel
 from ..model.tokenizer import Tokenizer
 from ..sampling import History, make_generator, sample_next_token, sequence_seed
+from ..structured.compiler import GrammarCompiler
+from ..structured.mask import fill_bitmasks
 from .output_processor import OutputProcessor, StepEvent
 from .outputs import CompletionOutput
 from .request import check_prompt_ids
@@ -42,10 +44,18 @@ class EagerGenerator:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(params, name) is not None:
                 raise ValueError(f"{name} is not supported by the eager baseline: use the engine (--engine llm)")
+        if params.structured_outputs is not None:
+            self._grammars().compile(params.structured_outputs)     # ValueError naming the field
         need = len(prompt_ids) + (params.max_tokens or 1)
         if need > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
                              f"{need} exceeds the model's context of {self.max_model_len} tokens")
+
+    def _grammars(self) -> GrammarCompiler:
+        """The structured-output compiler, built on first use and kept (its compile cache with it)."""
+        if getattr(self, "_compiler", None) is None:
+            self._compiler = GrammarCompiler.for_tokenizer(self.tokenizer, self.model.config.vocab_size)
+        return self._compiler
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, index: int = 0,
                generator: torch.Generator | None = None) -> Iterator[StepEvent]:
@@ -61,13 +71,16 @@ class EagerGenerator:
         max_new = params.max_tokens or (self.max_model_len - len(prompt_ids))
         cache = (ContiguousKVCache(self.model.config, len(prompt_ids) + max_new, 1,
                                    self.model.dtype, device) if self.use_kv_cache else None)
-        proc = OutputProcessor(self.tokenizer, params, len(prompt_ids), self.max_model_len)
+        so = params.structured_outputs
+        matcher = self._grammars().matcher(so) if so is not None else None
+        proc = OutputProcessor(self.tokenizer, params, len(prompt_ids), self.max_model_len, matcher)
         seq = list(prompt_ids)
         new_ids = seq                      # tokens to feed this step
         while True:
             logits = self._forward(seq, new_ids, cache)                      # (1, V)
             history = History(prompt_ids, seq[len(prompt_ids):], self.tokenizer.eos_token_ids)
-            token = int(sample_next_token(logits, params, generator, history)[0])
+            bitmask = fill_bitmasks([matcher]) if matcher is not None else None       # (1, W)
+            token = int(sample_next_token(logits, params, generator, history, bitmask)[0])
             seq.append(token)
             event = proc.append(token)
             yield event

@@ -30,6 +30,7 @@ from ..scheduling.qoe import QoESpec
 from ..scheduling.service import ServiceMeter
 from ..spec.metrics import SpecMetrics
 from ..spec.speculator import Speculator
+from ..structured.compiler import GrammarCompiler
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
@@ -87,6 +88,7 @@ class LLMEngine:
         self.speculator = Speculator.from_config(self.config, model, self.stats.spec)   # None: no speculation
         self._groups: dict[str, _Group] = {}
         self._seq_group: dict[str, _Group] = {}
+        self._grammars: GrammarCompiler | None = None      # built at the first structured-output request
 
     def _make_runner(self, model: LlamaModel) -> ModelRunner:
         """One process's `ModelRunner`, or rank 0 of ``tensor_parallel_size`` (lesson 13: it starts the
@@ -120,9 +122,18 @@ class LLMEngine:
         gen = None
         if not params.greedy:
             gen = make_generator(sequence_seed(params.seed, index), self.model.device)
+        matcher = self.grammars.matcher(params.structured_outputs) if params.structured_outputs else None
         return Request(seq_id, list(prompt_ids), params, gen, max_tokens=max_tokens,
                        eos_token_ids=tuple(self.tokenizer.eos_token_ids),
-                       prompt_logprobs=[] if params.prompt_logprobs is None else [None], **who)
+                       prompt_logprobs=[] if params.prompt_logprobs is None else [None],
+                       structured=matcher, **who)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The structured-output compiler (its tokenizer info is built on first use, once)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler.for_tokenizer(self.tokenizer, self.model.config.vocab_size)
+        return self._grammars
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     prompt: str | None = None, *, client: str | None = None, priority: int = 0,
@@ -147,11 +158,17 @@ class LLMEngine:
         if self.speculator is not None and params.history_knobs:
             raise ValueError(f"{params.history_knobs[0]} is not supported with speculative decoding "
                              "(verification does not apply it): serve this request without speculation")
+        so = params.structured_outputs
+        if so is not None:
+            if self.speculator is not None:
+                raise ValueError(f"{so.field_name} (structured outputs) is not supported with speculative "
+                                 "decoding: serve this request without speculation")
+            self.grammars.compile(so)               # ValueError naming the field if it does not compile
         seqs = [self._make_seq(f"{request_id}#{i}", prompt_token_ids, params, i,
                                client=client, priority=priority, qoe=qoe) for i in range(params.n)]
         self.scheduler.add(*seqs)                   # the context and KV-pool limits, checked once
-        procs = [OutputProcessor(self.tokenizer, params, len(prompt_token_ids), self.config.max_model_len)
-                 for _ in seqs]
+        procs = [OutputProcessor(self.tokenizer, params, len(prompt_token_ids), self.config.max_model_len,
+                                 s.structured) for s in seqs]
         group = _Group(request_id, prompt, list(prompt_token_ids), params, seqs, procs, [0] * len(seqs))
         for s in seqs:
             self._seq_group[s.request_id] = group

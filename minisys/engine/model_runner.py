@@ -18,6 +18,11 @@ forward. Sampling is per request with its own `SamplingParams` and its own
 too), so a seeded request draws the same tokens whatever it is batched with;
 `minisys.spec.verify.verify_rows` turns the logits into tokens, with or
 without drafts.
+
+Structured outputs: the emitting requests with a grammar matcher get their
+token bitmasks filled on a background thread (`minisys.structured.MaskFiller`)
+submitted before the forward and collected after it, so the fill overlaps the
+forward; the masks are applied in the batched sampler.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from ..kv.paged import PagedKVCache
 from ..model.llama import LlamaModel
 from ..sampling import token_logprobs
 from ..spec.verify import verify_rows
+from ..structured.mask import MaskFiller, RowMasks
 from .scheduler import SchedulerOutput
 
 
@@ -90,6 +96,7 @@ class ModelRunner:
         # sized by this rank's own KV heads (all of them without tensor parallelism)
         self.cache = PagedKVCache(model.local_config, num_blocks, block_size, model.dtype, model.device)
         self.last_logprobs: dict[int, dict[str, list[tuple]]] = {}
+        self.masks = MaskFiller()          # structured outputs: bitmask fills overlapped with the forward
 
     def forward(self, block_copies: list[tuple[int, int]], batch: StepBatch,
                 logits_indices: torch.Tensor) -> torch.Tensor:
@@ -120,6 +127,8 @@ class ModelRunner:
         """
         batch = build_batch(out, allocator, self.model.device)
         emitting = [s for s in out.scheduled if s.samples]               # chunks inside a prompt: none
+        constrained = [e for e, s in enumerate(emitting) if s.request.structured is not None]
+        self.masks.submit([emitting[e].request.structured for e in constrained])   # runs during the forward
         ends = batch.meta.cu_seqlens_q[1:].tolist()
         rows = [r for s, end in zip(out.scheduled, ends) if s.samples
                 for r in range(end - 1 - len(s.spec_token_ids), end)]
@@ -151,7 +160,9 @@ class ModelRunner:
         want = [(e, row) for e, (s, row) in enumerate(zip(emitting, _starts(emitting)))
                 if s.request.params.logprobs is not None]
         raw = logits[[row for _, row in want]] if want else None     # a copy: the raw logits, whatever the sampler does
-        picked = verify_rows(logits, emitting) if emitting else []                       # logits (rows, V)
+        bitmask = self.masks.result()                                    # (len(constrained), W) or None
+        masks = RowMasks(constrained, bitmask) if constrained else None
+        picked = verify_rows(logits, emitting, masks) if emitting else []               # logits (rows, V)
         if want:
             assert not any(emitting[e].spec_token_ids for e, _ in want), "logprobs with speculative decoding"
             lps = token_logprobs(raw, [picked[e][0] for e, _ in want],

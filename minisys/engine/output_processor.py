@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..model.tokenizer import Tokenizer
+from ..structured.matcher import StructuredMatcher
 from .detokenizer import IncrementalDetokenizer
 from .sampling_params import SamplingParams
-from .stopping import check_stop
+from .stopping import StopDecision, check_stop
 
 
 @dataclass
@@ -35,8 +36,10 @@ class OutputProcessor:
     """
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, num_prompt_tokens: int,
-                 max_model_len: int) -> None:
-        self.params, self.tokenizer = params, tokenizer
+                 max_model_len: int, matcher: StructuredMatcher | None = None) -> None:
+        """``matcher``: the sequence's structured-output grammar state; every appended token is accepted
+        into it, and the output stops ("stop") once the grammar is complete (`StructuredMatcher.is_terminated`)."""
+        self.params, self.tokenizer, self.matcher = params, tokenizer, matcher
         self.num_prompt_tokens, self.max_model_len = num_prompt_tokens, max_model_len
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
         self.num_tokens = 0       # output tokens seen
@@ -64,6 +67,8 @@ class OutputProcessor:
         delta = self.detok.push(token_id)
         d = check_stop(token_id, self.num_tokens, self.detok.text, len(delta), self.params,
                        self.tokenizer.eos_token_ids, self.max_model_len, self.num_prompt_tokens)
+        if self.matcher is not None:
+            d = self._grammar_stop(token_id, d)
         if d.finish_reason is not None:
             self.finish_reason, self.stop_reason, self.final_text = d.finish_reason, d.stop_reason, d.text or ""
             out = self.final_text[self.emitted:]
@@ -75,3 +80,12 @@ class OutputProcessor:
         self.emitted = safe
         self._pending += out
         return StepEvent(token_id, out)
+
+    def _grammar_stop(self, token_id: int, d):
+        """Accept the token into the grammar; stop when the grammar is complete. A token the mask did
+        not allow (a grammar engine error: never sampled otherwise) aborts the sequence."""
+        if not self.matcher.accept(token_id):
+            return StopDecision("abort", f"structured output error: {self.matcher.error}", self.detok.text)
+        if d.finish_reason is None and self.matcher.is_terminated:
+            return StopDecision("stop", None, self.detok.text)
+        return d

@@ -12,7 +12,9 @@ terminal. `Request.transition` raises `IllegalTransition` on any move not in
 
 A preempted request keeps its generated tokens; when it is admitted again the
 whole ``prompt + output`` is recomputed as one prefill (preemption by
-recompute, vLLM's default), then decoding continues where it stopped.
+recompute, vLLM's default), then decoding continues where it stopped. A
+structured-output sequence keeps its grammar matcher too: it has consumed
+exactly the kept output tokens, so its next mask is still right.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..scheduling.qoe import QoESpec
+from ..structured.matcher import StructuredMatcher
 from .sampling_params import SamplingParams
 
 
@@ -93,6 +96,9 @@ class Request:
     # (prompt: the first is None; filled chunk by chunk, never twice: a recompute adds nothing)
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
+    # params.structured_outputs: this sequence's grammar state; it has accepted exactly output_token_ids
+    # (kept across preemption: recompute rebuilds K/V, the output and so the matcher state are unchanged)
+    structured: StructuredMatcher | None = None
 
     @property
     def needs_prompt_logprobs(self) -> bool:

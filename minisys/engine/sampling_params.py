@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..model.tokenizer import check_text
+from ..structured.params import StructuredOutputsParams
 
 
 class RequestOutputKind(enum.Enum):
@@ -50,6 +51,11 @@ class SamplingParams:
       temperature, penalties, logit_bias and top-k/top-p/min-p (vLLM V1's
       default, ``logprobs_mode="raw_logprobs"``): with temperature 0 the
       sampled token has rank 1. Not with speculative decoding (refused).
+    * ``structured_outputs`` (vLLM's `StructuredOutputsParams`: json schema, regex, choice, grammar or
+      json_object): a per-sequence token mask (`minisys.structured`) applied after the logits knobs and
+      before temperature/top-k/top-p, greedy and sampled alike; the sequence stops ("stop") when the
+      grammar is complete. ``max_tokens`` may still cut it short ("length"). Logprobs stay raw
+      (unmasked). Not with speculative decoding (refused).
     """
 
     n: int = 1
@@ -72,6 +78,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -125,6 +132,9 @@ class SamplingParams:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise ValueError(f"{name} must be an integer >= 0 (the number of top alternatives) or None, "
                                  f"got {v!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 

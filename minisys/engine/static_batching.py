@@ -33,6 +33,10 @@ class StaticBatchGenerator:
         self.padded_tokens = 0          # decode rows computed for already finished sequences
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[CompletionOutput]:
+        for sp in params:
+            if sp.structured_outputs is not None:
+                raise ValueError("structured_outputs is not supported by the static-batching baseline: "
+                                 "use the engine")
         outs: list[CompletionOutput] = []
         for b in range(0, len(prompts), self.batch_size):
             outs += self._run_batch(prompts[b:b + self.batch_size], params[b:b + self.batch_size])

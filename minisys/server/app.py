@@ -192,7 +192,7 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 
 def _param_of(message: str) -> Optional[str]:
     """The request field a `SamplingParams` message is about (its first word), if it names one."""
-    word = message.split(" ", 1)[0]
+    word = message.split(" ", 1)[0].split(".", 1)[0].rstrip(":")
     fields = set(P.CompletionRequest.model_fields) | set(P.ChatCompletionRequest.model_fields) \
         | set(P.TokenizeRequest.model_fields)
     return word if word in fields else None
@@ -248,7 +248,7 @@ class Server:
         except PromptError as e:
             self.admission.release(ticket)
             where = f"prompt {e.index}: " if len(prompts) > 1 else ""
-            raise OpenAIError(where + e.reason, param="prompt") from None
+            raise OpenAIError(where + e.reason, param=_param_of(e.reason) or "prompt") from None
         except EngineDeadError as e:                 # the engine cannot step (a tensor-parallel worker died)
             self.admission.release(ticket)
             raise OpenAIError(str(e), status=500, type="internal_error", code="engine_dead") from None

@@ -7,9 +7,10 @@ temperature >= 0 and not NaN, top_p in (0, 1], max_tokens >= 1) give the
 
 Strict by default: a field minisys does not implement is a 400 naming it,
 never silently ignored (vLLM ignores unknown fields; a client that sends
-``response_format`` or ``tools`` would get an answer that quietly does not
-do what it asked). Known fields minisys cannot honour (``suffix``,
-``best_of`` != n, ...) are refused the same way. The only fields accepted and
+``tools`` would get an answer that quietly does not do what it asked).
+Structured outputs (``response_format``, ``structured_outputs``, ``guided_*``)
+map to one `minisys.structured.StructuredOutputsParams`. Known fields minisys
+cannot honour (``suffix``, ``best_of`` != n, ...) are refused the same way. The only fields accepted and
 ignored are `IGNORED_FIELDS`: ones real clients send that do not change
 the tokens generated.
 """
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from ..engine.sampling_params import RequestOutputKind, SamplingParams
 from ..scheduling.qoe import QoESpec
+from ..structured.params import StructuredOutputsParams
 
 MAX_N = 128     # the default of --max-n (`limits.ServerLimits`); the server checks n, prompts and prompts x n
 
@@ -48,6 +50,43 @@ class StreamOptions(BaseModel):
 
     include_usage: StrictBool = False
     continuous_usage_stats: StrictBool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``. ``schema`` is enforced (``strict`` or not: the output always
+    validates); ``name`` and ``description`` are labels OpenAI shows its model, not the prompt: minisys (like
+    vLLM) does not put them in the prompt."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: StrictStr
+    description: Optional[StrictStr] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[StrictBool] = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or
+    ``json_schema`` (a JSON value valid against ``json_schema.schema``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's ``structured_outputs`` object: exactly one of json (a schema), regex, choice, grammar
+    (Lark or GBNF), json_object. vLLM's other options (``disable_any_whitespace``, ``structural_tag``, ...)
+    are refused as unknown fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: Optional[Union[dict[str, Any], StrictStr]] = Field(None, alias="json")
+    regex: Optional[StrictStr] = None
+    choice: Optional[list[StrictStr]] = None
+    grammar: Optional[StrictStr] = None
+    json_object: Optional[StrictBool] = None
 
 
 class _SamplingRequest(BaseModel):
@@ -82,6 +121,14 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: Optional[list[StrictInt]] = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    # structured outputs (`minisys.structured`): OpenAI's response_format, vLLM's structured_outputs and
+    # vLLM's older guided_* fields all become one `StructuredOutputsParams`; at most one of them may be given
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsRequest] = None
+    guided_json: Optional[Union[dict[str, Any], StrictStr]] = None
+    guided_regex: Optional[StrictStr] = None
+    guided_choice: Optional[list[StrictStr]] = None
+    guided_grammar: Optional[StrictStr] = None
     # IGNORED_FIELDS: accepted (type-checked) and ignored
     metadata: Optional[dict[str, StrictStr]] = Field(None, description=IGNORED_FIELDS["metadata"])
     store: Optional[StrictBool] = Field(None, description=IGNORED_FIELDS["store"])
@@ -129,6 +176,34 @@ class _SamplingRequest(BaseModel):
         qoe = QoESpec(**given) if given else None          # QoESpec checks them, naming the field
         return {"client": self.user, "priority": self.priority, "qoe": qoe}
 
+    def _structured(self) -> Optional[StructuredOutputsParams]:
+        """The one structured-output constraint asked for, or None; ValueError naming the field when it is
+        malformed or when two fields ask for one."""
+        specs: list[StructuredOutputsParams] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            specs.append(StructuredOutputsParams(json_object=True, origin="response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise ValueError("response_format.json_schema.schema is required when response_format.type is "
+                                 "json_schema")
+            specs.append(StructuredOutputsParams(json=rf.json_schema.schema_,
+                                                 origin="response_format.json_schema.schema"))
+        elif rf is not None and rf.json_schema is not None:
+            raise ValueError(f"response_format.json_schema is only allowed with type json_schema, not {rf.type}")
+        so = self.structured_outputs
+        if so is not None:
+            specs.append(StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice,
+                                                 grammar=so.grammar, json_object=so.json_object))
+        for name in ("json", "regex", "choice", "grammar"):
+            v = getattr(self, f"guided_{name}")
+            if v is not None:
+                specs.append(StructuredOutputsParams(**{name: v}, origin=f"guided_{name}"))
+        if len(specs) > 1:
+            raise ValueError(f"{specs[0].field_name.split('.')[0]}: give one structured-output constraint, got "
+                             f"{len(specs)} ({', '.join(s.field_name for s in specs)})")
+        return specs[0] if specs else None
+
     def _logit_bias(self) -> Optional[dict[int, float]]:
         """OpenAI's string keys -> token ids; ValueError naming logit_bias for a key that is not one."""
         if not self.logit_bias:
@@ -152,6 +227,7 @@ class _SamplingRequest(BaseModel):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=self._logit_bias(), min_tokens=self.min_tokens,
+            structured_outputs=self._structured(),
             output_kind=RequestOutputKind.DELTA)        # the server streams what is new, once
 
 

@@ -14,15 +14,18 @@ from __future__ import annotations
 import torch
 
 from ..sampling import probs_from_logits, sample_rows
+from ..structured.mask import RowMasks
 from .rejection import greedy_verify, rejection_sample
 
 
-def verify_rows(logits: torch.Tensor, scheduled: list) -> list[list[int]]:
+def verify_rows(logits: torch.Tensor, scheduled: list, masks: RowMasks | None = None) -> list[list[int]]:
     """logits (sum of rows, V), rows in ``scheduled`` order -> emitted tokens per scheduled request.
 
     ``scheduled`` are the step's `ScheduledRequest`s that sample: each has
     ``1 + len(spec_token_ids)`` rows, and ``draft_probs`` (k, V), the q of a
     sampled draft-model proposal, or None for one-hot drafts (n-gram, greedy draft).
+    ``masks``: structured-output masks, ``masks.rows`` indexing ``scheduled`` (requests without drafts only:
+    the engine refuses structured outputs with speculative decoding).
     """
     starts, r = [], 0
     for s in scheduled:
@@ -32,9 +35,14 @@ def verify_rows(logits: torch.Tensor, scheduled: list) -> list[list[int]]:
     plain = [i for i, s in enumerate(scheduled) if not s.spec_token_ids]
     if plain:
         reqs = [scheduled[i].request for i in plain]
+        plain_masks = None
+        if masks is not None and masks.rows:
+            pos = {i: j for j, i in enumerate(plain)}
+            assert all(i in pos for i in masks.rows), "a structured-output request with drafts"
+            plain_masks = RowMasks([pos[i] for i in masks.rows], masks.bitmask)
         tokens = sample_rows(logits[[starts[i] for i in plain]], [r.params for r in reqs],
                              [r.generator for r in reqs],
-                             [r.history() for r in reqs])
+                             [r.history() for r in reqs], plain_masks)
         for i, t in zip(plain, tokens):
             out[i] = [t]
     for i, s in enumerate(scheduled):
