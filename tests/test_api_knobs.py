@@ -34,7 +34,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.mark.parametrize("field,value", [
-    ("frobnicate", 1), ("response_format", {"type": "json_object"}), ("tools", []), ("tool_choice", "none"),
+    ("frobnicate", 1), ("response_format", {"type": "json_object"}),
     ("guided_json", {}), ("structured_outputs", {"json": {}}), ("prompt_logprobs", 1),
     ("truncate_prompt_tokens", 4),
     ("reasoning_effort", "low")])
@@ -60,7 +60,7 @@ def test_unknown_fields_inside_messages_and_stream_options_are_refused(app):
 
 def test_the_cosmetic_fields_clients_send_are_accepted(app):
     c, _ = app
-    extra = {"metadata": {"run": "a"}, "store": False, "service_tier": "auto", "parallel_tool_calls": True,
+    extra = {"metadata": {"run": "a"}, "store": False, "service_tier": "auto",
              "user": "alice", "stream_options": None}
     assert set(extra) - {"user", "stream_options"} == set(IGNORED_FIELDS)
     plain = c.post("/v1/completions", json=BASE, headers=H).json()

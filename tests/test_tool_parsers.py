@@ -39,7 +39,7 @@ HERMES_CASES = [
     ("ends with <tool_ca", "ends with <tool_ca", []),                                   # a partial tag is text
     ("< tool_call> <tool_call <", "< tool_call> <tool_call <", []),
     (f"<tool_call><tool_call>{W}</tool_call>", f"<tool_call><tool_call>{W}</tool_call>", []),   # nested open
-    ("  \n ", None, []),
+    ("  \n ", "  \n ", []),                                                           # no calls: text as is
     (f"<tool_call>{json.dumps({'name': 'add', 'arguments': {'s': 'é ✓ </tool'}})}</tool_call>", None,
      [("add", {"s": "é ✓ </tool"})]),
 ]
@@ -72,7 +72,7 @@ def _streamed(parser, pieces: list[str]) -> Parsed:
         calls[d.index][1] += d.arguments
     assert sorted(calls) == list(range(len(calls)))
     from minisys.server.tools.calls import ToolCall
-    return Parsed(total.content or None, [ToolCall(n, a) for n, a in calls.values()])
+    return Parsed(total.content if total.content or not calls else None, [ToolCall(n, a) for n, a in calls.values()])
 
 
 def _splits(text: str):

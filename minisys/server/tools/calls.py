@@ -64,10 +64,11 @@ class StreamDelta:
 class ContentGate:
     """Content as it streams, held back while it is only whitespace.
 
-    A text whose content (the text outside the calls) is only whitespace has
-    ``content`` None (OpenAI's null), so nothing is streamed for it; once a
-    non-space character comes, everything held back goes out with it. Invariant:
-    what `push` released, concatenated, is `text_content` of the whole text.
+    The content of an output with calls whose other text is only whitespace
+    is None (OpenAI's null), so nothing is streamed for it; once a non-space
+    character comes, everything held back goes out with it; an output with
+    no calls keeps its text as it is (`flush`). Invariant: what `push` and
+    `flush` released, concatenated, is `text_content` of the whole text.
     """
 
     def __init__(self) -> None:
@@ -82,7 +83,12 @@ class ContentGate:
             return out
         return ""
 
+    def flush(self, called: bool) -> str:
+        """At the end: what is still held back, unless the output made calls."""
+        out, self.held = ("" if called else self.held), ""
+        return out
 
-def text_content(text: str) -> Optional[str]:
-    """The content of a whole output: None when it is only whitespace (see `ContentGate`)."""
-    return text if text.strip() else None
+
+def text_content(text: str, called: bool) -> Optional[str]:
+    """The content of a whole output: None when it made calls and the rest is only whitespace."""
+    return None if called and not text.strip() else text

@@ -29,7 +29,7 @@ def collect(parser, text: str) -> Parsed:
         if c.index not in calls:
             calls[c.index] = ToolCall(c.name or "", "", c.id or new_call_id())
         calls[c.index].arguments += c.arguments
-    return Parsed(text_content(d.content), [calls[i] for i in sorted(calls)])
+    return Parsed(text_content(d.content, bool(calls)), [calls[i] for i in sorted(calls)])
 
 
 class NamedParser:
@@ -119,4 +119,4 @@ class RequiredParser:
         """Whatever was not read as calls (a cut-short or off-schema output) as content, else nothing."""
         rest = self.text[self.consumed:]
         self.consumed = len(self.text)
-        return StreamDelta(content=rest if rest.strip() else "")
+        return StreamDelta(content=rest if rest.strip() or not self.num_calls else "")

@@ -99,7 +99,7 @@ def parse(text: str, names: set[str], parallel: bool = True) -> Parsed:
         elif parallel or not calls:
             calls.append(ToolCall(*call))
     pieces.append(text[at:])
-    return Parsed(text_content("".join(pieces)), calls)
+    return Parsed(text_content("".join(pieces), bool(calls)), calls)
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -154,4 +154,4 @@ class HermesStreamParser:
         """The rest: held-back text, or an unclosed block, as content."""
         rest, self.buf = (OPEN if self.inside else "") + self.buf, ""
         self.inside = False
-        return StreamDelta(content=self.gate.push(rest))
+        return StreamDelta(content=self.gate.push(rest) + self.gate.flush(bool(self.num_calls)))
