@@ -7,8 +7,8 @@ temperature >= 0 and not NaN, top_p in (0, 1], max_tokens >= 1) give the
 
 Strict by default: a field minisys does not implement is a 400 naming it,
 never silently ignored (vLLM ignores unknown fields; a client that sends
-``response_format`` or ``tools`` would get an answer that quietly does not
-do what it asked). Known fields minisys cannot honour (``prompt_logprobs``,
+``response_format`` would get an answer that quietly does not do what it
+asked). Known fields minisys cannot honour (``prompt_logprobs``,
 ``suffix``, ...) are refused the same way. ``tools`` / ``tool_choice`` are
 checked here (`ChatCompletionRequest.tool_mode`); how calls are forced and
 read is `tools`. The only fields accepted and
@@ -222,7 +222,7 @@ class ChatMessage(BaseModel):
         for j, call in enumerate(self.tool_calls or []):
             try:
                 json.loads(call.function.arguments)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ValueError(f"messages.{i}.tool_calls.{j}.function.arguments is not JSON: "
                                  f"{call.function.arguments[:60]!r}") from None
 
@@ -285,6 +285,8 @@ def _check_tool(i: int, tool: ChatTool) -> None:
         jsonschema.Draft202012Validator.check_schema(f.parameters)
     except jsonschema.SchemaError as e:
         raise ValueError(f"tools[{i}].function.parameters is not a valid JSON schema: {e.message[:200]}") from None
+    except RecursionError:
+        raise ValueError(f"tools[{i}].function.parameters is nested too deeply") from None
     if f.parameters.get("type", "object") != "object":
         raise ValueError(f"tools[{i}].function.parameters must describe an object (\"type\": \"object\"), "
                          f"got type {f.parameters.get('type')!r}")
