@@ -100,3 +100,14 @@ def test_a_forced_call_with_another_output_constraint_is_a_400(oa):
     body = {**KW, "messages": ASK, "tool_choice": "required", "response_format": {"type": "json_object"}}
     r = c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["param"] in ("tool_choice", "response_format"), r.text
+
+
+def test_a_tool_schema_structured_outputs_cannot_compile_is_a_400_naming_tools(oa):
+    _, c = oa
+    bad = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}}}
+    for choice in ({"type": "function", "function": {"name": "f"}}, "required"):
+        body = {**KW, "tools": [*TOOLS, bad], "tool_choice": choice}
+        r = c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+        assert "function.parameters" in r.json()["error"]["message"]

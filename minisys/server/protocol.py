@@ -356,7 +356,9 @@ class ChatCompletionRequest(_SamplingRequest):
         mode = self.tool_mode()
         forced = mode.forced_schema() if mode is not None else None
         if forced is not None:
-            sp.structured_outputs = _structured_json(forced, getattr(sp, "structured_outputs", None))
+            where = f"tools[{list(mode.tools).index(mode.name)}]" if mode.kind == "named" else "tools[*]"
+            sp.structured_outputs = _structured_json(forced, getattr(sp, "structured_outputs", None),
+                                                     origin=f"{where}.function.parameters")
         return sp
 
     def tools_for_template(self) -> Optional[list[dict[str, Any]]]:
@@ -364,9 +366,11 @@ class ChatCompletionRequest(_SamplingRequest):
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
 
-def _structured_json(schema: dict[str, Any], already: Any):
+def _structured_json(schema: dict[str, Any], already: Any, origin: str):
     """The structured-outputs parameters that force ``schema`` (ValueError naming tool_choice when the
-    request already constrains its output another way, or this build has no structured outputs)."""
+    request already constrains its output another way, or this build has no structured outputs).
+    ``origin``: the request field a schema error names (the tool's parameters), where the
+    `StructuredOutputsParams` of this build records one."""
     if already is not None:
         raise ValueError("tool_choice \"required\" or a named function forces the output's JSON, so it cannot "
                          "be combined with another output constraint (response_format, structured_outputs)")
@@ -375,7 +379,9 @@ def _structured_json(schema: dict[str, Any], already: Any):
     except ImportError:
         raise ValueError("tool_choice \"required\" or a named function needs structured outputs "
                          "(minisys.structured), which this build does not have") from None
-    return StructuredOutputsParams(json=schema)
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(StructuredOutputsParams)}
+    return StructuredOutputsParams(json=schema, **({"origin": origin} if "origin" in names else {}))
 
 
 # ------------------------------------------------------------------ responses
