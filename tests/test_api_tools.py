@@ -255,10 +255,13 @@ def _accumulate(stream):
         for ch in chunk.choices:
             text += ch.delta.content or ""
             for d in ch.delta.tool_calls or []:
-                if d.index not in calls:
-                    assert d.id and d.type == "function" and d.function.name, d
+                assert len(ch.delta.tool_calls) == 1 and not ch.delta.content      # one piece per chunk
+                if d.index not in calls:        # OpenAI's first piece: id, type, name, empty arguments
+                    assert d.id and d.type == "function" and d.function.name and d.function.arguments == "", d
                     calls[d.index] = [d.id, d.function.name, ""]
-                calls[d.index][2] += d.function.arguments or ""
+                else:
+                    assert d.id is None and d.function.name is None and d.function.arguments, d
+                calls[d.index][2] += d.function.arguments
             finish += [ch.finish_reason] if ch.finish_reason else []
     _accumulate.finish = finish
     return text, calls

@@ -54,9 +54,11 @@ def _streamed(stream):
         for ch in chunk.choices:
             text += ch.delta.content or ""
             for d in ch.delta.tool_calls or []:
-                if d.index not in calls:
-                    assert d.id and d.type == "function" and d.function.name
+                if d.index not in calls:        # OpenAI's first piece: id, type, name, empty arguments
+                    assert d.id and d.type == "function" and d.function.name and d.function.arguments == ""
                     calls[d.index] = [d.function.name, ""]
+                else:
+                    assert d.id is None and d.function.name is None
                 calls[d.index][1] += d.function.arguments or ""
             finish += [ch.finish_reason] if ch.finish_reason else []
     return text or None, [tuple(calls[i]) for i in sorted(calls)], finish

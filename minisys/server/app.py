@@ -569,10 +569,18 @@ def _chat_message(ch: _Choice, tools: Optional[ToolMode]) -> tuple[P.ChatRespons
             tools.finish_reason(ch.finish_reason, bool(calls)))
 
 
-def _delta_tool_calls(d: StreamDelta) -> list[P.DeltaToolCall]:
-    """A parser's call pieces in OpenAI's streamed shape (the first piece of a call: id, type, name)."""
-    return [P.DeltaToolCall(index=c.index, id=c.id, type="function" if c.id else None,
-                            function=P.DeltaFunctionCall(name=c.name, arguments=c.arguments)) for c in d.calls]
+def _tool_deltas(d: StreamDelta) -> list[P.DeltaMessage]:
+    """A parser's release as OpenAI streams it, one delta per chunk: the content, then per call its
+    header (``id``, ``type``, ``name``, ``arguments: ""``) when it starts, then its arguments fragment."""
+    out = [P.DeltaMessage(content=d.content)] if d.content else []
+    for c in d.calls:
+        if c.id is not None:
+            out.append(P.DeltaMessage(tool_calls=[P.DeltaToolCall(
+                index=c.index, id=c.id, type="function", function=P.DeltaFunctionCall(name=c.name, arguments=""))]))
+        if c.arguments:
+            out.append(P.DeltaMessage(tool_calls=[P.DeltaToolCall(
+                index=c.index, function=P.DeltaFunctionCall(arguments=c.arguments))]))
+    return out
 
 
 def _token_text(tokenizer: Tokenizer, token: int, entry) -> str:
@@ -615,18 +623,18 @@ def _shutting_down_body(exc: ServerShuttingDown) -> dict:
 
 async def _stream_events(server: Server, streams: list[RequestStream], ticket: Ticket, tracker: _Tracker,
                          chunk, usage_chunk) -> AsyncIterator[str]:
-    """SSE lines: ``chunk(index, delta, choice)`` per event, the usage chunk, ``[DONE]``; on exit aborts
+    """SSE lines: ``chunk(index, delta, choice)`` per event (a chunk, or a list of them: none while a tool
+    parser holds text back, several for a tool call's pieces), the usage chunk, ``[DONE]``; on exit aborts
     what is left and releases the ticket. A failure is an SSE error event (an error id, no exception
     text), counted as a 500."""
     try:
         async for i, out in _merge(streams):
             for idx, delta, ch in tracker.update(i, out):
-                c = chunk(idx, delta, ch)
-                if c is None:                         # nothing to send yet (a tool parser holds it back)
-                    continue
-                if tracker.continuous_usage:          # vLLM's stream_options.continuous_usage_stats
-                    c.usage = tracker.usage()
-                yield _sse(c)
+                made = chunk(idx, delta, ch)
+                for c in made if isinstance(made, list) else [made]:
+                    if tracker.continuous_usage:          # vLLM's stream_options.continuous_usage_stats
+                        c.usage = tracker.usage()
+                    yield _sse(c)
         if usage_chunk is not None:
             yield _sse(usage_chunk(tracker.usage()))
     except ServerShuttingDown as exc:
@@ -672,21 +680,26 @@ async def _chat_stream(server, streams, ticket, tracker, request_id, created, in
     num_top = tracker.num_top
 
     def chunk(idx, delta, ch):
+        """The chunks of one event: one (its text) without tools; with tools, what the parser releases, one
+        piece per chunk (none while it holds text back), logprobs on the first, finish_reason on the last."""
         finish = ch.finish_reason
         if parsers is None:
-            message = P.DeltaMessage(content=delta)
+            messages = [P.DeltaMessage(content=delta)]
         else:
             d = parsers[idx].feed(delta)
             if finish is not None:
                 d += parsers[idx].finish()
+                finish = tools.finish_reason(finish, called[idx] or bool(d.calls))
             called[idx] = called[idx] or bool(d.calls)
-            if not d and finish is None:
-                return None
-            finish = tools.finish_reason(finish, called[idx])
-            message = P.DeltaMessage(content=d.content or None, tool_calls=_delta_tool_calls(d))
+            messages = _tool_deltas(d) or ([P.DeltaMessage()] if finish is not None else [])
+        if not messages:
+            return []
         lps = _chat_logprobs(server.tokenizer, ch, num_top) if tracker.want_logprobs else None
-        return make([P.ChatChunkChoice(index=idx, delta=message, finish_reason=finish, stop_reason=ch.stop_reason,
-                                       logprobs=lps)])
+        last = len(messages) - 1
+        return [make([P.ChatChunkChoice(index=idx, delta=m, logprobs=lps if k == 0 else None,
+                                        finish_reason=finish if k == last else None,
+                                        stop_reason=ch.stop_reason if k == last else None)])
+                for k, m in enumerate(messages)]
 
     def usage_chunk(usage):
         return make([], usage)
