@@ -34,7 +34,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.mark.parametrize("field,value", [
-    ("frobnicate", 1), ("tools", []), ("tool_choice", "none"),
+    ("frobnicate", 1),
     ("guided_decoding_backend", "xgrammar"), ("guided_whitespace_pattern", " "),
     ("reasoning_effort", "low")])
 def test_a_field_minisys_does_not_implement_is_a_400_naming_it(app, field, value):
@@ -59,7 +59,7 @@ def test_unknown_fields_inside_messages_and_stream_options_are_refused(app):
 
 def test_the_cosmetic_fields_clients_send_are_accepted(app):
     c, _ = app
-    extra = {"metadata": {"run": "a"}, "store": False, "service_tier": "auto", "parallel_tool_calls": True,
+    extra = {"metadata": {"run": "a"}, "store": False, "service_tier": "auto",
              "user": "alice", "stream_options": None}
     assert set(extra) - {"user", "stream_options"} == set(IGNORED_FIELDS)
     plain = c.post("/v1/completions", json=BASE, headers=H).json()

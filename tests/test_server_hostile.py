@@ -36,6 +36,7 @@ def live(chat_dir, tmp_path_factory):
     short timeouts. The last test stops it (SIGINT)."""
     log = tmp_path_factory.mktemp("hostile-live") / "server.log"
     proc, url = launch_healthy(["--model", str(chat_dir), "--max-num-seqs", "16",
+                                "--enable-auto-tool-choice", "--tool-call-parser", "hermes",      # fuzz "auto" too
                                 "--timeout-header-s", str(TIMEOUT_S), "--timeout-body-s", str(TIMEOUT_S),
                                 "--shutdown-grace-s", str(LIVE_GRACE_S)], log, env={"MINISYS_API_KEY": KEY})
     yield url, log, proc

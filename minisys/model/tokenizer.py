@@ -113,26 +113,45 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tk.id_to_token(i)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render a conversation with the model's chat template (jinja2), as transformers does."""
-        import jinja2.sandbox
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render a conversation with the model's chat template (jinja2), as transformers does.
 
+        ``tools`` (OpenAI's function dicts) are passed to the template as ``tools``; a template that
+        never reads them (`template_has_tools` False) would drop them, so that is a ValueError.
+        """
         if not self.chat_template:
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        if tools and not self.template_has_tools:
+            raise ValueError("this model's chat template has no tool format (it never reads `tools`)")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"each message needs a 'role' and a 'content', got {m!r}")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
-        return env.from_string(self.chat_template).render(
+        extra = {"tools": tools} if tools else {}
+        return _template_env().from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+
+    @property
+    def template_has_tools(self) -> bool:
+        """Whether the chat template reads a ``tools`` variable (has its own tool format), from its AST."""
+        if not self.chat_template:
+            return False
+        import jinja2.meta
+        return "tools" in jinja2.meta.find_undeclared_variables(_template_env().parse(self.chat_template))
 
 
 def _tok_str(tok: Any) -> str | None:
     if isinstance(tok, dict):     # {"content": "<|im_end|>", ...} in older configs
         return tok.get("content")
     return tok
+
+
+def _template_env():
+    import jinja2.sandbox
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    return env
 
 
 def _raise(message: str):

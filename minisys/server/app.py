@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from .metrics import ServerMetrics
 from .middleware import PROTECTED, ApiKeyMiddleware, BodyLimitMiddleware, ErrorCountMiddleware
 from .openapi import error_responses, install_openapi, json_response
 from .timeouts import ServerTimeouts
+from .tools import StreamDelta, ToolMode, hermes
 from . import protocol as P
 
 DISCONNECT_POLL_S = 0.25
@@ -191,8 +193,9 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 
 
 def _param_of(message: str) -> Optional[str]:
-    """The request field a `SamplingParams` message is about (its first word), if it names one."""
-    word = message.split(" ", 1)[0].split(".", 1)[0].rstrip(":")
+    """The request field a `SamplingParams` message is about (its first word, up to a ``.`` or ``[``:
+    ``tools[0].function.name`` -> ``tools``), if it names one."""
+    word = re.match(r"[A-Za-z_]*", message).group(0)
     fields = set(P.CompletionRequest.model_fields) | set(P.ChatCompletionRequest.model_fields) \
         | set(P.TokenizeRequest.model_fields)
     return word if word in fields else None
@@ -207,8 +210,9 @@ class Server:
     """The routes' shared state: engine, tokenizer, served model name, API key, metrics, admission."""
 
     def __init__(self, engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None,
-                 limits: Optional[ServerLimits] = None) -> None:
+                 limits: Optional[ServerLimits] = None, tool_call_parser: Optional[str] = None) -> None:
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        self.tool_call_parser = tool_call_parser     # None: tool_choice "auto" is refused (vLLM's rule)
         self.metrics = ServerMetrics(model_name, engine.stats, getattr(engine, "client_service", None))
         self.admission = Admission(limits or ServerLimits())
         self.draining = False        # shutting down: new requests get 503 (`drain`)
@@ -301,14 +305,30 @@ class Server:
             out.append((p if isinstance(p, str) and len(kept) == len(ids) else None, kept))
         return out
 
+    def tool_mode(self, req: P.ChatCompletionRequest) -> Optional[ToolMode]:
+        """The request's tool mode (`ToolMode`); ValueError naming tool_choice for "auto" on a server started
+        without ``--enable-auto-tool-choice --tool-call-parser`` (vLLM's message)."""
+        mode = req.tool_mode()
+        if mode is not None and mode.kind == "auto" and self.tool_call_parser is None:
+            raise ValueError('tool_choice "auto" (the default when tools are given) requires the server to be '
+                             'started with --enable-auto-tool-choice --tool-call-parser hermes; or ask for '
+                             'tool_choice "required", a named function, or "none"')
+        return mode
+
     def chat_prompt(self, req: Union[P.ChatCompletionRequest, P.TokenizeRequest], bounded: bool = True
                     ) -> list[tuple[Optional[str], list[int]]]:
         """The conversation through the chat template, tokenized. Blocking: run in a worker thread.
-        ``bounded``: a text that cannot fit the model's context is refused before tokenizing."""
-        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in req.messages]
+        ``bounded``: a text that cannot fit the model's context is refused before tokenizing.
+
+        The tools (and the history's tool calls and results) go to the template when it has a tool format
+        (`Tokenizer.template_has_tools`); otherwise they are written into the messages in the Hermes
+        format (`tools.hermes.render_conversation`), which is what ``--tool-call-parser hermes`` reads."""
+        conversation = [m.as_dict() for m in req.messages]
+        tools = req.tools_for_template() if isinstance(req, P.ChatCompletionRequest) else None
+        if not self.tokenizer.template_has_tools:
+            conversation, tools = hermes.render_conversation(conversation, tools), None
         try:
-            text = self.tokenizer.apply_chat_template(conversation, req.add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(conversation, req.add_generation_prompt, tools=tools)
         except ValueError:
             raise
         except Exception as e:            # jinja2 errors from the template
@@ -380,16 +400,17 @@ async def _parse(raw: Request, model: type[BaseModel]) -> BaseModel:
 
 def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None,
               limits: Optional[ServerLimits] = None, metrics_open: bool = False,
-              timeouts: Optional[ServerTimeouts] = None) -> FastAPI:
+              timeouts: Optional[ServerTimeouts] = None, tool_call_parser: Optional[str] = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (an `AsyncLLMEngine` or `AsyncEagerEngine`, not yet started).
 
     ``api_key``: required on /v1 (and /metrics unless ``metrics_open``);
     ``limits``: admission and body-size limits (default `ServerLimits()`);
-    ``timeouts``: the body read timeout (the header one is the protocol's: `timeouts`).
+    ``timeouts``: the body read timeout (the header one is the protocol's: `timeouts`);
+    ``tool_call_parser``: the parser of tool_choice "auto" (`tools.TOOL_CALL_PARSERS`; None: "auto" is refused).
     """
     limits = limits or ServerLimits()
     timeouts = timeouts or ServerTimeouts()
-    server = Server(engine, tokenizer, model_name, api_key, limits)
+    server = Server(engine, tokenizer, model_name, api_key, limits, tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -496,18 +517,22 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
         server.check_model(req.model)
         try:
             params = req.to_sampling_params()
+            mode = server.tool_mode(req)
             meta = req.request_meta()
             server.admission.check_shape(1, params.n)
             prompts = await asyncio.to_thread(server.chat_prompt, req)
         except ValueError as e:
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
-        return await _respond(server, raw, req, params, meta, prompts, P.random_id("chatcmpl"), chat=True)
+        return await _respond(server, raw, req, params, meta, prompts, P.random_id("chatcmpl"), chat=True,
+                              tools=mode if mode is not None and mode.reads_calls else None)
 
     return app
 
 
 async def _respond(server: Server, raw: Request, req, params: SamplingParams, meta: dict,
-                   prompts: list[tuple[Optional[str], list[int]]], request_id: str, chat: bool):
+                   prompts: list[tuple[Optional[str], list[int]]], request_id: str, chat: bool,
+                   tools: Optional[ToolMode] = None):
+    """Run the request; the response or the SSE stream. ``tools``: read tool calls from each chat choice."""
     streams, ticket = await server.add(request_id, prompts, params, meta)
     tracker = _Tracker(params.n, [len(ids) for _, ids in prompts], server.metrics, streams[0].arrival,
                        want_logprobs=params.logprobs is not None, num_top=params.logprobs or 0)
@@ -518,8 +543,8 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams, me
         opts = req.stream_options
         include_usage = bool(opts and opts.include_usage)
         tracker.continuous_usage = bool(include_usage and opts.continuous_usage_stats)
-        gen = (_chat_stream if chat else _completion_stream)(server, streams, ticket, tracker, request_id,
-                                                              created, include_usage)
+        gen = _chat_stream(server, streams, ticket, tracker, request_id, created, include_usage, tools) if chat \
+            else _completion_stream(server, streams, ticket, tracker, request_id, created, include_usage)
         return _FinishingStream(gen, lambda: server.finish(streams, ticket), media_type="text/event-stream")
     try:
         await server.collect(raw, streams, tracker)
@@ -533,11 +558,10 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams, me
         server.finish(streams, ticket)
     name = server.model_name
     if chat:
-        choices = [P.ChatChoice(index=i, message=P.ChatResponseMessage(content=c.text),
-                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+        choices = [P.ChatChoice(index=i, message=message, finish_reason=finish, stop_reason=c.stop_reason,
                                 logprobs=_chat_logprobs(server.tokenizer, c, params.logprobs)
                                 if tracker.want_logprobs else None)
-                   for i, c in enumerate(tracker.choices)]
+                   for i, c in enumerate(tracker.choices) for message, finish in [_chat_message(c, tools)]]
         body = P.ChatCompletionResponse(id=request_id, created=created, model=name, choices=choices,
                                         usage=tracker.usage(),
                                         prompt_logprobs=_prompt_logprobs(tracker, prompts, 0, req.prompt_logprobs))
@@ -552,6 +576,30 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams, me
         body = P.CompletionResponse(id=request_id, created=created, model=name, choices=choices,
                                     usage=tracker.usage())
     return JSONResponse(body.model_dump())
+
+
+def _chat_message(ch: _Choice, tools: Optional[ToolMode]) -> tuple[P.ChatResponseMessage, Optional[str]]:
+    """A finished chat choice's message and finish_reason; with ``tools``, its text read for tool calls."""
+    if tools is None:
+        return P.ChatResponseMessage(content=ch.text), ch.finish_reason
+    parsed = tools.parse(ch.text)
+    calls = [P.ToolCall(id=c.id, function=P.FunctionCall(name=c.name, arguments=c.arguments)) for c in parsed.calls]
+    return (P.ChatResponseMessage(content=parsed.content, tool_calls=calls),
+            tools.finish_reason(ch.finish_reason, bool(calls)))
+
+
+def _tool_deltas(d: StreamDelta) -> list[P.DeltaMessage]:
+    """A parser's release as OpenAI streams it, one delta per chunk: the content, then per call its
+    header (``id``, ``type``, ``name``, ``arguments: ""``) when it starts, then its arguments fragment."""
+    out = [P.DeltaMessage(content=d.content)] if d.content else []
+    for c in d.calls:
+        if c.id is not None:
+            out.append(P.DeltaMessage(tool_calls=[P.DeltaToolCall(
+                index=c.index, id=c.id, type="function", function=P.DeltaFunctionCall(name=c.name, arguments=""))]))
+        if c.arguments:
+            out.append(P.DeltaMessage(tool_calls=[P.DeltaToolCall(
+                index=c.index, function=P.DeltaFunctionCall(arguments=c.arguments))]))
+    return out
 
 
 def _token_text(tokenizer: Tokenizer, token: int, entry) -> str:
@@ -612,16 +660,18 @@ def _shutting_down_body(exc: ServerShuttingDown) -> dict:
 
 async def _stream_events(server: Server, streams: list[RequestStream], ticket: Ticket, tracker: _Tracker,
                          chunk, usage_chunk) -> AsyncIterator[str]:
-    """SSE lines: ``chunk(index, delta, choice)`` per event, the usage chunk, ``[DONE]``; on exit aborts
+    """SSE lines: ``chunk(index, delta, choice)`` per event (a chunk, or a list of them: none while a tool
+    parser holds text back, several for a tool call's pieces), the usage chunk, ``[DONE]``; on exit aborts
     what is left and releases the ticket. A failure is an SSE error event (an error id, no exception
     text), counted as a 500."""
     try:
         async for i, out in _merge(streams):
             for idx, delta, ch in tracker.update(i, out):
-                c = chunk(idx, delta, ch)
-                if tracker.continuous_usage:          # vLLM's stream_options.continuous_usage_stats
-                    c.usage = tracker.usage()
-                yield _sse(c)
+                made = chunk(idx, delta, ch)
+                for c in made if isinstance(made, list) else [made]:
+                    if tracker.continuous_usage:          # vLLM's stream_options.continuous_usage_stats
+                        c.usage = tracker.usage()
+                    yield _sse(c)
         if usage_chunk is not None:
             yield _sse(usage_chunk(tracker.usage()))
     except ServerShuttingDown as exc:
@@ -650,8 +700,13 @@ def _completion_stream(server, streams, ticket, tracker, request_id, created, in
     return _stream_events(server, streams, ticket, tracker, chunk, usage_chunk if include_usage else None)
 
 
-async def _chat_stream(server, streams, ticket, tracker, request_id, created, include_usage):
+async def _chat_stream(server, streams, ticket, tracker, request_id, created, include_usage,
+                       tools: Optional[ToolMode] = None):
+    """The chat SSE lines. With ``tools`` each choice's text goes through its own stream parser: content and
+    call pieces as the parser releases them, the parser's finish_reason on the last chunk."""
     name = server.model_name
+    parsers = [tools.stream_parser() for _ in tracker.choices] if tools is not None else None
+    called = [False] * len(tracker.choices)
 
     def make(choices, usage=None):
         return P.ChatCompletionChunk(id=request_id, created=created, model=name, choices=choices, usage=usage)
@@ -662,9 +717,26 @@ async def _chat_stream(server, streams, ticket, tracker, request_id, created, in
     num_top = tracker.num_top
 
     def chunk(idx, delta, ch):
+        """The chunks of one event: one (its text) without tools; with tools, what the parser releases, one
+        piece per chunk (none while it holds text back), logprobs on the first, finish_reason on the last."""
+        finish = ch.finish_reason
+        if parsers is None:
+            messages = [P.DeltaMessage(content=delta)]
+        else:
+            d = parsers[idx].feed(delta)
+            if finish is not None:
+                d += parsers[idx].finish()
+                finish = tools.finish_reason(finish, called[idx] or bool(d.calls))
+            called[idx] = called[idx] or bool(d.calls)
+            messages = _tool_deltas(d) or ([P.DeltaMessage()] if finish is not None else [])
+        if not messages:
+            return []
         lps = _chat_logprobs(server.tokenizer, ch, num_top) if tracker.want_logprobs else None
-        return make([P.ChatChunkChoice(index=idx, delta=P.DeltaMessage(content=delta),
-                                       finish_reason=ch.finish_reason, stop_reason=ch.stop_reason, logprobs=lps)])
+        last = len(messages) - 1
+        return [make([P.ChatChunkChoice(index=idx, delta=m, logprobs=lps if k == 0 else None,
+                                        finish_reason=finish if k == last else None,
+                                        stop_reason=ch.stop_reason if k == last else None)])
+                for k, m in enumerate(messages)]
 
     def usage_chunk(usage):
         return make([], usage)

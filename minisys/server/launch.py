@@ -25,6 +25,7 @@ from ..engine.config import EngineConfig
 from .engine_args import add_engine_args, engine_config_from_args, flag, given_engine_args
 from .limits import add_limit_args, limits_from_args
 from .timeouts import add_timeout_args, timeouts_from_args
+from .tools import TOOL_CALL_PARSERS
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENV = "MINISYS_API_KEY"
@@ -55,9 +56,25 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning", help="log level of uvicorn and minisys (default: warning; "
                    "errors are always logged, with a traceback and the error id the client got)")
     p.add_argument("--access-log", action="store_true", help="log one line per request (whatever the --log-level)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='serve tool_choice "auto" (the default when a request has tools): the model may call a '
+                        'tool, and --tool-call-parser reads the calls from its text (vLLM\'s flag)')
+    p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                   help="how calls are read from the text for tool_choice \"auto\" (hermes: <tool_call>{...}"
+                        "</tool_call>; a chat template without a tool format is shown the tools in that format)")
     add_limit_args(p)
     add_timeout_args(p)
     add_engine_args(p)
+
+
+def tool_call_parser(args) -> Optional[str]:
+    """The parser of tool_choice "auto" (None: "auto" is refused); ValueError unless the two flags come
+    together, as vLLM requires."""
+    enable, parser = getattr(args, "enable_auto_tool_choice", False), getattr(args, "tool_call_parser", None)
+    if enable != (parser is not None):
+        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: give both "
+                         "(e.g. --enable-auto-tool-choice --tool-call-parser hermes) or neither")
+    return parser
 
 
 def model_name(args) -> str:
@@ -155,6 +172,7 @@ def serve(args) -> int:
         config = engine_config(args)               # refused before the model loads
         limits = limits_from_args(args)
         timeouts = timeouts_from_args(args)
+        parser = tool_call_parser(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -176,7 +194,7 @@ def serve(args) -> int:
         return 2
     name = model_name(args)
     app = build_app(engine, tokenizer, name, api_key=api_key, limits=limits, metrics_open=args.metrics_open,
-                    timeouts=timeouts)
+                    timeouts=timeouts, tool_call_parser=parser)
     kind = "continuous batching (LLMEngine)" if args.engine == "llm" else "eager baseline, one request at a time"
     print(f"minisys serving {name} on {model.device} ({str(model.dtype).replace('torch.', '')}), "
           f"engine: {kind}, at http://{args.host}:{args.port}", flush=True)

@@ -9,13 +9,17 @@ Strict by default: a field minisys does not implement is a 400 naming it,
 never silently ignored (vLLM ignores unknown fields; a client that sends
 ``tools`` would get an answer that quietly does not do what it asked).
 Structured outputs (``response_format``, ``structured_outputs``, ``guided_*``)
-map to one `minisys.structured.StructuredOutputsParams`. Known fields minisys
-cannot honour (``suffix``, ``best_of`` != n, ...) are refused the same way. The only fields accepted and
+map to one `minisys.structured.StructuredOutputsParams`; ``tools`` /
+``tool_choice`` are checked here (`ChatCompletionRequest.tool_mode`); how
+calls are forced and read is `tools`. Known fields minisys cannot honour
+(``suffix``, ``best_of`` != n, ...) are refused the same way. The only fields accepted and
 ignored are `IGNORED_FIELDS`: ones real clients send that do not change
 the tokens generated.
 """
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
@@ -25,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from ..engine.sampling_params import RequestOutputKind, SamplingParams
 from ..scheduling.qoe import QoESpec
 from ..structured.params import StructuredOutputsParams
+from .tools import ToolMode
 
 MAX_N = 128     # the default of --max-n (`limits.ServerLimits`); the server checks n, prompts and prompts x n
 
@@ -41,7 +46,6 @@ IGNORED_FIELDS = {
     "metadata": "OpenAI's key-value tags for stored completions (minisys stores nothing)",
     "store": "OpenAI's flag to store the completion for distillation/evals (minisys stores nothing)",
     "service_tier": "OpenAI's processing tier (minisys has one)",
-    "parallel_tool_calls": "only meaningful with tools, which minisys refuses",
 }
 
 
@@ -133,7 +137,6 @@ class _SamplingRequest(BaseModel):
     metadata: Optional[dict[str, StrictStr]] = Field(None, description=IGNORED_FIELDS["metadata"])
     store: Optional[StrictBool] = Field(None, description=IGNORED_FIELDS["store"])
     service_tier: Optional[StrictStr] = Field(None, description=IGNORED_FIELDS["service_tier"])
-    parallel_tool_calls: Optional[StrictBool] = Field(None, description=IGNORED_FIELDS["parallel_tool_calls"])
 
     def _max_tokens(self) -> Optional[int]:
         raise NotImplementedError
@@ -285,11 +288,30 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCallParam(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+    arguments: StrictStr          # JSON text of an object, as OpenAI returns it
+
+
+class ToolCallParam(BaseModel):
+    """A call an assistant made, sent back in the history (OpenAI's shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")     # name, tool_calls, ...: refused, not ignored
+    model_config = ConfigDict(extra="forbid")     # name, audio, ...: refused, not ignored
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: Optional[list[ToolCallParam]] = None     # an assistant's calls
+    tool_call_id: Optional[StrictStr] = None             # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -297,6 +319,84 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def check(self, i: int) -> None:
+        """ValueError naming ``messages.i...`` for a field on the wrong role or arguments that are not JSON."""
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"messages.{i}.tool_calls: only an assistant message has tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError(f"messages.{i}.tool_call_id: only a tool message has a tool_call_id")
+        for j, call in enumerate(self.tool_calls or []):
+            try:
+                json.loads(call.function.arguments)
+            except (ValueError, RecursionError):
+                raise ValueError(f"messages.{i}.tool_calls.{j}.function.arguments is not JSON: "
+                                 f"{call.function.arguments[:60]!r}") from None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message for a chat template: role, content (text), and its tool_calls (arguments parsed
+        from JSON, as Hugging Face templates expect) or tool_call_id."""
+        d: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                               for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        return d
+
+
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")    # OpenAI's rule for a function's name
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+    description: Optional[StrictStr] = None
+    parameters: Optional[dict[str, Any]] = None      # a JSON schema of an object; left out: no parameters
+    strict: Optional[StrictBool] = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": F}}``: call F (forced)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _check_tool(i: int, tool: ChatTool) -> None:
+    """ValueError naming ``tools[i]...`` for a bad name or a parameters schema that is not one."""
+    f = tool.function
+    if not _FUNCTION_NAME.fullmatch(f.name):
+        raise ValueError(f"tools[{i}].function.name must be 1-64 letters, digits, _ or -, got {f.name[:80]!r}")
+    if f.parameters is None:
+        return
+    import jsonschema
+    try:
+        jsonschema.Draft202012Validator.check_schema(f.parameters)
+    except jsonschema.SchemaError as e:
+        raise ValueError(f"tools[{i}].function.parameters is not a valid JSON schema: {e.message[:200]}") from None
+    except RecursionError:
+        raise ValueError(f"tools[{i}].function.parameters is nested too deeply") from None
+    if f.parameters.get("type", "object") != "object":
+        raise ValueError(f"tools[{i}].function.parameters must describe an object (\"type\": \"object\"), "
+                         f"got type {f.parameters.get('type')!r}")
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -308,6 +408,9 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: Optional[StrictBool] = False
     top_logprobs: Optional[StrictInt] = None
     add_generation_prompt: StrictBool = True
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[StrictBool] = None     # false: at most one call
 
     def _max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -320,17 +423,65 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("top_logprobs needs logprobs: true")
         if not self.messages:
             raise ValueError("messages is empty: give at least one message")
+        for i, m in enumerate(self.messages):
+            m.check(i)
+
+    def tool_mode(self) -> Optional[ToolMode]:
+        """What ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` ask for (None: no tools, no calls read);
+        ValueError naming the field when they do not fit together. ``tool_choice`` defaults to "auto" when
+        there are tools (OpenAI's default); whether "auto" is served is the server's call (`app`)."""
+        choice = self.tool_choice
+        if not self.tools:
+            if self.tools is not None:
+                raise ValueError("tools is empty: give at least one tool, or leave tools out")
+            if choice not in (None, "none"):
+                raise ValueError("tool_choice needs tools: give the functions the model may call")
+            if self.parallel_tool_calls is not None:
+                raise ValueError("parallel_tool_calls needs tools")
+            return None
+        for i, tool in enumerate(self.tools):
+            _check_tool(i, tool)
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tools: two functions have the same name ({sorted(n for n in set(names) if names.count(n) > 1)})")
+        kind = "auto" if choice is None else choice if isinstance(choice, str) else "named"
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if name is not None and name not in names:
+            raise ValueError(f"tool_choice names the function {name!r}, which is not in tools ({names})")
+        strict = [i for i, t in enumerate(self.tools) if t.function.strict]
+        if strict and kind in ("auto", "none"):
+            raise ValueError(f"tools[{strict[0]}].function.strict: true is honoured only when the call is forced "
+                             f"(tool_choice \"required\" or a named function), not with tool_choice {kind!r}")
+        return ToolMode(kind, {t.function.name: t.function.parameters for t in self.tools}, name,
+                        parallel=self.parallel_tool_calls is not False)
 
     def to_sampling_params(self) -> SamplingParams:
-        """``logprobs: true``: the sampled token's logprob + ``top_logprobs`` alternatives per token."""
+        """``logprobs: true``: the sampled token's logprob + ``top_logprobs`` alternatives per token;
+        tool_choice "required" or a named function: structured outputs force the call's JSON."""
         sp = super().to_sampling_params()
         sp.logprobs = (self.top_logprobs or 0) if self.logprobs else None
         sp.prompt_logprobs = self.prompt_logprobs
+        mode = self.tool_mode()
+        forced = mode.forced_schema() if mode is not None else None
+        if forced is not None:
+            where = f"tools[{list(mode.tools).index(mode.name)}]" if mode.kind == "named" else "tools[*]"
+            sp.structured_outputs = _structured_json(forced, getattr(sp, "structured_outputs", None),
+                                                     origin=f"{where}.function.parameters")
         return sp
 
-    def conversation(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+    def tools_for_template(self) -> Optional[list[dict[str, Any]]]:
+        """``tools`` as the chat template receives them (OpenAI's dicts), None when there are none."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+
+def _structured_json(schema: dict[str, Any], already: Any, origin: str) -> StructuredOutputsParams:
+    """The structured-outputs parameters that force ``schema``; ``origin``: the request field a schema
+    error names (the tool's parameters). ValueError naming tool_choice when the request already
+    constrains its output another way."""
+    if already is not None:
+        raise ValueError("tool_choice \"required\" or a named function forces the output's JSON, so it cannot "
+                         "be combined with another output constraint (response_format, structured_outputs)")
+    return StructuredOutputsParams(json=schema, origin=origin)
 
 
 # ------------------------------------------------------------------ responses
@@ -395,9 +546,21 @@ class CompletionResponse(BaseModel):
     usage: Optional[UsageInfo] = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str                 # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]         # null when the reply is only tool calls
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -418,9 +581,24 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: Optional[PromptLogprobs] = None      # vLLM's: the templated prompt's
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of call ``index``: the first carries its id, type and name; the pieces' arguments add up."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: list[DeltaToolCall] = Field(default_factory=list)
 
 
 class ChatChunkChoice(BaseModel):
@@ -469,6 +647,8 @@ class TokenizeRequest(BaseModel):
             raise ValueError("add_special_tokens must be false: minisys adds no special tokens to a prompt")
         if self.messages is not None and not self.messages:
             raise ValueError("messages is empty: give at least one message")
+        for i, m in enumerate(self.messages or []):
+            m.check(i)
 
 
 class TokenizeResponse(BaseModel):
