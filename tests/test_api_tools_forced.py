@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 
 import jsonschema
-import pytest
-
 import openai
+import pytest
 
 KEY = "sk-forced"
 UNIT = {"type": "object", "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
