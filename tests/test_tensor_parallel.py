@@ -227,6 +227,8 @@ def test_server_tp2_serves_then_a_killed_worker_errors_and_nothing_is_left(chat_
         msgs = [{"role": "user", "content": "the quick brown fox"}]
         r = client.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=8, temperature=0)
         assert r.choices[0].message.content and r.usage.completion_tokens == 8
+        with pytest.raises(openai.BadRequestError, match="not with --tensor-parallel-size"):
+            client.embeddings.create(model="tiny-chat", input="a shard cannot embed alone")
         tree = _tree(proc.pid)
         workers = [p for p in tree if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 1, [p.cmdline() for p in tree]

@@ -149,7 +149,11 @@ class LlamaModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor,
                       meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (T,) -> the last layer's hidden states after the final norm, (T, C),
-        in the model's dtype, no KV cache: the input of the LM head (embeddings, lesson 16)."""
+        in the model's dtype, no KV cache: the input of the LM head (embeddings, lesson 16).
+        One process only: a tensor-parallel shard cannot run a forward without its peers (ValueError)."""
+        if self.tp_size > 1:
+            raise ValueError("embeddings run on one process: not with tensor parallelism "
+                             f"(this model is rank {self.tp_rank} of {self.tp_size})")
         x = self.model.embed_tokens(input_ids)                           # (T, C)
         for layer in self.model.layers:
             x = layer(x, positions, meta, self.attention, None)

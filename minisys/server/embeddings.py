@@ -77,9 +77,11 @@ class EmbeddingResponse(BaseModel):
 
 
 def model_of(engine):
-    """The `LlamaModel` behind an `AsyncLLMEngine` (``.engine.model``) or `AsyncEagerEngine` (``.runner.model``)."""
+    """The `LlamaModel` behind an `AsyncLLMEngine` (``.engine.model``) or `AsyncEagerEngine` (``.runner.model``);
+    None when the engine has none that can embed on its own (a test double; a tensor-parallel shard)."""
     inner = getattr(engine, "engine", None) or getattr(engine, "runner", None)
-    return inner.model
+    model = getattr(inner, "model", None)
+    return model if model is not None and getattr(model, "tp_size", 1) == 1 else None
 
 
 def encode_vector(v: np.ndarray, encoding_format: str) -> Union[list[float], str]:
@@ -125,8 +127,8 @@ def install_embeddings(app: FastAPI, server, parse) -> None:
     """Register POST /v1/embeddings on ``app`` (``server``: the app's `Server`; ``parse``: its body parser,
     ``await parse(raw, Model)``) and add its request body to the OpenAPI document."""
     model = model_of(server.engine)
-    embedder = _Embedder(server, model)
-    hidden = model.config.hidden_size
+    embedder = _Embedder(server, model) if model is not None else None
+    hidden = model.config.hidden_size if model is not None else None
     auth = (401,) if server.api_key else ()
 
     @app.post("/v1/embeddings", responses={**json_response(EmbeddingResponse, "one vector per input"),
@@ -134,6 +136,9 @@ def install_embeddings(app: FastAPI, server, parse) -> None:
     async def embeddings(raw: Request):
         req = await parse(raw, EmbeddingRequest)
         server.check_model(req.model)
+        if embedder is None:
+            raise OpenAIError("this server does not serve embeddings: they run the model on one process "
+                              "(not with --tensor-parallel-size > 1)", status=400)
         if server.draining:
             raise OpenAIError("the server is shutting down; retry later or elsewhere", status=503,
                               type="service_unavailable", code="server_shutting_down")
