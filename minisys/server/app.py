@@ -52,6 +52,7 @@ from ..model.tokenizer import Tokenizer
 from .async_engine import EngineDeadError, PromptError, RequestStream, ServerShuttingDown
 from .body_text import check_body_text
 from .embeddings import install_embeddings
+from .interpreter import collections_paused
 from .errors import OpenAIError, error_body, install_error_handlers, internal_error_body
 from .limits import Admission, ServerLimits, Ticket
 from .metrics import ServerMetrics
@@ -323,16 +324,8 @@ class Server:
         The tools (and the history's tool calls and results) go to the template when it has a tool format
         (`Tokenizer.template_has_tools`); otherwise they are written into the messages in the Hermes
         format (`tools.hermes.render_conversation`), which is what ``--tool-call-parser hermes`` reads."""
-        conversation = [m.as_dict() for m in req.messages]
-        tools = req.tools_for_template() if isinstance(req, P.ChatCompletionRequest) else None
-        if not self.tokenizer.template_has_tools:
-            conversation, tools = hermes.render_conversation(conversation, tools), None
-        try:
-            text = self.tokenizer.apply_chat_template(conversation, req.add_generation_prompt, tools=tools)
-        except ValueError:
-            raise
-        except Exception as e:            # jinja2 errors from the template
-            raise OpenAIError(f"could not apply the chat template: {e}") from None
+        with collections_paused():        # no GC pass over a long conversation's objects (`interpreter`)
+            text = self._render(req)
         truncating = getattr(req, "truncate_prompt_tokens", None) is not None
         ids = self.tokenizer.encode(text, limit=self.engine.max_model_len if bounded and not truncating else None)
         if isinstance(req, P.ChatCompletionRequest):
@@ -340,6 +333,19 @@ class Server:
             if len(kept) < len(ids):
                 return [(None, kept)]
         return [(text, ids)]
+
+    def _render(self, req: Union[P.ChatCompletionRequest, P.TokenizeRequest]) -> str:
+        """The conversation (and tools) through the chat template, as text."""
+        conversation = [m.as_dict() for m in req.messages]
+        tools = req.tools_for_template() if isinstance(req, P.ChatCompletionRequest) else None
+        if not self.tokenizer.template_has_tools:
+            conversation, tools = hermes.render_conversation(conversation, tools), None
+        try:
+            return self.tokenizer.apply_chat_template(conversation, req.add_generation_prompt, tools=tools)
+        except ValueError:
+            raise
+        except Exception as e:            # jinja2 errors from the template
+            raise OpenAIError(f"could not apply the chat template: {e}") from None
 
 
 class _FinishingStream(StreamingResponse):
@@ -394,8 +400,13 @@ def _parse_body(body: bytes, model: type[BaseModel]) -> BaseModel:
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
 
 
+def _parse_paused(body: bytes, model: type[BaseModel]) -> BaseModel:
+    with collections_paused():             # no GC pass over a big body's objects (`interpreter`)
+        return _parse_body(body, model)
+
+
 async def _parse(raw: Request, model: type[BaseModel]) -> BaseModel:
-    return await asyncio.to_thread(_parse_body, await raw.body(), model)
+    return await asyncio.to_thread(_parse_paused, await raw.body(), model)
 
 
 def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None,

@@ -165,6 +165,7 @@ def serve(args) -> int:
     import uvicorn
 
     from .app import build_app
+    from .interpreter import freeze_startup_objects, short_switch_interval
     from .shutdown import GracefulServer
     from .timeouts import header_timeout_protocol
 
@@ -193,6 +194,8 @@ def serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     name = model_name(args)
+    freeze_startup_objects()                   # the model and modules: out of every later GC pass
+    short_switch_interval()                    # the engine thread is not starved by a parsing thread
     app = build_app(engine, tokenizer, name, api_key=api_key, limits=limits, metrics_open=args.metrics_open,
                     timeouts=timeouts, tool_call_parser=parser)
     kind = "continuous batching (LLMEngine)" if args.engine == "llm" else "eager baseline, one request at a time"
