@@ -254,3 +254,26 @@ def test_refusals_name_the_field(smol_paged):
     with pytest.raises(ValueError, match="structured_outputs.regex is not"):
         EagerGenerator(model, tok).check_prompt([1], SamplingParams(
             structured_outputs=StructuredOutputsParams(regex="(")))
+
+
+@pytest.mark.slow
+def test_a_failed_step_with_a_constrained_row_does_not_break_the_next_steps(smol_paged, monkeypatch):
+    """A forward that raises while a constrained row is scheduled leaves no mask fill pending: the
+    engine serves the next request (a stale fill would fail every later step)."""
+    model, tok = smol_paged
+    engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=4, num_kv_blocks=64))
+    sp = SamplingParams(temperature=0, max_tokens=8, structured_outputs=_spec("choice"))
+    engine.add_request("boom", _prompt(tok, "Pick one."), sp)
+    real = engine.runner.forward
+    monkeypatch.setattr(engine.runner, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.step()
+    monkeypatch.setattr(engine.runner, "forward", real)
+    engine.abort("boom")
+    done = _run(engine, [("next", _prompt(tok, "Pick one."), sp)])
+    _check("choice", done["next"].outputs[0].text)
+
+
+def test_a_json_string_nested_too_deeply_is_a_value_error_naming_the_field():
+    with pytest.raises(ValueError, match="guided_json is nested too deeply|json is nested too deeply"):
+        StructuredOutputsParams(json="[" * 100_000 + "]" * 100_000, origin="guided_json")

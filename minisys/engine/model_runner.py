@@ -129,6 +129,17 @@ class ModelRunner:
         emitting = [s for s in out.scheduled if s.samples]               # chunks inside a prompt: none
         constrained = [e for e, s in enumerate(emitting) if s.request.structured is not None]
         self.masks.submit([emitting[e].request.structured for e in constrained])   # runs during the forward
+        try:
+            picked = self._forward_and_sample(out, batch, emitting, constrained)
+        except BaseException:
+            self.masks.discard()                                         # a failed step leaves nothing pending
+            raise
+        it = iter(picked)
+        return [next(it) if s.samples else [] for s in out.scheduled]
+
+
+    def _forward_and_sample(self, out: SchedulerOutput, batch, emitting: list, constrained: list[int]) -> list:
+        """The forward, the logprobs asked for, and the tokens picked (one list per emitting request)."""
         ends = batch.meta.cu_seqlens_q[1:].tolist()
         rows = [r for s, end in zip(out.scheduled, ends) if s.samples
                 for r in range(end - 1 - len(s.spec_token_ids), end)]
@@ -170,9 +181,7 @@ class ModelRunner:
             index = {id(s): i for i, s in enumerate(out.scheduled)}
             for (e, _), lp in zip(want, lps):
                 self.last_logprobs.setdefault(index[id(emitting[e])], {})["sampled"] = [lp]
-        it = iter(picked)
-        return [next(it) if s.samples else [] for s in out.scheduled]
-
+        return picked
 
 def _starts(emitting: list) -> list[int]:
     """Each sampling request's first row among the sampling rows (1 + k rows each)."""

@@ -108,6 +108,16 @@ class MaskFiller:
         assert self._future is None, "a mask fill is already pending"
         self._future = self._pool.submit(self._run, list(matchers)) if matchers else None
 
+    def discard(self) -> None:
+        """Forget the pending fill (the step failed between `submit` and `result`): wait for it, drop it,
+        so the next step can submit. Invariant: after every step, nothing is pending."""
+        if self._future is not None:
+            try:
+                self._future.result()
+            except Exception:
+                pass
+            self._future = None
+
     def result(self) -> torch.Tensor | None:
         """The (R, W) bitmasks of the last `submit` (None if it had no matchers)."""
         if self._future is None:

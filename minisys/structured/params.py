@@ -40,6 +40,8 @@ class StructuredOutputsParams:
                 self.json = _json.loads(self.json)
             except ValueError as e:
                 raise ValueError(f"{self._name('json')} is not valid JSON: {e}") from None
+            except RecursionError:
+                raise ValueError(f"{self._name('json')} is nested too deeply") from None
         if self.json is not None and not isinstance(self.json, dict):
             raise ValueError(f"{self._name('json')} must be a JSON schema object, got {type(self.json).__name__}")
         for name in ("regex", "grammar"):
@@ -72,7 +74,10 @@ class StructuredOutputsParams:
         """The spec's identity for the compile cache: (kind, canonical text)."""
         k = self.kind
         if k == "json":
-            return k, _json.dumps(self.json, sort_keys=True, separators=(",", ":"))
+            try:
+                return k, _json.dumps(self.json, sort_keys=True, separators=(",", ":"))
+            except RecursionError:
+                raise ValueError(f"{self._name('json')} is nested too deeply") from None
         if k == "choice":
             return k, _json.dumps(self.choice)
         if k == "json_object":
