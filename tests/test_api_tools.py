@@ -150,6 +150,10 @@ def _named(name):
 
 BAD = [   # (extra body fields, the param the 400 names, a word of the message)
     ({"tools": []}, "tools", "empty"),
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools", "more than"),
+    ({"tools": [{"type": "function", "function": {"name": "big", "parameters": {
+        "type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "^a+$"} for i in range(3000)}}}}]},
+     "tools", "bytes of function definitions"),
     ({"tools": [{"type": "retrieval"}]}, "tools", "tools.0.type"),
     ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools", "name"),
     ({"tools": [WEATHER, WEATHER]}, "tools", "same name"),

@@ -38,3 +38,13 @@ def test_a_gc_disabled_by_someone_else_stays_disabled():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_overlapping_pauses_do_not_keep_the_gc_off_past_the_bound(monkeypatch):
+    import minisys.server.interpreter as interp
+    monkeypatch.setattr(interp, "MAX_PAUSE_S", 0.0)
+    with collections_paused():
+        assert not gc.isenabled()
+        with collections_paused():            # overlapping, past the bound: collections run again
+            assert gc.isenabled()
+    assert gc.isenabled()

@@ -277,3 +277,8 @@ def test_a_failed_step_with_a_constrained_row_does_not_break_the_next_steps(smol
 def test_a_json_string_nested_too_deeply_is_a_value_error_naming_the_field():
     with pytest.raises(ValueError, match="guided_json is nested too deeply|json is nested too deeply"):
         StructuredOutputsParams(json="[" * 100_000 + "]" * 100_000, origin="guided_json")
+
+
+def test_a_grammar_too_large_to_compile_per_request_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"structured_outputs.choice: \d+ bytes is more than"):
+        StructuredOutputsParams(choice=[f"option {i}" for i in range(20_000)])

@@ -85,7 +85,7 @@ class OutputProcessor:
         """Accept the token into the grammar; stop when the grammar is complete. A token the mask did
         not allow (a grammar engine error: never sampled otherwise) aborts the sequence."""
         if not self.matcher.accept(token_id):
-            return StopDecision("abort", f"structured output error: {self.matcher.error}", self.detok.text)
+            return StopDecision("abort", f"structured output error: {(self.matcher.error or '').strip()[:300]}", self.detok.text)
         if d.finish_reason is None and self.matcher.is_terminated:
             return StopDecision("stop", None, self.detok.text)
         return d

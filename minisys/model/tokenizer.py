@@ -42,7 +42,7 @@ class Tokenizer:
                  bos_token: str | None = None, eos_token: str | None = None,
                  eos_token_ids: tuple[int, ...] = ()) -> None:
         self._tk = tokenizer
-        self.chat_template = chat_template
+        self._chat_template = chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
         ids = set(eos_token_ids)
         if eos_token is not None and tokenizer.token_to_id(eos_token) is not None:
@@ -128,11 +128,28 @@ class Tokenizer:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"each message needs a 'role' and a 'content', got {m!r}")
         extra = {"tools": tools} if tools else {}
-        return _template_env().from_string(self.chat_template).render(
+        return self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
 
     @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, text: str | None) -> None:
+        """A new template: what was compiled from the old one is dropped."""
+        self._chat_template = text
+        self.__dict__.pop("_template", None)
+        self.__dict__.pop("template_has_tools", None)
+
+    @functools.cached_property
+    def _template(self):
+        """The chat template, compiled once (a fresh jinja environment per render also left cyclic
+        garbage behind every request)."""
+        return _template_env().from_string(self.chat_template)
+
+    @functools.cached_property
     def template_has_tools(self) -> bool:
         """Whether the chat template reads a ``tools`` variable (has its own tool format), from its AST."""
         if not self.chat_template:

@@ -306,6 +306,17 @@ class Server:
             out.append((p if isinstance(p, str) and len(kept) == len(ids) else None, kept))
         return out
 
+    def prepare(self, req: Union[P.CompletionRequest, P.ChatCompletionRequest]
+                ) -> tuple[SamplingParams, Optional[ToolMode]]:
+        """The request's `SamplingParams` and tool mode, its grammar compiled into the engine's cache.
+        Blocking (tool schemas checked, grammars compiled): the routes run it in a worker thread."""
+        with collections_paused():
+            params = req.to_sampling_params()
+            mode = self.tool_mode(req) if isinstance(req, P.ChatCompletionRequest) else None
+        if params.structured_outputs is not None:
+            self.engine.compile_grammar(params.structured_outputs)
+        return params, mode
+
     def tool_mode(self, req: P.ChatCompletionRequest) -> Optional[ToolMode]:
         """The request's tool mode (`ToolMode`); ValueError naming tool_choice for "auto" on a server started
         without ``--enable-auto-tool-choice --tool-call-parser`` (vLLM's message)."""
@@ -513,7 +524,7 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
         req = await _parse(raw, P.CompletionRequest)
         server.check_model(req.model)
         try:
-            params = req.to_sampling_params()
+            params, _ = await asyncio.to_thread(server.prepare, req)
             meta = req.request_meta()
             server.admission.check_shape(len(req.prompts()), params.n)     # before tokenizing anything
             prompts = await asyncio.to_thread(server.tokenize_prompts, req)
@@ -527,8 +538,7 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
         req = await _parse(raw, P.ChatCompletionRequest)
         server.check_model(req.model)
         try:
-            params = req.to_sampling_params()
-            mode = server.tool_mode(req)
+            params, mode = await asyncio.to_thread(server.prepare, req)
             meta = req.request_meta()
             server.admission.check_shape(1, params.n)
             prompts = await asyncio.to_thread(server.chat_prompt, req)

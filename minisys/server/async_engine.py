@@ -251,6 +251,11 @@ class AsyncLLMEngine(_AsyncEngineBase):
     def max_model_len(self) -> int:
         return self.engine.config.max_model_len
 
+    def compile_grammar(self, spec) -> None:
+        """Compile a structured-output spec into the engine's cache (blocking: the routes run it in a worker
+        thread, so the engine thread, which compiles in `add_request`, only ever finds it cached)."""
+        self.engine.grammars.compile(spec)
+
     @property
     def is_running(self) -> bool:
         """The loop task is alive and the engine can step (no tensor-parallel worker died): /health."""
@@ -388,6 +393,10 @@ class AsyncEagerEngine(_AsyncEngineBase):
     @property
     def max_model_len(self) -> int:
         return self.runner.max_model_len
+
+    def compile_grammar(self, spec) -> None:
+        """As `AsyncLLMEngine.compile_grammar`, into the eager generator's cache."""
+        self.runner._grammars().compile(spec)
 
     async def start(self) -> None:
         self._pending = asyncio.Queue()

@@ -13,11 +13,13 @@ Two standard remedies, both here:
   objects alive at start-up (modules, the model, the tokenizer) move to a
   permanent generation that no later collection walks.
 * `collections_paused`: no collection *starts* while a request is being
-  parsed or rendered in a worker thread. Those objects are freed by
-  reference counting when the request is done (they hold no cycles), so the
-  next collection finds little to do. The pause is process-wide (the GC
-  has one switch), so it is counted: collections resume when the last
-  concurrent parse ends, and a GC someone else disabled stays disabled.
+  parsed or rendered in a worker thread. Those objects are mostly freed by
+  reference counting when the request is done, so the next collection finds
+  little to do. The pause is process-wide (the GC has one switch), so it is
+  counted: collections resume when the last concurrent parse ends, or once
+  pauses have overlapped for `MAX_PAUSE_S` without a break (steady traffic
+  must not switch the GC off for good); a GC someone else disabled stays
+  disabled.
 
 Bodies are bounded by ``--max-body-bytes``, so a pause is bounded too.
 
@@ -37,12 +39,15 @@ from __future__ import annotations
 import gc
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
 _lock = threading.Lock()
 _depth = 0
 _resume = False          # whether the GC was on when the first pause began
+_since = 0.0             # when the current run of overlapping pauses began
+MAX_PAUSE_S = 2.0
 
 
 SWITCH_INTERVAL_S = 0.0005
@@ -62,11 +67,13 @@ def freeze_startup_objects() -> None:
 @contextmanager
 def collections_paused() -> Iterator[None]:
     """No cyclic collection starts inside this block (in any thread); nested and concurrent uses counted."""
-    global _depth, _resume
+    global _depth, _resume, _since
     with _lock:
         if _depth == 0:
-            _resume = gc.isenabled()
+            _resume, _since = gc.isenabled(), time.monotonic()
             gc.disable()
+        elif _resume and time.monotonic() - _since > MAX_PAUSE_S:
+            gc.enable()                       # paused long enough: collections run until the pauses end
         _depth += 1
     try:
         yield

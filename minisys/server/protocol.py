@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr
 
 from ..engine.sampling_params import RequestOutputKind, SamplingParams
 from ..scheduling.qoe import QoESpec
@@ -40,6 +40,8 @@ def random_id(prefix: str) -> str:
 
 # Accepted and ignored: what OpenAI clients (the `openai` package, LangChain) may send that does not change
 # the tokens generated. Everything else minisys does not implement is refused (``extra="forbid"``).
+MAX_TOOLS = 128               # functions per request
+MAX_TOOLS_BYTES = 64 << 10    # their JSON, all together: real tool schemas are a few KB; each is checked per request
 MAX_LOGPROBS = 20         # the most alternatives per token a request may ask for (OpenAI's limit and vLLM's default)
 
 IGNORED_FIELDS = {
@@ -165,6 +167,9 @@ class _SamplingRequest(BaseModel):
         if k is None:
             return ids
         room = max_model_len - (self._max_tokens() or 1)
+        if room < 1:
+            raise ValueError(f"max_tokens ({self._max_tokens()}) leaves no room for a prompt in the model's "
+                             f"context of {max_model_len} tokens")
         if k == -1:
             k = room
         if not 1 <= k <= room:
@@ -403,6 +408,7 @@ class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions. ``max_completion_tokens`` wins over the deprecated ``max_tokens``."""
 
     messages: list[ChatMessage]
+    _tool_mode: Optional[tuple] = PrivateAttr(default=None)      # (the checked ToolMode or None,) once checked
     max_tokens: Optional[StrictInt] = None
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: Optional[StrictBool] = False
@@ -429,7 +435,13 @@ class ChatCompletionRequest(_SamplingRequest):
     def tool_mode(self) -> Optional[ToolMode]:
         """What ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` ask for (None: no tools, no calls read);
         ValueError naming the field when they do not fit together. ``tool_choice`` defaults to "auto" when
-        there are tools (OpenAI's default); whether "auto" is served is the server's call (`app`)."""
+        there are tools (OpenAI's default); whether "auto" is served is the server's call (`app`).
+        Checked once per request (the schemas' check is the costly part), then remembered."""
+        if self._tool_mode is None:
+            self._tool_mode = (self._check_tools(),)
+        return self._tool_mode[0]
+
+    def _check_tools(self) -> Optional[ToolMode]:
         choice = self.tool_choice
         if not self.tools:
             if self.tools is not None:
@@ -439,6 +451,12 @@ class ChatCompletionRequest(_SamplingRequest):
             if self.parallel_tool_calls is not None:
                 raise ValueError("parallel_tool_calls needs tools")
             return None
+        if len(self.tools) > MAX_TOOLS:
+            raise ValueError(f"tools: {len(self.tools)} functions is more than minisys takes ({MAX_TOOLS})")
+        size = len(json.dumps([t.model_dump(exclude_none=True) for t in self.tools]))
+        if size > MAX_TOOLS_BYTES:
+            raise ValueError(f"tools: {size} bytes of function definitions is more than minisys takes "
+                             f"({MAX_TOOLS_BYTES}): each schema is checked and compiled per request")
         for i, tool in enumerate(self.tools):
             _check_tool(i, tool)
         names = [t.function.name for t in self.tools]

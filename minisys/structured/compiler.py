@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Any
 
 import llguidance
+import torch
 
 from .matcher import StructuredMatcher
 from .params import StructuredOutputsParams
@@ -89,6 +90,11 @@ class GrammarCompiler:
         m = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if m.is_error():
             raise ValueError(f"{spec.field_name} is not a valid {_what(spec)}: {m.get_error()[:300]}")
+        trial = StructuredMatcher(m.deep_copy(), self.vocab_size)      # the first mask, once, here: a grammar
+        scratch = torch.zeros(trial.words, dtype=torch.int32)          # too complex for the lexer fails now
+        trial.fill(scratch.data_ptr())                                 # (a 400), not at a sequence's first step
+        if trial.error is not None:
+            raise ValueError(f"{spec.field_name} is too complex a {_what(spec)}: {trial.error.strip()[:300]}")
         with self._lock:
             self.compiles += 1
             self._cache[key] = m

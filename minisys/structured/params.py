@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
+MAX_SPEC_BYTES = 64 << 10      # a grammar's canonical text: bounds compile time and the cache's memory
 
 
 @dataclass
@@ -54,6 +55,10 @@ class StructuredOutputsParams:
                              f"got {self.choice!r}")
         if self.json_object is not None and not isinstance(self.json_object, bool):
             raise ValueError(f"{self._name('json_object')} must be a boolean, got {self.json_object!r}")
+        size = len(self.key()[1])
+        if size > MAX_SPEC_BYTES:
+            raise ValueError(f"{self.field_name}: {size} bytes is more than minisys compiles ({MAX_SPEC_BYTES}); "
+                             "every distinct grammar is compiled and cached")
 
     @property
     def kind(self) -> str:
