@@ -116,11 +116,9 @@ class _Embedder:
             out.append(ids)
         return out
 
-    def __call__(self, req: EmbeddingRequest) -> tuple[np.ndarray, int]:
-        ids = self.ids(req)
+    def embed(self, ids: list[list[int]]) -> np.ndarray:
         with self.lock:
-            vectors = embed_token_ids(self.model, ids).numpy()                # (B, C) fp32
-        return vectors, sum(len(x) for x in ids)
+            return embed_token_ids(self.model, ids).numpy()                   # (B, C) fp32
 
 
 def install_embeddings(app: FastAPI, server, parse) -> None:
@@ -130,9 +128,10 @@ def install_embeddings(app: FastAPI, server, parse) -> None:
     embedder = _Embedder(server, model) if model is not None else None
     hidden = model.config.hidden_size if model is not None else None
     auth = (401,) if server.api_key else ()
+    turn = asyncio.Lock()
 
     @app.post("/v1/embeddings", responses={**json_response(EmbeddingResponse, "one vector per input"),
-                                           **error_responses(400, *auth, 404, 413, 500, 503)})
+                                           **error_responses(400, *auth, 404, 413, 429, 500, 503)})
     async def embeddings(raw: Request):
         req = await parse(raw, EmbeddingRequest)
         server.check_model(req.model)
@@ -146,9 +145,18 @@ def install_embeddings(app: FastAPI, server, parse) -> None:
             raise OpenAIError(f"dimensions: the served model's vectors have {hidden} dimensions and are not "
                               f"trained to be truncated; leave dimensions unset (or {hidden})", param="dimensions")
         try:
-            vectors, tokens = await asyncio.to_thread(embedder, req)
+            ids = await asyncio.to_thread(embedder.ids, req)
         except ValueError as e:
             raise OpenAIError(str(e), param="input") from None
+        tokens = sum(len(x) for x in ids)
+        # counted in the server's admission limits like a completion (429 when the queue is full), and one
+        # forward at a time: waiters wait here, holding no worker thread
+        ticket = server.admission.admit([len(x) for x in ids], 1, req.user)
+        try:
+            async with turn:
+                vectors = await asyncio.to_thread(embedder.embed, ids)
+        finally:
+            server.admission.release(ticket)
         data = [EmbeddingData(index=i, embedding=encode_vector(v, req.encoding_format)) for i, v in enumerate(vectors)]
         body = EmbeddingResponse(data=data, model=server.model_name,
                                  usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
