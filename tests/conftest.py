@@ -77,6 +77,42 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_app(tiny_dirs):
+    """A factory: ``with tiny_app(key, chat_template=None, app_args={}, **engine_config) as (client, llm)``
+    serves the tiny llama in process (FastAPI's TestClient over `build_app` and `AsyncLLMEngine`)."""
+    from contextlib import contextmanager
+
+    from fastapi.testclient import TestClient
+
+    from minisys.engine.config import EngineConfig
+    from minisys.llm import LLM
+    from minisys.server.app import build_app
+    from minisys.server.async_engine import AsyncLLMEngine
+
+    @contextmanager
+    def make(key: str, chat_template: str | None = None, app_args: dict | None = None, **engine_config):
+        config = {"num_kv_blocks": 64, "max_num_seqs": 4, **engine_config}
+        llm = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True,
+                  engine_config=EngineConfig(**config))
+        if chat_template is not None:
+            llm.tokenizer.chat_template = chat_template
+        with TestClient(build_app(AsyncLLMEngine(llm.engine), llm.tokenizer, "tiny", api_key=key,
+                                  **(app_args or {}))) as client:
+            yield client, llm
+    return make
+
+
+@pytest.fixture(scope="module")
+def smol_paged(smol):
+    """The real model with the paged attention backend for this module (put back after it)."""
+    model, tok = smol
+    old = model.attention
+    model.set_attention_backend("paged")
+    yield model, tok
+    model.set_attention_backend(old)
+
+
+@pytest.fixture(scope="session")
 def graded_student_notebook():
     """``grade(labs/NN-....ipynb)`` of an untouched student notebook, graded once per session.
 

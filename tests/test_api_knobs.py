@@ -16,16 +16,8 @@ H = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def app(tiny_dirs):
-    from fastapi.testclient import TestClient
-
-    from minisys.llm import LLM
-    from minisys.server.app import build_app
-    from minisys.server.async_engine import AsyncLLMEngine
-
-    llm = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True,
-              engine_config=EngineConfig(num_kv_blocks=64, max_num_seqs=4))
-    with TestClient(build_app(AsyncLLMEngine(llm.engine), llm.tokenizer, "tiny", api_key=KEY)) as c:
+def app(tiny_app):
+    with tiny_app(KEY) as (c, llm):
         yield c, llm
 
 

@@ -6,12 +6,10 @@ legacy shape; chat: ``logprobs: true, top_logprobs: k``; streamed chunks add up 
 """
 from __future__ import annotations
 
+import openai
 import pytest
 import torch
 
-from minisys.engine.config import EngineConfig
-
-openai = pytest.importorskip("openai")
 
 KEY = "sk-lp"
 ATOL = 1e-4
@@ -19,17 +17,9 @@ N = 3
 
 
 @pytest.fixture(scope="module")
-def env(tiny_dirs):
-    from fastapi.testclient import TestClient
-
-    from minisys.llm import LLM
-    from minisys.server.app import build_app
-    from minisys.server.async_engine import AsyncLLMEngine
-
-    llm = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True,
-              engine_config=EngineConfig(num_kv_blocks=64, max_num_seqs=4))
-    llm.tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    with TestClient(build_app(AsyncLLMEngine(llm.engine), llm.tokenizer, "tiny", api_key=KEY)) as c:
+def env(tiny_app):
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with tiny_app(KEY, chat_template=template) as (c, llm):
         yield openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=c, max_retries=0), c, llm
 
 

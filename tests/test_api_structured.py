@@ -10,13 +10,12 @@ import json
 import re
 from typing import Literal
 
+import jsonschema
+import openai
 import pytest
 from pydantic import BaseModel, Field
 
 from minisys.engine.config import EngineConfig
-
-openai = pytest.importorskip("openai")
-jsonschema = pytest.importorskip("jsonschema")
 
 KEY = "sk-structured"
 H = {"Authorization": f"Bearer {KEY}"}

@@ -20,14 +20,13 @@ import argparse
 import asyncio
 import json
 
+import openai
 import pytest
 
 from minisys.engine.config import EngineConfig
 from minisys.engine.outputs import CompletionOutput, RequestOutput
 from minisys.server.async_engine import OutputSlot, RequestStream, _AsyncEngineBase
 from minisys.server.tools import hermes
-
-openai = pytest.importorskip("openai")
 
 KEY = "sk-tools"
 H = {"Authorization": f"Bearer {KEY}"}

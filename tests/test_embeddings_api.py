@@ -11,28 +11,18 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import openai
 import pytest
 import torch
 
-from minisys.engine.config import EngineConfig
-
-openai = pytest.importorskip("openai")
 
 KEY = "sk-emb"
 H = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def env(tiny_dirs):
-    from fastapi.testclient import TestClient
-
-    from minisys.llm import LLM
-    from minisys.server.app import build_app
-    from minisys.server.async_engine import AsyncLLMEngine
-
-    llm = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True,
-              engine_config=EngineConfig(num_kv_blocks=64, max_num_seqs=4))
-    with TestClient(build_app(AsyncLLMEngine(llm.engine), llm.tokenizer, "tiny", api_key=KEY)) as c:
+def env(tiny_app):
+    with tiny_app(KEY) as (c, llm):
         yield openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=c, max_retries=0), c, llm
 
 

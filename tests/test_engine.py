@@ -34,15 +34,6 @@ def run_all(engine: LLMEngine, reqs, add_every: int = 0) -> dict[str, object]:
 
 # ------------------------------------------------------------------ the real model
 @pytest.fixture(scope="module")
-def smol_paged(smol):
-    model, tok = smol
-    old = model.attention
-    model.set_attention_backend("paged")
-    yield model, tok
-    model.set_attention_backend(old)
-
-
-@pytest.fixture(scope="module")
 def eager_greedy(smol_paged):
     """The oracle: each prompt alone through the eager baseline, mixed lengths."""
     model, tok = smol_paged

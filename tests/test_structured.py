@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 
+import jsonschema
 import pytest
 import torch
 
@@ -21,8 +22,6 @@ from minisys.engine.llm_engine import LLMEngine
 from minisys.engine.sampling_params import SamplingParams
 from minisys.structured import (GrammarCompiler, StructuredOutputsParams, allowed_token_ids, apply_token_mask,
                                 fill_bitmasks)
-
-jsonschema = pytest.importorskip("jsonschema")
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 10},
@@ -47,15 +46,6 @@ SCHEMAS = {"person": PERSON, "inventory": INVENTORY, "small": SMALL}
 REGEX = r"[0-9]{3}-[a-z]{2,4}"
 CHOICE = ["yes", "no", "maybe later"]
 MAX_TOKENS = 90
-
-
-@pytest.fixture(scope="module")
-def smol_paged(smol):
-    model, tok = smol
-    old = model.attention
-    model.set_attention_backend("paged")
-    yield model, tok
-    model.set_attention_backend(old)
 
 
 def _prompt(tok, text: str) -> list[int]:
