@@ -23,7 +23,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF directory or .gguf (default: $MINISYS_MODEL "
                    "or SmolLM2-135M-Instruct from the package cache)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU; auto: bf16 where the hardware computes it "
+                   "natively (CUDA, AVX-512-BF16/AMX CPUs), else float32")
     p.add_argument("--attention", default="auto",
                    help="attention backend (auto, reference, sdpa, tiled, decode, decode-splitk, paged)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
