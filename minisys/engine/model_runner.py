@@ -37,6 +37,7 @@ from ..model.llama import LlamaModel
 from ..sampling import token_logprobs
 from ..spec.verify import verify_rows
 from ..structured.mask import MaskFiller, RowMasks
+from .cuda_graph import CudaGraphSpec, GraphRunner
 from .scheduler import SchedulerOutput
 
 
@@ -91,10 +92,14 @@ class ModelRunner:
     for the requests that asked (``"prompt"``: one tuple per newly covered prompt token, in order).
     """
 
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
+                 cuda_graphs: CudaGraphSpec | None = None) -> None:
+        """``cuda_graphs``: decode steps through `GraphRunner` (its scratch block is one extra pool block)."""
         self.model = model
         # sized by this rank's own KV heads (all of them without tensor parallelism)
-        self.cache = PagedKVCache(model.local_config, num_blocks, block_size, model.dtype, model.device)
+        extra = 1 if cuda_graphs else 0
+        self.cache = PagedKVCache(model.local_config, num_blocks + extra, block_size, model.dtype, model.device)
+        self.graphs = GraphRunner(model, self.cache, cuda_graphs, scratch_block=num_blocks) if cuda_graphs else None
         self.last_logprobs: dict[int, dict[str, list[tuple]]] = {}
         self.masks = MaskFiller()          # structured outputs: bitmask fills overlapped with the forward
 
@@ -106,6 +111,8 @@ class ModelRunner:
         broadcasts these arguments to its workers, then calls this on rank 0."""
         for src, dst in block_copies:
             self.cache.copy_block(src, dst)
+        if self.graphs is not None and self.graphs.can_run(batch.meta, logits_indices.numel()):
+            return self.graphs.run(batch.input_ids, batch.positions, batch.meta)    # (B, V), a static buffer
         return self.model(batch.input_ids, batch.positions, batch.meta, kv_cache=self.cache,
                           logits_indices=logits_indices)
 
