@@ -25,6 +25,15 @@ from minisys.attention import AttentionMetadata, ReferenceAttention, get_backend
 from minisys.attention.paged import decode_static
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread for these small shapes: on a shared 2-core machine two threads mostly wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 TRITON_WHEELS = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")   # requirements.txt's marker
 
 
@@ -93,7 +102,7 @@ def run_interpreted(max_examples: int) -> None:
 
 @pytest.mark.skipif(not TRITON_WHEELS, reason="triton installs only on Linux x86_64 (requirements.txt)")
 def test_triton_kernel_equals_reference_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     code = "import tests.test_triton_decode as t; t.run_interpreted(12)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

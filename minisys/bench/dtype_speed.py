@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m minisys bench dtype", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="alternating fp32/bf16 measurements; the median is kept")
     p.add_argument("--model", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="bench/results")
@@ -60,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     from ..model.dtype import auto_dtype, cpu_has_native_bf16
     res = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
            "auto": str(auto_dtype("cpu")).replace("torch.", ""), "decode_ms_per_token": {}}
-    for dtype in (torch.float32, torch.bfloat16):
-        model, tok = load(a.model, device="cpu", dtype=dtype, quiet=True)
-        decode_ms_per_token(model, tok, steps=4)                         # warm-up
-        res["decode_ms_per_token"][str(dtype).replace("torch.", "")] = decode_ms_per_token(
-            model, tok, steps=a.steps)["ms_per_token"]
-        del model
+    models = {str(dt).replace("torch.", ""): load(a.model, device="cpu", dtype=dt, quiet=True)
+              for dt in (torch.float32, torch.bfloat16)}
+    runs: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(a.rounds):                            # alternate the dtypes: load drifts hit both alike
+        for name, (model, tok) in models.items():
+            decode_ms_per_token(model, tok, steps=2)                     # warm-up
+            runs[name].append(decode_ms_per_token(model, tok, steps=a.steps)["ms_per_token"])
+    res["decode_ms_per_token"] = {name: sorted(v)[len(v) // 2] for name, v in runs.items()}
+    res["runs_ms_per_token"] = runs
     ms = res["decode_ms_per_token"]
     print(f"decode, batch 1, this CPU ({res['cpu'].get('cpu_model', '?')}; flags {res['cpu'].get('cpu_flags')}): "
           f"float32 {ms['float32']:.1f} ms/token, bfloat16 {ms['bfloat16']:.1f} ms/token "
