@@ -23,12 +23,16 @@ def one_thread():
 
 
 def test_dry_run_passes_and_writes_its_json(tiny_dirs, tmp_path):
+    """In bf16, as on a GPU: the bf16 engine-vs-eager run is reported, the fp32 one is the check."""
     from minisys.bench.gpu_check import main
-    assert main(["--dry-run", "--model", str(tiny_dirs["llama"]), "--out", str(tmp_path)]) == 0
+    assert main(["--dry-run", "--dtype", "bfloat16", "--model", str(tiny_dirs["llama"]), "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "gpu_check_dryrun_cpu.json").read_text())
     assert res["gpu"]["torch"] == torch.__version__ and "driver" in res["gpu"] and res["command"]
-    assert res["logits"]["ok"] and res["logits"]["argmax_agrees"]
-    assert res["engine_equals_eager"]["ok"] and res["server"]["ok"] and res["server"]["completion_tokens"] > 0
+    assert res["dtype"] == "bfloat16" and res["logits"]["dtype"] == "bfloat16" and res["logits"]["ok"]
+    assert res["logits"]["tolerance"] == 2.0 and res["logits"]["argmax_agreement"] > 0.9
+    assert res["engine_equals_eager_bf16"]["dtype"] == "bfloat16" and "ok" not in res["engine_equals_eager_bf16"]
+    assert res["engine_equals_eager"]["dtype"] == "float32" and res["engine_equals_eager"]["ok"]
+    assert res["server"]["ok"] and res["server"]["completion_tokens"] == 8
     systems = res["throughput"]["systems"]
     assert systems["minisys"]["tok_s"] > 0 and systems["transformers_generate"]["tok_s"] > 0
     assert "skipped" in systems["transformers_continuous"]            # the dry run says why, never silently

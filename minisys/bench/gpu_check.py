@@ -23,7 +23,7 @@ code is 1 when a correctness check failed.
 (c) batch-1 decode ms/token with and without CUDA graphs (`dtype_speed.decode_ms_per_token`).
 (d) JSON to ``bench/results/gpu_check_<device>.json``: device, driver, torch, the command.
 
-``--dry-run`` (CPU, fp32): the same functions with 4 short sequences, a few
+``--dry-run`` (CPU, fp32 unless ``--dtype bfloat16``): the same functions with 4 short sequences, a few
 decode steps and, where CUDA is needed, its CPU stand-in (the graph runner's
 static-buffer step uncaptured; the Triton kernel is not launched on CPU).
 """
@@ -41,7 +41,10 @@ import torch
 
 from .common import save_result
 
-TOLERANCE = {torch.bfloat16: 1.5, torch.float32: 2e-3}   # max |minisys - transformers| per logit
+# max |minisys - transformers| over every logit of the prompts. bf16: both sides round each layer's output
+# to 8 mantissa bits in a different order; logits reach ~30, so 2.0 is ~7% of the largest (the argmax
+# agreement is reported beside it). fp32: the same math, summation order apart.
+TOLERANCE = {torch.bfloat16: 2.0, torch.float32: 2e-3}
 FULL = dict(num_seqs=256, min_len=100, max_len=1024, max_num_seqs=256, decode_steps=256)
 DRY = dict(num_seqs=4, min_len=4, max_len=12, max_num_seqs=4, decode_steps=6)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
@@ -74,19 +77,23 @@ def load_oracle(model_path: str | None, device: str, dtype: torch.dtype):
 @torch.inference_mode()
 def check_logits(model, hf, tok) -> dict:
     """max |Δ| of every position's logits for each prompt, and whether the argmax agrees everywhere."""
-    worst, agree = 0.0, True
+    worst, means, same, total = 0.0, [], 0, 0
     for text in PROMPTS:
         ids = tok.encode(text)[:32] or [1]
         ours = model.forward_sequence(ids)                                           # (T, V) fp32
         theirs = hf(torch.tensor([ids], device=model.device)).logits[0].float()      # (T, V)
         worst = max(worst, float((ours - theirs).abs().max()))
-        agree = agree and bool((ours.argmax(-1) == theirs.argmax(-1)).all())
-    tol = TOLERANCE.get(model.dtype, 1.5)
-    return {"max_abs_diff": worst, "tolerance": tol, "argmax_agrees": agree, "ok": worst <= tol}
+        means.append(float((ours - theirs).abs().mean()))
+        same, total = same + int((ours.argmax(-1) == theirs.argmax(-1)).sum()), total + len(ids)
+    tol = TOLERANCE.get(model.dtype, 2.0)
+    return {"dtype": str(model.dtype).replace("torch.", ""), "max_abs_diff": worst, "mean_abs_diff": max(means),
+            "tolerance": tol, "argmax_agrees": same == total, "argmax_agreement": same / total, "ok": worst <= tol}
 
 
 def check_engine_equals_eager(model, tok, max_tokens: int) -> dict:
-    """Greedy outputs of the engine (all prompts in one batch) vs the eager baseline, one at a time."""
+    """Greedy outputs of the engine (all prompts in one batch) vs the eager baseline, one at a time.
+    Token for token in fp32; in bf16 a batch of 3 and a batch of 1 round differently, so a divergence
+    there is reported (``first_divergence``) but the check is run in fp32 too (`main`)."""
     from ..engine.config import EngineConfig
     from ..engine.eager import EagerGenerator
     from ..engine.llm_engine import LLMEngine
@@ -104,7 +111,8 @@ def check_engine_equals_eager(model, tok, max_tokens: int) -> dict:
     eager = EagerGenerator(model, tok)
     want = [list(eager.generate(p, params).token_ids) for p in prompts]
     first_diff = [next((j for j, (a, b) in enumerate(zip(got[i], w)) if a != b), None) for i, w in enumerate(want)]
-    return {"graphs_captured": bool(engine.runner.graphs and engine.runner.graphs.graphs),
+    return {"dtype": str(model.dtype).replace("torch.", ""),
+            "graphs_captured": bool(engine.runner.graphs and engine.runner.graphs.graphs),
             "first_divergence": first_diff, "ok": all(d is None for d in first_diff)}
 
 
@@ -221,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: the same code paths (CI)")
     p.add_argument("--model", default=None, help="a local HF directory (default: the cached SmolLM2 GGUF)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the model's dtype (auto: bf16 on CUDA; the dry run's auto is float32)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--skip", action="append", default=[], choices=["correctness", "throughput", "latency"],
                    help="leave a part out (repeatable); the JSON says which")
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     size = DRY if a.dry_run else FULL
     from ..model import load
     from ..model.dtype import resolve_dtype
-    dtype = torch.float32 if a.dry_run else resolve_dtype("auto", device)
+    dtype = torch.float32 if a.dry_run and a.dtype == "auto" else resolve_dtype(a.dtype, device)
     t0 = time.perf_counter()
     model, tok = load(a.model, device=device, dtype=dtype, quiet=True)
     hf = load_oracle(a.model, device, dtype)
@@ -240,7 +250,14 @@ def main(argv: list[str] | None = None) -> int:
            "skipped": a.skip}
     if "correctness" not in a.skip:
         _part(res, "logits", check_logits, model, hf, tok)
-        _part(res, "engine_equals_eager", check_engine_equals_eager, model, tok, 16 if a.dry_run else 32)
+        n = 16 if a.dry_run else 32
+        if model.dtype != torch.float32:                      # informational in bf16; the check is fp32's
+            _part(res, "engine_equals_eager_bf16", check_engine_equals_eager, model, tok, n)
+            res["engine_equals_eager_bf16"].pop("ok", None)
+        fp32 = model if model.dtype == torch.float32 else load(a.model, device=device, dtype=torch.float32,
+                                                                quiet=True)[0]
+        _part(res, "engine_equals_eager", check_engine_equals_eager, fp32, tok, n)
+        del fp32
         _part(res, "server", check_server, model, tok)
     if "throughput" not in a.skip:
         _part(res, "throughput", throughput, model, tok, hf, size, not a.dry_run)
