@@ -213,6 +213,38 @@ def latency(model, tok, steps: int) -> dict:
             "graphs_captured": graphs["graphs_captured"], "speedup": eager["ms_per_token"] / graphs["ms_per_token"]}
 
 
+NO_KERNEL = {"view", "_unsafe_view", "unsqueeze", "squeeze", "transpose", "t", "slice", "select", "expand",
+             "reshape", "as_strided", "alias", "detach", "detach_", "permute", "lift_fresh", "item",
+             "empty", "empty_like", "resolve_conj", "resolve_neg", "to"}   # metadata only, or usually a no-op
+
+
+def count_decode_ops(model, tok) -> dict:
+    """The torch ops one batch-1 decode step dispatches (a `TorchDispatchMode` counts them): on a GPU each
+    op outside `NO_KERNEL` is at least one kernel launch, and ``item`` is a host sync."""
+    from collections import Counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from ..engine.paged_runner import PagedRunner
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    runner = PagedRunner(model, 4, 16)
+    runner.add("a", [(7 * i) % min(model.config.vocab_size, 10000) for i in range(8)])
+    runner.append("a", int(runner.step(["a"])[0].argmax()))
+    with Count() as c:
+        runner.step(["a"])
+    launches = sum(n for op, n in c.ops.items() if op not in NO_KERNEL)
+    return {"layers": model.config.num_layers, "ops": sum(c.ops.values()), "kernel_ops": launches,
+            "kernel_ops_per_layer": launches / model.config.num_layers, "host_syncs": c.ops["item"],
+            "top": c.ops.most_common(8)}
+
+
 def _part(res: dict, name: str, fn, *args) -> None:
     """Run one part; a failure is recorded (with its error) and the check goes on."""
     t = time.perf_counter()
@@ -262,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if "throughput" not in a.skip:
         _part(res, "throughput", throughput, model, tok, hf, size, not a.dry_run)
     if "latency" not in a.skip:
+        _part(res, "decode_ops", count_decode_ops, model, tok)
         _part(res, "decode_latency", latency, model, tok, size["decode_steps"])
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     slug = re.sub(r"[^a-z0-9]+", "_", res["gpu"]["name"].lower()).strip("_")
