@@ -25,8 +25,10 @@ def one_thread():
 def test_dry_run_passes_and_writes_its_json(tiny_dirs, tmp_path):
     """In bf16, as on a GPU: the bf16 engine-vs-eager run is reported, the fp32 one is the check."""
     from minisys.bench.gpu_check import main
-    assert main(["--dry-run", "--dtype", "bfloat16", "--model", str(tiny_dirs["llama"]), "--out", str(tmp_path)]) == 0
+    assert main(["--dry-run", "--dtype", "bfloat16", "--random-weights", str(tiny_dirs["llama"]),
+                 "--out", str(tmp_path)]) == 0                      # random weights: what a bare GPU machine runs
     res = json.loads((tmp_path / "gpu_check_dryrun_cpu.json").read_text())
+    assert res["weights"].startswith("random")
     assert res["gpu"]["torch"] == torch.__version__ and "driver" in res["gpu"] and res["command"]
     assert res["dtype"] == "bfloat16" and res["logits"]["dtype"] == "bfloat16" and res["logits"]["ok"]
     assert res["logits"]["tolerance"] == 2.0 and res["logits"]["argmax_agreement"] > 0.9

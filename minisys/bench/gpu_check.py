@@ -65,6 +65,23 @@ def device_info(device: str) -> dict:
     return info
 
 
+def random_weights_dir(spec_dir: str, seed: int = 0) -> str:
+    """A model directory with ``spec_dir``'s config.json and tokenizer and random weights (transformers'
+    own init, seeded, saved with ``save_pretrained``): what a GPU machine without the 98 MB GGUF runs.
+    Same shapes, so the same speed; correctness is still minisys vs transformers on the same weights."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from transformers import AutoConfig, AutoModelForCausalLM
+    out = Path(tempfile.mkdtemp(prefix="minisys-random-weights-"))
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec_dir)).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(spec_dir) / name).exists():
+            shutil.copy(Path(spec_dir) / name, out / name)
+    return str(out)
+
+
 def load_oracle(model_path: str | None, device: str, dtype: torch.dtype):
     """transformers' model of the same weights: the default GGUF, or the local directory given."""
     from .throughput import load_hf
@@ -261,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: the same code paths (CI)")
     p.add_argument("--model", default=None, help="a local HF directory (default: the cached SmolLM2 GGUF)")
+    p.add_argument("--random-weights", metavar="DIR", default=None,
+                   help="random weights with DIR's config.json and tokenizer (bench/gpu_prepare.sh writes .gpu/model): "
+                        "for a GPU machine without the model cache")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the model's dtype (auto: bf16 on CUDA; the dry run's auto is float32)")
     p.add_argument("--out", default="bench/results")
@@ -276,9 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..model.dtype import resolve_dtype
     dtype = torch.float32 if a.dry_run and a.dtype == "auto" else resolve_dtype(a.dtype, device)
     t0 = time.perf_counter()
+    if a.random_weights and a.model:
+        p.error("give --model or --random-weights, not both")
+    if a.random_weights:
+        a.model = random_weights_dir(a.random_weights)
     model, tok = load(a.model, device=device, dtype=dtype, quiet=True)
     hf = load_oracle(a.model, device, dtype)
     res = {"gpu": device_info(device), "dtype": str(dtype).replace("torch.", ""), "dry_run": a.dry_run,
+           "weights": "random (the shape of " + a.random_weights + ")" if a.random_weights else a.model or "default",
            "skipped": a.skip}
     if "correctness" not in a.skip:
         _part(res, "logits", check_logits, model, hf, tok)
