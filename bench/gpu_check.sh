@@ -6,12 +6,12 @@
 #                                                          # first where a registry is, and carry .gpu
 #   bash bench/gpu_check.sh --dry-run                      # CPU, tiny sizes (CI runs it)
 # Nothing is fetched. Wheels carried in .gpu/whl (bench/gpu_prepare.sh) are unpacked into a temporary
-# folder put on PYTHONPATH, for the packages the machine's image lacks (the server, the openai client).
+# folder put on PYTHONPATH when the machine's Python lacks those packages (the server, the openai client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 EXTRA=""
-if compgen -G ".gpu/whl/*.whl" > /dev/null; then
+if ! "$PY" -c "import fastapi, uvicorn, openai, llguidance, gguf" 2>/dev/null && compgen -G ".gpu/whl/*.whl" > /dev/null; then
   EXTRA="$(mktemp -d /tmp/minisys-site-XXXX)"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$EXTRA" .gpu/whl/*.whl
 fi

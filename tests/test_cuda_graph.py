@@ -125,3 +125,20 @@ def test_enforce_eager_and_cpu_mean_no_graphs(tiny):
     p = argparse.ArgumentParser()
     add_engine_args(p)
     assert engine_config_from_args(p.parse_args(["--enforce-eager"])).enforce_eager is True
+
+
+def test_a_failed_capture_leaves_decode_eager_and_says_why(tiny, monkeypatch):
+    import minisys.engine.model_runner as mr
+    model, tok = tiny
+
+    def broken(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(mr, "GraphRunner", broken)
+    runner = ModelRunner(model, 8, 16, CudaGraphSpec(max_num_seqs=2, max_model_len=64))
+    assert runner.graphs is None and "stream is capturing" in runner.graph_error
+    cfg = EngineConfig(num_kv_blocks=8, max_num_seqs=2, max_model_len=64)
+    engine = LLMEngine(model, tok, cfg)
+    engine.runner = runner
+    engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()

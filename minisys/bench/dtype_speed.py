@@ -43,7 +43,8 @@ def decode_ms_per_token(model, tok, steps: int = 64, prompt_len: int = 32, graph
         times.append(time.perf_counter() - t)
     times.sort()
     return {"ms_per_token": 1000 * times[len(times) // 2],
-            "graphs_captured": bool(engine.runner.graphs is not None and engine.runner.graphs.graphs)}
+            "graphs_captured": bool(engine.runner.graphs is not None and engine.runner.graphs.graphs),
+            "graph_error": engine.runner.graph_error}
 
 
 def main(argv: list[str] | None = None) -> int:

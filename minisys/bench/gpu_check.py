@@ -227,7 +227,8 @@ def latency(model, tok, steps: int) -> dict:
     eager = decode_ms_per_token(model, tok, steps=steps, graphs=False)
     graphs = decode_ms_per_token(model, tok, steps=steps, graphs=True)
     return {"eager_ms_per_token": eager["ms_per_token"], "graphs_ms_per_token": graphs["ms_per_token"],
-            "graphs_captured": graphs["graphs_captured"], "speedup": eager["ms_per_token"] / graphs["ms_per_token"]}
+            "graphs_captured": graphs["graphs_captured"], "graph_error": graphs["graph_error"],
+            "speedup": eager["ms_per_token"] / graphs["ms_per_token"]}
 
 
 NO_KERNEL = {"view", "_unsafe_view", "unsqueeze", "squeeze", "transpose", "t", "slice", "select", "expand",

@@ -26,6 +26,7 @@ forward; the masks are applied in the batched sampler.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,13 @@ class ModelRunner:
         # sized by this rank's own KV heads (all of them without tensor parallelism)
         extra = 1 if cuda_graphs else 0
         self.cache = PagedKVCache(model.local_config, num_blocks + extra, block_size, model.dtype, model.device)
-        self.graphs = GraphRunner(model, self.cache, cuda_graphs, scratch_block=num_blocks) if cuda_graphs else None
+        self.graphs, self.graph_error = None, None
+        if cuda_graphs:
+            try:
+                self.graphs = GraphRunner(model, self.cache, cuda_graphs, scratch_block=num_blocks)
+            except Exception as exc:                 # a capture that fails leaves decode eager, and says why
+                self.graph_error = f"CUDA graph capture failed, decode runs eagerly: {type(exc).__name__}: {exc}"
+                logging.getLogger(__name__).warning(self.graph_error)
         self.last_logprobs: dict[int, dict[str, list[tuple]]] = {}
         self.masks = MaskFiller()          # structured outputs: bitmask fills overlapped with the forward
 
