@@ -176,12 +176,15 @@ def run_hf_continuous(hf, work, warmup: bool = True) -> float | str:
     if why is not None:
         return why
     from transformers import GenerationConfig
-    from transformers.generation.continuous_batching.utils import WorkloadHints
     max_new = max(n for _, n in work)
-    hints = WorkloadHints(max_prompt_length=max(len(p) for p, _ in work), max_generated_length=max_new,
-                          num_requests=len(work))                 # sizes its cache, as generate_batch does
-    manager = hf.init_continuous_batching(generation_config=GenerationConfig(
-        do_sample=False, max_new_tokens=max_new, eos_token_id=-1), workload_hints=hints)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=-1)
+    try:                                                            # newer transformers size the cache from hints
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+        hints = WorkloadHints(max_prompt_length=max(len(p) for p, _ in work), max_generated_length=max_new,
+                              num_requests=len(work))
+        manager = hf.init_continuous_batching(generation_config=config, workload_hints=hints)
+    except (ImportError, TypeError):
+        manager = hf.init_continuous_batching(generation_config=config)
     if warmup and hasattr(manager, "warmup") and not getattr(manager, "warmed_up", True):
         manager.warmup()                                         # its CUDA graphs, captured before the clock
     manager.start()
@@ -208,7 +211,10 @@ def throughput(model, tok, hf, size: dict, continuous: bool = True) -> dict:
     secs = run_hf(hf, work, size["max_num_seqs"])
     rows["transformers_generate"] = {"seconds": secs, "tok_s": tokens / secs}
     if continuous:
-        cb = run_hf_continuous(hf, work)
+        try:                                              # another transformers version: its column says why
+            cb = run_hf_continuous(hf, work)
+        except Exception as exc:                          # noqa: BLE001 - recorded in the JSON, never hidden
+            cb = f"transformers' continuous batching failed: {type(exc).__name__}: {exc}"
     else:
         from .transformers_baseline import transformers_available
         cb = transformers_available() or "dry run: API present; not run (about a minute of set-up on a CPU)"
