@@ -137,3 +137,9 @@ def test_triton_is_a_named_backend_and_refuses_odd_shapes():
     pool = torch.zeros(2, 16, 3, 48)
     with pytest.raises(ValueError, match="power-of-two"):
         paged_decode_attention(q, pool, pool, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long))
+
+
+def test_auto_uses_the_kernel_only_for_shapes_it_takes():
+    from minisys.attention.auto import kernel_fits
+    assert kernel_fits(64, 16) and kernel_fits(128, 32)
+    assert not kernel_fits(80, 16) and not kernel_fits(64, 24)      # auto falls back to the paged path there

@@ -59,7 +59,7 @@ class AutoAttention(AttentionBackend):
         return self.pick(q).forward(q, k, v, meta)
 
     def forward_paged(self, q, k_pool, v_pool, meta: AttentionMetadata) -> torch.Tensor:
-        kernel = triton_decode_module() if q.is_cuda else None
+        kernel = triton_decode_module() if q.is_cuda and kernel_fits(q.shape[-1], k_pool.shape[1]) else None
         if meta.seq_lens_tensor is None and (kernel is None or not meta.is_decode_only):
             return self.paged.forward_paged(q, k_pool, v_pool, meta)
         tables = meta.block_tables.to(q.device)                                  # (B, W)
@@ -67,6 +67,11 @@ class AutoAttention(AttentionBackend):
             return kernel.paged_decode_attention(q, k_pool, v_pool, tables, kernel.device_seq_lens(meta, q.device))
         lens = meta.seq_lens_tensor                                               # (B,) on q's device
         return decode_static(q, k_pool, v_pool, tables, lens)
+
+
+def kernel_fits(head_dim: int, block_size: int) -> bool:
+    """The Triton kernel's shape rule: a power-of-two head_dim and block_size (its tile sizes)."""
+    return head_dim & (head_dim - 1) == 0 and block_size & (block_size - 1) == 0
 
 
 @functools.lru_cache(maxsize=1)

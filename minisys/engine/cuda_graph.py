@@ -186,11 +186,14 @@ class GraphRunner:
 
 def cuda_graph_spec(config, model: LlamaModel) -> CudaGraphSpec | None:
     """The engine's graph sizing, or None when decode runs eagerly: ``enforce_eager``, not CUDA, no triton
-    (the plain-torch static path reads every block-table column: too slow to be worth a graph), or a
-    tensor-parallel shard (its peers run eagerly). ``config`` is a resolved `EngineConfig`."""
-    from ..attention.auto import AutoAttention, triton_decode_module
+    or shapes the kernel does not take (the plain-torch static path reads every block-table column: too
+    slow to be worth a graph), a backend other than ``auto``, or a tensor-parallel shard (its peers run
+    eagerly). ``config`` is a resolved `EngineConfig`."""
+    from ..attention.auto import AutoAttention, kernel_fits, triton_decode_module
     if config.enforce_eager or model.device.type != "cuda" or getattr(model, "tp_size", 1) > 1:
         return None
     if not isinstance(model.attention, AutoAttention) or triton_decode_module() is None:
+        return None
+    if not kernel_fits(model.config.head_dim, config.block_size):
         return None
     return CudaGraphSpec(max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len)
