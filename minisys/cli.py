@@ -10,6 +10,7 @@
     python -m minisys labs build | check
     python -m minisys labs start 01            # a working copy: work/01-tokens-to-text.ipynb
     python -m minisys bench kv-cache | attention | paged-kv | throughput | chunked | spec | serve | scheduling | soak | facts | compound
+    python -m minisys bench gpu [--dry-run]      # the one-shot GPU check (appendix B); dtype: fp32 vs bf16 here
     python -m minisys serve [--port 8000] [--engine llm|eager] [--api-key KEY]
     python -m minisys rag index | query "..." | ask "..."   # lesson 16: RAG over the course's text
 """
@@ -23,7 +24,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF directory or .gguf (default: $MINISYS_MODEL "
                    "or SmolLM2-135M-Instruct from the package cache)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU; auto: bf16 where the hardware computes it "
+                   "natively (CUDA, AVX-512-BF16/AMX CPUs), else float32")
     p.add_argument("--attention", default="auto",
                    help="attention backend (auto, reference, sdpa, tiled, decode, decode-splitk, paged)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
@@ -138,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rag", help="retrieval-augmented generation over the course's text: index, query, ask",
                    add_help=False)
     sub.add_parser("bench", help="run a benchmark (kv-cache, attention, paged-kv, throughput, chunked, spec, "
-                                 "serve, scheduling, soak) or the lessons' small measured facts (facts)",
+                                 "serve, scheduling, soak, gpu, dtype) or the lessons' small measured facts (facts)",
                    add_help=False)
     return parser
 

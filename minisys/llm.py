@@ -45,9 +45,8 @@ class LLM:
                  tensor_parallel_size: int | None = None) -> None:
         """``tensor_parallel_size`` (lesson 13) sets ``engine_config.tensor_parallel_size``: this process
         loads rank 0's shard and the engine starts the other ranks; `shutdown` stops them."""
-        if isinstance(dtype, str):
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                     "float16": torch.float16}.get(dtype) or _bad_dtype(dtype)
+        if isinstance(dtype, str) and dtype not in ("auto", "float32", "bfloat16", "float16"):
+            _bad_dtype(dtype)             # "auto": by the hardware, resolved in the loader (minisys.model.dtype)
         if engine not in ("llm", "eager"):
             raise ValueError(f"engine must be 'llm' (continuous batching) or 'eager', got {engine!r}")
         if tensor_parallel_size is not None:
@@ -209,7 +208,7 @@ def _who_per_prompt(priority, client, n: int) -> list[dict]:
 
 
 def _bad_dtype(name: str):
-    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}")
+    raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
 
 
 class _Progress:

@@ -14,8 +14,10 @@ KV cache): ``forward_packed(q, k, v, meta)`` for packed (S, Hkv, D) K/V, and
 | ``decode``      | one query per sequence vs its cache; prefill -> sdpa      | decode steps          |
 | ``decode-splitk`` | FlashDecoding: KV chunks + log-sum-exp merge            | few long sequences    |
 | ``paged``       | reads a paged cache through its block tables; packed: sdpa | the engine          |
-| ``auto``        | per call: paged K/V -> ``paged``; packed fp32 on CPU ->    | the default           |
-|                 | ``decode``; packed otherwise -> ``sdpa``                   |                       |
+| ``triton``      | paged decode steps: one Triton kernel per step; else paged | GPU decode            |
+| ``auto``        | per call: paged K/V -> ``paged`` (decode on CUDA with      | the default           |
+|                 | triton -> ``triton``); packed fp32 on CPU -> ``decode``;   |                       |
+|                 | packed otherwise -> ``sdpa``                               |                       |
 
 `get_backend(name)` returns a backend by name; ``"auto"`` is `AutoAttention`,
 whose rule (and the measurements behind it) is in ``auto.py``.
@@ -51,9 +53,12 @@ def get_backend(name: str = "auto", device: str = "cpu") -> AttentionBackend:
     """
     if name == "auto":
         return AutoAttention()
+    if name == "triton":                          # imported only when asked for: the CPU path never needs triton
+        from .triton_decode import TritonDecodeAttention
+        return TritonDecodeAttention()
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of "
-                         f"{', '.join(['auto', *BACKENDS])}")
+                         f"{', '.join(['auto', *BACKENDS, 'triton'])}")
     return BACKENDS[name]()
 
 

@@ -36,6 +36,10 @@ class AttentionMetadata:
     # Paged KV cache (lesson 03; None otherwise), see minisys/kv/paged.py:
     slot_mapping: torch.Tensor | None = None   # (T,) int64 pool slot (block * block_size + offset) per new token
     block_tables: torch.Tensor | None = None   # (B, max_blocks) int64 block ids per sequence, padded with 0
+    # Decode with lengths on the device (CUDA graphs, `minisys.engine.cuda_graph`): every sequence has one
+    # new query and seq_lens_tensor[i] == seqlens_k[i] keys; kernels read it instead of the lists, so the
+    # step's shapes do not depend on the lengths (`minisys.attention.auto`).
+    seq_lens_tensor: torch.Tensor | None = None   # (B,) int64 on the device, or None
     cu_seqlens_q: torch.Tensor = field(init=False)  # (B+1,) int64
     cu_seqlens_k: torch.Tensor = field(init=False)  # (B+1,) int64
 
@@ -44,6 +48,8 @@ class AttentionMetadata:
             raise ValueError("seqlens_q and context_lens must have one entry per sequence")
         if any(q <= 0 for q in self.seqlens_q) or any(c < 0 for c in self.context_lens):
             raise ValueError("every sequence needs >= 1 new token and a context length >= 0")
+        if self.seq_lens_tensor is not None and not self.is_decode_only:
+            raise ValueError("seq_lens_tensor describes decode steps only (one new token per sequence)")
         if not self.cache_slots:
             self.cache_slots = list(range(len(self.seqlens_q)))
         self.cu_seqlens_q = _cumsum(self.seqlens_q)

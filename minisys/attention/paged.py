@@ -99,3 +99,22 @@ def decode_group(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     valid = torch.arange(K, device=q.device) < torch.tensor(lens_k, device=q.device).view(b, 1)  # (b, K)
     o = F.scaled_dot_product_attention(qh, k, v, attn_mask=valid.view(b, 1, 1, K))  # (b, Hkv, G, D)
     return o.reshape(b, Hq, D)
+
+
+def decode_static(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """`decode_group` with the lengths in a device tensor: q (b, Hq, D), block_tables (b, W), seq_lens (b,)
+    -> (b, Hq, D). It reads all W blocks of every row and masks the keys past each length, so its shapes
+    depend on W only (CUDA-graph safe, no host sync); the plain-torch twin of the Triton decode kernel.
+    Every entry of ``block_tables`` must be a valid block id (padding included)."""
+    b, Hq, D = q.shape
+    bs, Hkv = k_pool.shape[1], k_pool.shape[2]
+    G = Hq // Hkv
+    K = block_tables.shape[1] * bs
+    bt = block_tables.reshape(-1)                                              # (b * W,)
+    k = k_pool.index_select(0, bt).view(b, K, Hkv, D).transpose(1, 2)          # (b, Hkv, K, D)
+    v = v_pool.index_select(0, bt).view(b, K, Hkv, D).transpose(1, 2)
+    qh = q.view(b, Hkv, G, D)                                                  # heads sharing a KV head
+    valid = torch.arange(K, device=q.device) < seq_lens.view(b, 1)             # (b, K)
+    o = F.scaled_dot_product_attention(qh, k, v, attn_mask=valid.view(b, 1, 1, K))  # (b, Hkv, G, D)
+    return o.reshape(b, Hq, D)

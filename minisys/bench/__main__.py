@@ -18,6 +18,8 @@ BENCHMARKS = {
     "compound": "minisys.bench.compound",
     "structured": "minisys.bench.structured",
     "structured-library": "minisys.bench.structured_library",
+    "dtype": "minisys.bench.dtype_speed",
+    "gpu": "minisys.bench.gpu_check",
 }
 
 

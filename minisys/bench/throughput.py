@@ -91,13 +91,9 @@ def run_eager(model, tok, work, backend: str = "auto"):
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """'auto' -> bf16 where the device has native bf16 matmuls, else fp32."""
-    if name != "auto":
-        return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                "bfloat16": torch.bfloat16}[name]
-    if str(device).startswith("cuda"):
-        return torch.bfloat16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    """'auto' -> bf16 where the device has native bf16 matmuls, else fp32 (`minisys.model.dtype`'s probe)."""
+    from ..model.dtype import resolve_dtype as resolve
+    return resolve(name, device)
 
 
 def load_hf(device: str, dtype: torch.dtype):

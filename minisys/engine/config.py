@@ -82,6 +82,9 @@ class EngineConfig:
     andes_preempt_ahead_s: float = field(default=2.0, metadata={
         "help": "andes: pause a running request for a waiting one only when its reader is this many "
                 "seconds behind it"})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "never use CUDA graphs: run every decode step eagerly (vLLM's flag; graphs are used only on CUDA "
+                "with triton installed, one graph per batch-size bucket, see minisys/engine/cuda_graph.py)"})
     tensor_parallel_size: int = field(default=1, metadata={
         "help": "ranks the model is split over (lesson 13, Megatron's split): N-1 worker processes on this "
                 "machine, gloo on CPU / nccl on CUDA; at most the model's number of KV heads"})
@@ -105,8 +108,9 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
-        if not isinstance(self.enable_chunked_prefill, bool):
-            raise ValueError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
+        for name in ("enable_chunked_prefill", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self._check_speculative(positive_int)
         self._check_scheduling()
         positive_int("tensor_parallel_size", allow_none=False)

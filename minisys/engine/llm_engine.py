@@ -32,6 +32,7 @@ from ..spec.metrics import SpecMetrics
 from ..spec.speculator import Speculator
 from ..structured.compiler import GrammarCompiler
 from .config import EngineConfig
+from .cuda_graph import cuda_graph_spec
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
@@ -99,7 +100,7 @@ class LLMEngine:
                              f"a model split {getattr(model, 'tp_size', 1)} ways (load it with "
                              f"minisys.model.load(..., tp_size={tp}), as LLM does)")
         if tp == 1:
-            return ModelRunner(model, self.config.num_kv_blocks, self.config.block_size)
+            return ModelRunner(model, self.config.num_kv_blocks, self.config.block_size, cuda_graph_spec(self.config, model))
         from .tp_model_runner import TPModelRunner
         return TPModelRunner(model, self.config.num_kv_blocks, self.config.block_size)
 

@@ -26,6 +26,7 @@ forward; the masks are applied in the batched sampler.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from ..model.llama import LlamaModel
 from ..sampling import token_logprobs
 from ..spec.verify import verify_rows
 from ..structured.mask import MaskFiller, RowMasks
+from .cuda_graph import CudaGraphSpec, GraphRunner
 from .scheduler import SchedulerOutput
 
 
@@ -91,10 +93,20 @@ class ModelRunner:
     for the requests that asked (``"prompt"``: one tuple per newly covered prompt token, in order).
     """
 
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
+                 cuda_graphs: CudaGraphSpec | None = None) -> None:
+        """``cuda_graphs``: decode steps through `GraphRunner` (its scratch block is one extra pool block)."""
         self.model = model
         # sized by this rank's own KV heads (all of them without tensor parallelism)
-        self.cache = PagedKVCache(model.local_config, num_blocks, block_size, model.dtype, model.device)
+        extra = 1 if cuda_graphs else 0
+        self.cache = PagedKVCache(model.local_config, num_blocks + extra, block_size, model.dtype, model.device)
+        self.graphs, self.graph_error = None, None
+        if cuda_graphs:
+            try:
+                self.graphs = GraphRunner(model, self.cache, cuda_graphs, scratch_block=num_blocks)
+            except Exception as exc:                 # a capture that fails leaves decode eager, and says why
+                self.graph_error = f"CUDA graph capture failed, decode runs eagerly: {type(exc).__name__}: {exc}"
+                logging.getLogger(__name__).warning(self.graph_error)
         self.last_logprobs: dict[int, dict[str, list[tuple]]] = {}
         self.masks = MaskFiller()          # structured outputs: bitmask fills overlapped with the forward
 
@@ -106,6 +118,8 @@ class ModelRunner:
         broadcasts these arguments to its workers, then calls this on rank 0."""
         for src, dst in block_copies:
             self.cache.copy_block(src, dst)
+        if self.graphs is not None and self.graphs.can_run(batch.meta, logits_indices.numel()):
+            return self.graphs.run(batch.input_ids, batch.positions, batch.meta)    # (B, V), a static buffer
         return self.model(batch.input_ids, batch.positions, batch.meta, kv_cache=self.cache,
                           logits_indices=logits_indices)
 

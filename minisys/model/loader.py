@@ -4,7 +4,8 @@
 from the package cache (see `store`); ``load("/path/to/dir")`` loads a
 Hugging Face directory of a Llama or Qwen2 model (config.json,
 *.safetensors, tokenizer.json); a path ending in ``.gguf`` is converted first.
-Weights are fp32 on CPU and bf16 on CUDA unless a dtype is given.
+Weights are fp32 on CPU and bf16 on CUDA unless a dtype is given; ``dtype="auto"``
+chooses by the hardware (`minisys.model.dtype`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .dtype import default_dtype, resolve_dtype  # noqa: F401  (default_dtype: re-exported)
 from .llama import LlamaModel
 from .tokenizer import Tokenizer
 
@@ -32,8 +34,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def resolve_model_dir(model: str | os.PathLike | None = None, quiet: bool = False,
@@ -106,12 +106,12 @@ def read_config(path: Path) -> ModelConfig:
         raise ValueError(f"{path / 'config.json'} is not a valid model config ({type(e).__name__}: {e})") from None
 
 
-def load_model(path: Path, device: str | None = None, dtype: torch.dtype | None = None,
+def load_model(path: Path, device: str | None = None, dtype: torch.dtype | str | None = None,
                attention_backend: str = "auto", tp_rank: int = 0, tp_size: int = 1) -> LlamaModel:
     """The model in ``path``; with ``tp_size > 1`` only rank ``tp_rank``'s shard (lesson 13), read
     slice by slice. ``model.source`` remembers how it was loaded (tensor-parallel workers load the same)."""
     device = device or default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = resolve_dtype(dtype, device)              # None: the device's default; "auto": by capability
     config = read_config(path)
     with torch.device("meta"):
         model = LlamaModel(config, attention_backend=attention_backend, tp_rank=tp_rank, tp_size=tp_size)
@@ -139,7 +139,7 @@ def _check_keys(model: LlamaModel, state: dict) -> tuple[list[str], list[str]]:
 
 
 def load(model: str | os.PathLike | None = None, device: str | None = None,
-         dtype: torch.dtype | None = None, attention_backend: str = "auto",
+         dtype: torch.dtype | str | None = None, attention_backend: str = "auto",
          quiet: bool = False, rebuild_cache: bool = False, tp_rank: int = 0,
          tp_size: int = 1) -> tuple[LlamaModel, Tokenizer]:
     """Load (model, tokenizer) from the default model or a local path (``rebuild_cache``: convert again);

@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--dir", default=str(default_dir()), help="where the index is kept")
         s.add_argument("--model", default=None)
         s.add_argument("--device", default=None)
-        s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+        s.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                           help="default: bfloat16 on CUDA, float32 on CPU; auto: bf16 where the hardware computes it "
+                           "natively (CUDA, AVX-512-BF16/AMX CPUs), else float32")
         s.set_defaults(func=fn)
         if name == "index":
             s.add_argument("--kind", default="flat", choices=KINDS)

@@ -44,8 +44,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    f"(default: ${API_KEY_ENV}; prefer the variable: a flag is visible in ps)")
     p.add_argument("--metrics-open", action="store_true", help="serve /metrics without the API key (scrapers)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU; auto: bf16 where the hardware computes it "
+                        "natively (CUDA, AVX-512-BF16/AMX CPUs), else float32 (minisys/model/dtype.py)")
     p.add_argument("--engine", default="llm", choices=["llm", "eager"],
                    help="llm: continuous batching over the paged KV cache; eager: one request at a time")
     p.add_argument("--attention", default="auto",
