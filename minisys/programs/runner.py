@@ -52,6 +52,9 @@ class CallResult:
     objective: Optional[Objective] = None
     start_s: float = 0.0             # since the program started
     end_s: float = 0.0
+    completion_tokens: int = 0
+    start_step: int = -1             # engine steps taken before it was added / when it finished (run_program)
+    end_step: int = -1
 
 
 @dataclass
@@ -98,7 +101,8 @@ def run_program(llm_or_engine: Any, program: Program, limits: ProgramLimits = Pr
                 engine.add_request(rid, ids, replace(call_params(call), output_kind=RequestOutputKind.FINAL_ONLY),
                                    priority=obj.priority if use_priority else 0)
                 rid_of[call.name], call_of[rid] = rid, call.name
-                result.calls[call.name] = CallResult("", [], None, len(ids), obj, time.perf_counter() - t0)
+                result.calls[call.name] = CallResult("", [], None, len(ids), obj, time.perf_counter() - t0,
+                                                     start_step=engine.stats.steps)
                 result.prompt_tokens += len(ids)
             for out in engine.step():
                 name = call_of.get(out.request_id)
@@ -106,7 +110,8 @@ def run_program(llm_or_engine: Any, program: Program, limits: ProgramLimits = Pr
                     continue
                 c, r = out.outputs[0], result.calls[name]
                 r.text, r.token_ids, r.finish_reason = c.text, list(c.token_ids), c.finish_reason
-                r.end_s = time.perf_counter() - t0
+                r.completion_tokens = len(c.token_ids)
+                r.end_s, r.end_step = time.perf_counter() - t0, engine.stats.steps
                 state.complete(name, c.text)
     finally:
         for name, rid in rid_of.items():              # an error leaves no request (and no block) behind
@@ -135,7 +140,7 @@ def run_sequential(llm, program: Program, limits: ProgramLimits = ProgramLimits(
         start = time.perf_counter() - t0
         out = llm.generate([{"prompt_token_ids": ids}], call_params(call), use_tqdm=False)[0].outputs[0]
         result.calls[call.name] = CallResult(out.text, list(out.token_ids), out.finish_reason, len(ids), None,
-                                             start, time.perf_counter() - t0)
+                                             start, time.perf_counter() - t0, len(out.token_ids))
         result.prompt_tokens += len(ids)
         state.complete(call.name, out.text)
     result.outputs = state.outputs()
