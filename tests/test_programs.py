@@ -261,31 +261,24 @@ def test_the_endpoint_refuses_bad_programs_by_name(served, mutate, status, param
 
 # ------------------------------------------------------------------ the real model, once
 def test_smollm2_map_reduce_dag_equals_the_sequential_openai_client(smol):
-    """SmolLM2 through the server: the map-reduce program as one request vs one OpenAI call at a time."""
-    from fastapi.testclient import TestClient
-
+    """SmolLM2 over HTTP (bench compound part b, small): the map-reduce program as one request vs one
+    OpenAI call at a time on a second server; then each call alone on a fresh engine, token for token."""
+    from minisys.bench.compound_programs import map_reduce_side_by_side
     from minisys.engine.llm_engine import LLMEngine
-    from minisys.server.app import build_app
-    from minisys.server.async_engine import AsyncLLMEngine
     model, tok = smol
     chunks = ["Paged attention keeps the KV cache in fixed-size blocks, so memory is not reserved in advance.",
               "Continuous batching adds new requests to the running batch at every step.",
               "Speculative decoding drafts several tokens cheaply and verifies them in one forward."]
-    prog = map_reduce_program(chunks, map_tokens=6, reduce_tokens=8)
+    res = map_reduce_side_by_side(model, tok, chunks, 6, 8, reps=1, warmup=False, log=lambda *_: None)
+    assert res["same_outputs"] and res["runs"][0]["final"]
+    spans = res["runs"][0]["dag_calls"]
+    assert max(spans[f"s{i}"][0] for i in range(3)) < min(spans[f"s{i}"][1] for i in range(3))  # maps overlapped
+    assert spans["final"][0] >= max(spans[f"s{i}"][1] for i in range(3))
+    assert res["prefix_cache"]["dag"]["hit_tokens"] > 0           # the maps' shared instruction prefix
+    from minisys.programs.examples import map_reduce_program
+    prog = map_reduce_program([f"(document 1)\n{c}" for c in chunks], 6, 8)
     engine = LLMEngine(model, tok, EngineConfig(num_kv_blocks=256, max_num_seqs=8))
-    with TestClient(build_app(AsyncLLMEngine(engine), tok, "smol", api_key=KEY)) as c:
-        client = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=c, max_retries=0)
-        seq = SequentialClient(client, "smol").run(prog)
-        dag = ProgramClient("http://testserver", KEY, http=c).run(prog)
-        assert dag.outputs == seq.outputs and dag.outputs["final"]
-        for name in seq.calls:
-            assert dag.calls[name].text == seq.calls[name].text, name
-            assert dag.calls[name].completion_tokens == seq.calls[name].completion_tokens
-        maps = [dag.calls[f"s{i}"] for i in range(3)]
-        assert max(m.start_s for m in maps) < min(m.end_s for m in maps)      # the maps ran together
-        _server_idle(c)
-    # token for token: the DAG's ids equal one-at-a-time greedy generation of the same prompts
-    assert {n: r.token_ids for n, r in dag.calls.items()} == _one_at_a_time(engine, tok, prog)
+    assert res["runs"][0]["dag_token_ids"] == _one_at_a_time(engine, tok, prog)
 
 
 def _one_at_a_time(engine, tok, prog: Program) -> dict[str, list[int]]:
