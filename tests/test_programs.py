@@ -230,6 +230,7 @@ def test_server_reports_objectives_and_timing(served):
     # b (8 tokens) is the longer branch into c; d (2 tokens) has slack: throughput, priority 1
     assert {n: (x["objective"], x["priority"]) for n, x in calls.items()} == {
         "a": ("throughput", 1), "b": ("latency", 0), "d": ("throughput", 1), "c": ("latency", 0)}
+    assert len({calls[n]["start_s"] for n in "abd"}) == 1           # the ready set went in together
     assert calls["c"]["start_s"] >= max(calls[n]["end_s"] for n in "abd")
     assert list(r.json()["outputs"]) == ["c"]
 

@@ -40,7 +40,7 @@ from ..engine.sampling_params import RequestOutputKind
 from ..programs.graph import Call, Program, ProgramError, ProgramLimits
 from ..programs.runner import call_params, call_prompt_text
 from ..programs.scheduler import ProgramState, deduce_objectives
-from .async_engine import RequestStream, ServerShuttingDown
+from .async_engine import EngineDeadError, PromptError, RequestStream, ServerShuttingDown
 from .errors import OpenAIError, error_body, internal_error_body
 from .openapi import error_responses, json_response
 from .protocol import random_id
@@ -141,23 +141,55 @@ class ProgramRun:
         self.t0 = time.perf_counter()
 
     async def start_ready(self) -> None:
-        """Add every ready call to the engine, in priority order."""
-        for call in self.state.take_ready():
-            where = f"calls[{self.index[call.name]}] ({call.name})"
-            text = self.state.prompt(call)
+        """Add every ready call to the engine, in priority order, in ONE trip to the engine thread (one
+        add per call would wait behind a step each); each call holds its own admission ticket."""
+        calls = self.state.take_ready()
+        if not calls:
+            return
+        if self.server.draining:
+            raise OpenAIError("the server is shutting down; retry later or elsewhere", status=503,
+                              type="service_unavailable", code="server_shutting_down")
+        prompts = [self.state.prompt(c) for c in calls]
+        tickets: list = []
+        try:
             try:
-                ids = await asyncio.to_thread(self._ids, call, text)
-                params = replace(call_params(call), output_kind=RequestOutputKind.DELTA)   # added up in _drain
-                streams, ticket = await self.server.add(
-                    f"{self.id}-{call.name}", [(None, ids)], params,
-                    {"client": self.user, "priority": self.state.objectives[call.name].priority})
-            except OpenAIError as e:
-                raise OpenAIError(f"{where}: {e.message}", status=e.status, type=e.type,
-                                  param=f"calls[{self.index[call.name]}].prompt", code=e.code) from None
+                ids = await asyncio.to_thread(lambda: [self._ids(c, t) for c, t in zip(calls, prompts)])
             except ValueError as e:
-                raise OpenAIError(f"{where}: {e}", param=f"calls[{self.index[call.name]}].prompt") from None
-            r = _Running(call, streams, ticket, len(ids), time.perf_counter() - self.t0)
+                raise OpenAIError(str(e), param="calls") from None
+            for c, x in zip(calls, ids):
+                tickets.append(self._admit(c, len(x)))
+            items = [(f"{self.id}-{c.name}", x, replace(call_params(c), output_kind=RequestOutputKind.DELTA),
+                      None, {"client": self.user, "priority": self.state.objectives[c.name].priority})
+                     for c, x in zip(calls, ids)]          # DELTA outputs: added up in _drain
+            streams = await self.server.engine.add_requests(items)       # all or none
+        except PromptError as e:
+            for t in tickets:
+                self.server.admission.release(t)
+            raise OpenAIError(f"{self._where(calls[e.index])}: {e.reason}",
+                              param=f"calls[{self.index[calls[e.index].name]}].prompt") from None
+        except EngineDeadError as e:
+            for t in tickets:
+                self.server.admission.release(t)
+            raise OpenAIError(str(e), status=500, type="internal_error", code="engine_dead") from None
+        except BaseException:
+            for t in tickets:
+                self.server.admission.release(t)
+            raise
+        now = time.perf_counter() - self.t0
+        for c, x, stream, ticket in zip(calls, ids, streams, tickets):
+            r = _Running(c, [stream], ticket, len(x), now)
             self.running[asyncio.create_task(_drain(r))] = r
+
+    def _where(self, call: Call) -> str:
+        return f"calls[{self.index[call.name]}] ({call.name})"
+
+    def _admit(self, call: Call, num_tokens: int):
+        """The call's admission ticket (`Admission.admit`), or its 400/429 naming the call."""
+        try:
+            return self.server.admission.admit([num_tokens], 1, self.user)
+        except OpenAIError as e:
+            raise OpenAIError(f"{self._where(call)}: {e.message}", status=e.status, type=e.type,
+                              param=f"calls[{self.index[call.name]}].prompt", code=e.code) from None
 
     def _ids(self, call: Call, text: str) -> list[int]:
         tok = self.server.tokenizer
