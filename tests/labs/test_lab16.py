@@ -25,13 +25,12 @@ PAD = 0
 
 def reference_impl():
     from minisys.programs.scheduler import ready_set
-    from minisys.rag.corpus import Passage
     from minisys.rag.prompt import _pad, canonical_order
 
     def canonical_prompt(head, passages, retrieved, question, block_size, pad_id):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        order = canonical_order([Passage(pid, "", "", "") for pid in retrieved])
+        order = canonical_order([types.SimpleNamespace(id=pid) for pid in retrieved])     # sorted by .id
         out = _pad(list(head), block_size, pad_id)
         for p in order:
             out += _pad(list(passages[p.id]), block_size, pad_id)
