@@ -298,3 +298,42 @@ def _one_at_a_time(engine, tok, prog: Program) -> dict[str, list[int]]:
                 if out.finished:
                     values[call.name], ids_of[call.name] = out.outputs[0].text, list(out.outputs[0].token_ids)
     return ids_of
+
+
+def test_a_client_gone_mid_program_aborts_every_call_and_frees_its_blocks(tiny_dirs):
+    """The route's runner with a client that has left: every call in flight is aborted, every ticket
+    released, every KV block free again (the allocator's own count)."""
+    import asyncio
+
+    from minisys.llm import LLM
+    from minisys.server.app import Server
+    from minisys.server.async_engine import AsyncLLMEngine
+    from minisys.server.programs import ProgramRun
+
+    class Gone:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    llm = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True,
+              engine_config=EngineConfig(num_kv_blocks=64, max_num_seqs=4, block_size=4))
+    prog = diamond(tokens=150)
+
+    async def main():
+        engine = AsyncLLMEngine(llm.engine)
+        await engine.start()
+        try:
+            server = Server(engine, llm.tokenizer, "tiny")
+            run = ProgramRun(server, prog, None)
+            with pytest.raises(asyncio.CancelledError):
+                await run.run(Gone())
+            assert "c" not in run.results and "a" not in run.results and run.running == {}
+            assert server.admission.queued_sequences == server.admission.queued_tokens == 0
+            for _ in range(200):                         # aborts are applied between engine steps
+                if llm.engine.num_unfinished == 0:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+    _no_blocks_held(llm.engine)

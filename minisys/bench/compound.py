@@ -123,7 +123,8 @@ def part_b(args, model, tok) -> bool:
     res = map_reduce_side_by_side(model, tok, chunks, args.map_tokens, args.reduce_tokens, args.reps)
     med = res["latency_median_s"]
     print(f"end-to-end latency (median): sequential client {med['sequential']:.2f} s, DAG at once "
-          f"{med['dag']:.2f} s: {res['speedup_dag_vs_sequential']:.2f}x; same outputs: {res['same_outputs']}")
+          f"{med['dag']:.2f} s: {res['speedup_dag_vs_sequential']:.2f}x (per repetition: "
+          + ", ".join(f"{x:.2f}x" for x in res["speedup_per_rep"]) + f"); same outputs: {res['same_outputs']}")
     for m, h in res["prefix_cache"].items():
         print(f"  {m:10s} prefix cache: {h['hit_tokens']:.0f} of {h['queried_tokens']:.0f} looked-up prompt "
               f"tokens found")

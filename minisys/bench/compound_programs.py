@@ -118,8 +118,14 @@ def map_reduce_side_by_side(model, tok, chunks: list[str], map_tokens: int, redu
                 log(f"rep {r}/{reps}: sequential {lat['sequential'][-1]:.2f} s, dag {lat['dag'][-1]:.2f} s, "
                     f"same outputs: {equal}")
     med = {m: statistics.median(lat[m]) for m in modes}
+    pairs = [s / d for s, d in zip(lat["sequential"], lat["dag"])]       # each repetition's own ratio
     return {
         "latency_s": lat, "latency_median_s": med, "speedup_dag_vs_sequential": med["sequential"] / med["dag"],
+        "speedup_per_rep": pairs, "speedup_median_of_reps": statistics.median(pairs),
+        "decode_tokens": {"sequential_batch1": sum(len(v) for v in runs[-1]["dag_token_ids"].values()),
+                          "dag_map_phase_steps": max(len(runs[-1]["dag_token_ids"][f"s{i}"])
+                                                     for i in range(len(chunks))),
+                          "dag_reduce_steps": len(runs[-1]["dag_token_ids"]["final"])},
         "prefix_cache": {m: {"hit_tokens": hits[m][0], "queried_tokens": hits[m][1]} for m in modes},
         "same_outputs": all(same), "runs": runs,
         "calls": len(chunks) + 1, "map_tokens": map_tokens, "reduce_tokens": reduce_tokens,
