@@ -94,7 +94,7 @@ from minisys.rag.index import IndexConfig, VectorIndex
 quick = os.environ.get("MINISYS_QUICK", "0") not in ("", "0")
 llm = LLM(quiet=True, dtype="float32")
 tok = llm.tokenizer
-passages = build_corpus(REPO_ROOT, ["lessons/03-paged-kv.md"], max_words=80)[: 12 if quick else 40]
+passages = build_corpus(REPO_ROOT, ["lessons/03-paged-kv.md"], max_words=40 if quick else 80)[: 8 if quick else 40]
 vectors = np.asarray([o.outputs.embedding for o in llm.embed([p.embedding_text() for p in passages])],
                      dtype=np.float32)
 index = VectorIndex.build(vectors, IndexConfig(kind="flat"))
@@ -104,7 +104,7 @@ t0 = time.perf_counter()
 qvec = np.asarray(llm.embed([question])[0].outputs.embedding, dtype=np.float32)
 t_embed = time.perf_counter() - t0
 t0 = time.perf_counter()
-_, found = index.search(qvec[None, :], 3)
+_, found = index.search(qvec[None, :], 2 if quick else 3)
 t_search = time.perf_counter() - t0
 segments = {p.id: tok.encode(f"[{p.title()}]\n{p.text}\n\n") for p in passages}
 chat_head, chat_tail = tok.apply_chat_template([{"role": "user", "content": "\x00"}], True).split("\x00")
@@ -141,7 +141,7 @@ print(f"embed the question {t_embed * 1e3:6.1f} ms | search {t_search * 1e3:6.2f
 rng = np.random.default_rng(0)
 pool = [p.id for p in passages[:6]]
 weights = 1.0 / np.arange(1, 7) ** 1.2
-stream = [list(rng.choice(pool, size=2, replace=False, p=weights / weights.sum())) for _ in range(4 if quick else 12)]
+stream = [list(rng.choice(pool, size=2, replace=False, p=weights / weights.sum())) for _ in range(3 if quick else 12)]
 
 
 def served_tokens(order_fn):
@@ -246,8 +246,8 @@ def run_one_by_one(engine, tok, prog):
 # %% tags=["benchmark"]
 import matplotlib.pyplot as plt  # noqa: E402
 
-n_chunks, map_tokens, reduce_tokens = (4, 4, 6) if quick else (8, 24, 48)
-prog = map_reduce_program(course_chunks(n_chunks, max_words=40), map_tokens, reduce_tokens)
+n_chunks, map_tokens, reduce_tokens = (3, 3, 4) if quick else (8, 24, 48)
+prog = map_reduce_program(course_chunks(n_chunks, max_words=30 if quick else 40), map_tokens, reduce_tokens)
 times = {}
 for name, runner in (("one by one", run_one_by_one), ("DAG (your ready_set)", run_dag)):
     eng = LLMEngine(llm.model, tok, EngineConfig(num_kv_blocks=1024, max_num_seqs=16))
