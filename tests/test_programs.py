@@ -244,6 +244,8 @@ def test_server_reports_objectives_and_timing(served):
      "--max-program-calls"),
     (lambda b: b["calls"][1].update(temperature=-1.0), 400, "calls[1]", "temperature"),
     (lambda b: b.update(model="gpt-9"), 404, "model", "gpt-9"),
+    (lambda b: (b["inputs"].update(big="x" * 600_000), b["calls"][2].update(prompt="{{big}}{{big}}")), 400,
+     "calls[2].prompt", "1200000 characters, over the limit"),
     (lambda b: b["calls"][3].update(prompt="{{a}} the fox " * 100), 400, "calls[3].prompt", "calls[3] (c)"),
 ])
 def test_the_endpoint_refuses_bad_programs_by_name(served, mutate, status, param, words):

@@ -77,6 +77,7 @@ class ProgramLimits:
     max_calls: int = 64
     max_prompt_chars: int = 65536        # one call's template, before variables are filled in
     max_tokens: int = 4096               # one call's max_tokens
+    max_rendered_chars: int = 1 << 20    # one call's prompt with its variables filled in
 
 
 @dataclass
@@ -120,8 +121,16 @@ class Program:
     def by_name(self) -> dict[str, Call]:
         return {c.name: c for c in self.calls}
 
-    def render(self, call: Call, values: dict[str, str]) -> str:
-        """``call.prompt`` with every ``{{var}}`` replaced by its value (KeyError if one is missing)."""
+    def render(self, call: Call, values: dict[str, str], max_chars: Optional[int] = None) -> str:
+        """``call.prompt`` with every ``{{var}}`` replaced by its value (KeyError if one is missing).
+        ``max_chars``: `ProgramError` naming the call, before building it, if the result would be longer
+        (a short template naming a long output many times must not build a huge string)."""
+        if max_chars is not None:
+            size = len(VAR.sub("", call.prompt)) + sum(len(values[m.group(1)]) for m in VAR.finditer(call.prompt))
+            if size > max_chars:
+                where = f"calls[{[c.name for c in self.calls].index(call.name)}].prompt"
+                raise ProgramError(where, f"filled in, {call.name}'s prompt would be {size} characters, over the "
+                                          f"limit of {max_chars}")
         return VAR.sub(lambda m: values[m.group(1)], call.prompt)
 
     def validate(self, limits: ProgramLimits = ProgramLimits()) -> None:

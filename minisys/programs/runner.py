@@ -86,7 +86,7 @@ def run_program(llm_or_engine: Any, program: Program, limits: ProgramLimits = Pr
     if engine.has_unfinished():
         raise RuntimeError("run_program needs an idle engine (it steps it until the program is done)")
     tok = engine.tokenizer
-    state = ProgramState(program, deduce_objectives(program))
+    state = ProgramState(program, deduce_objectives(program), limits.max_rendered_chars)
     result = ProgramResult({})
     rid_of: dict[str, str] = {}
     call_of: dict[str, str] = {}
@@ -128,7 +128,7 @@ def run_sequential(llm, program: Program, limits: ProgramLimits = ProgramLimits(
     `Program.validate` guarantees only for a topological declaration order: else the next call whose
     inputs exist), through ``llm.generate`` as a client would issue requests one by one."""
     program.validate(limits)
-    state = ProgramState(program, {n: Objective("latency", 0, 0) for n in program.deps()})
+    state = ProgramState(program, {n: Objective("latency", 0, 0) for n in program.deps()}, limits.max_rendered_chars)
     tok = llm.tokenizer
     result = ProgramResult({})
     engine = getattr(llm, "engine", None)

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .graph import Call, Program
+from .graph import Call, Program, ProgramLimits
 
 LATENCY, THROUGHPUT = "latency", "throughput"
 
@@ -103,8 +103,9 @@ def ready_set(deps: dict[str, list[str]], done: set[str], started: set[str],
 class ProgramState:
     """One program's progress: values known so far, calls started and finished (see the module)."""
 
-    def __init__(self, program: Program, objectives: Optional[dict[str, Objective]] = None) -> None:
-        self.program = program
+    def __init__(self, program: Program, objectives: Optional[dict[str, Objective]] = None,
+                 max_prompt_chars: int = ProgramLimits().max_rendered_chars) -> None:
+        self.program, self.max_prompt_chars = program, max_prompt_chars
         self.deps = program.deps()
         self.calls = program.by_name()
         self.objectives = objectives or deduce_objectives(program)
@@ -127,8 +128,9 @@ class ProgramState:
         return self.calls[name]
 
     def prompt(self, call: Call) -> str:
-        """The call's prompt with its variables filled in (all of them exist once it is ready)."""
-        return self.program.render(call, self.values)
+        """The call's prompt with its variables filled in (all of them exist once it is ready);
+        `ProgramError` naming the call if it would be over ``max_prompt_chars``."""
+        return self.program.render(call, self.values, self.max_prompt_chars)
 
     def complete(self, name: str, text: str) -> None:
         if name not in self.started or name in self.done:

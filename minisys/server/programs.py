@@ -149,9 +149,12 @@ class ProgramRun:
         if self.server.draining:
             raise OpenAIError("the server is shutting down; retry later or elsewhere", status=503,
                               type="service_unavailable", code="server_shutting_down")
-        prompts = [self.state.prompt(c) for c in calls]
         tickets: list = []
         try:
+            try:
+                prompts = [self.state.prompt(c) for c in calls]
+            except ProgramError as e:
+                raise OpenAIError(str(e), param=e.field, code="invalid_program") from None
             try:
                 ids = await asyncio.to_thread(lambda: [self._ids(c, t) for c, t in zip(calls, prompts)])
             except ValueError as e:
