@@ -184,7 +184,7 @@ def test_a_call_refused_mid_program_leaves_no_request_and_no_block(tiny_llm):
 @pytest.fixture(scope="module")
 def served(tiny_app):
     limits = {"limits": __import__("minisys.server.limits", fromlist=["ServerLimits"]).ServerLimits(
-        max_program_calls=6)}
+        max_program_calls=6, max_queued_sequences=3)}
     with tiny_app(KEY, chat_template=TEMPLATE, app_args=limits, block_size=4) as (c, llm):
         yield c, llm, openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=c, max_retries=0)
 
@@ -244,6 +244,9 @@ def test_server_reports_objectives_and_timing(served):
      "--max-program-calls"),
     (lambda b: b["calls"][1].update(temperature=-1.0), 400, "calls[1]", "temperature"),
     (lambda b: b.update(model="gpt-9"), 404, "model", "gpt-9"),
+    (lambda b: (b["calls"].append({"name": "e", "prompt": "fox", "chat": False}),      # 4 ready, 3 seats queued
+                b["calls"][3].update(prompt=b["calls"][3]["prompt"] + " {{e}}")), 429, "calls[2].prompt",
+     "calls[2] (d): the server is busy"),              # d, the one call with slack, is admitted last
     (lambda b: (b["inputs"].update(big="x" * 600_000), b["calls"][2].update(prompt="{{big}}{{big}}")), 400,
      "calls[2].prompt", "1200000 characters, over the limit"),
     (lambda b: b["calls"][3].update(prompt="{{a}} the fox " * 100), 400, "calls[3].prompt", "calls[3] (c)"),
