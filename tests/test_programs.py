@@ -194,8 +194,17 @@ def _metrics(c) -> dict[str, float]:
     return parse_metrics(c.get("/metrics", headers=H).text)
 
 
-def _server_idle(c) -> None:
-    m = _metrics(c)
+def _server_idle(c, timeout: float = 10.0) -> None:
+    """No request left in the engine and every KV block free, within ``timeout`` (the engine applies
+    finishes and aborts between its steps, on its own thread: poll, as tests/test_server.py does)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        m = _metrics(c)
+        idle = m["minisys:num_requests_in_engine"] == 0 and m["minisys:kv_blocks_free"] == m["minisys:kv_blocks_total"]
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert m["minisys:num_requests_in_engine"] == 0
     assert m["minisys:kv_blocks_free"] == m["minisys:kv_blocks_total"]
 
