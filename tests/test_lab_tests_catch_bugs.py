@@ -225,3 +225,26 @@ def test_lab13_bugs_fail_their_exercise_tests() -> None:
                            (NO_QUEUEING, "fifo_latencies")]:
         cases = run_lab_tests(module, solution_namespace("13", TP, edit), only=exercise_tests(module, exercise))
         assert lost(cases).get(exercise, 0) > 0, (edit, failed(cases))
+
+
+# ---------------------------------------------------------------- lab 16: compound AI
+COMPOUND = ["canonical_prompt", "ready_set"]
+RETRIEVAL_ORDER_KEPT = ("for pid in sorted(set(retrieved)):", "for pid in dict.fromkeys(retrieved):")
+NO_BLOCK_PADDING = ("return list(ids) + [pad_id] * (-len(ids) % block_size)", "return list(ids)")
+STARTS_BEFORE_ALL_INPUTS = ("all(d in done for d in ds)", "any(d in done for d in ds) or not ds")
+STARTS_TWICE = ("if n not in started and all(", "if all(")
+
+
+def test_lab16_as_written_passes() -> None:
+    cases = run_lab_tests(lab_tests("16"), solution_namespace("16", COMPOUND))
+    assert len(cases) >= 10 and not lost(cases), failed(cases)
+
+
+def test_lab16_bugs_fail_their_exercise_tests() -> None:
+    module = lab_tests("16")
+    for edit, exercise in [(RETRIEVAL_ORDER_KEPT, "canonical_prompt"), (NO_BLOCK_PADDING, "canonical_prompt"),
+                           (STARTS_BEFORE_ALL_INPUTS, "ready_set"), (STARTS_TWICE, "ready_set")]:
+        cases = run_lab_tests(module, solution_namespace("16", COMPOUND, edit))
+        charged = lost(cases)
+        assert charged.get(exercise, 0) > 0, (edit, failed(cases))
+        assert set(charged) == {exercise}, (edit, charged)

@@ -1,4 +1,11 @@
-"""python -m minisys bench compound : RAG serving with and without document KV reuse (lesson 16, part a).
+"""python -m minisys bench compound : lesson 16's two benchmarks, side by side in one run each.
+
+    --part a   RAG serving with and without document KV reuse (this module)
+    --part b   a map-reduce program: calls issued one by one vs the DAG submitted at once
+               (`minisys.bench.compound_programs`)
+    --part ab  both (the default); --quick: the small sizes (CI, the lab)
+
+Part (a):
 
 A seeded query stream whose retrieved passages are Zipf-popular (a few
 passages come back often, as real retrieval does) is served one query at a
@@ -71,7 +78,13 @@ def run_one(engine, rid: str, ids: list[int], max_tokens: int) -> tuple[float, f
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m minisys bench compound", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queries", type=int, default=8)
+    p.add_argument("--part", choices=["a", "b", "ab"], default="ab", help="a: RAG KV reuse; b: map-reduce program")
+    p.add_argument("--quick", action="store_true", help="small sizes (also MINISYS_QUICK=1)")
+    p.add_argument("--chunks", type=int, default=8, help="(b) chunk summaries before the combine")
+    p.add_argument("--map-tokens", type=int, default=None, help="(b) max tokens per summary (default 32; quick 6)")
+    p.add_argument("--reduce-tokens", type=int, default=None, help="(b) max tokens of the combine (default 64; quick 8)")
+    p.add_argument("--reps", type=int, default=None, help="(b) repetitions per mode (default 3; quick 1)")
+    p.add_argument("--queries", type=int, default=None, help="(a) queries in the stream (default 8; quick 4)")
     p.add_argument("--passages", type=int, default=12, help="passages the stream draws from")
     p.add_argument("-k", type=int, default=2, help="passages per query")
     p.add_argument("--zipf", type=float, default=1.2, help="Zipf exponent of passage popularity")
@@ -81,17 +94,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
-
+    from .common import quick_mode
+    args.quick = args.quick or quick_mode()
+    quick = args.quick
+    args.queries = args.queries or (4 if quick else 8)
+    args.map_tokens = args.map_tokens or (6 if quick else 32)
+    args.reduce_tokens = args.reduce_tokens or (8 if quick else 64)
+    args.reps = args.reps or (1 if quick else 3)
     import torch
+
+    from ..model import load
+    model, tok = load(args.model, device=None, dtype=torch.float32, quiet=True)
+    ok = True
+    if "a" in args.part:
+        ok = part_a(args, model, tok) and ok
+    if "b" in args.part:
+        ok = part_b(args, model, tok) and ok
+    return 0 if ok else 1
+
+
+def part_b(args, model, tok) -> bool:
+    """The map-reduce program, sequential client vs DAG; writes compound_programs[_quick].json."""
+    from ..programs.examples import course_chunks
+    from .compound_programs import map_reduce_side_by_side
+    chunks = course_chunks(args.chunks, max_words=30 if args.quick else 60)
+    print(f"part (b): map-reduce over {len(chunks)} chunks ({args.map_tokens} tokens each) + a combine "
+          f"({args.reduce_tokens} tokens), {args.reps} repetition(s) per mode", flush=True)
+    res = map_reduce_side_by_side(model, tok, chunks, args.map_tokens, args.reduce_tokens, args.reps)
+    med = res["latency_median_s"]
+    print(f"end-to-end latency (median): sequential client {med['sequential']:.2f} s, DAG at once "
+          f"{med['dag']:.2f} s: {res['speedup_dag_vs_sequential']:.2f}x (per repetition: "
+          + ", ".join(f"{x:.2f}x" for x in res["speedup_per_rep"]) + f"); same outputs: {res['same_outputs']}")
+    for m, h in res["prefix_cache"].items():
+        print(f"  {m:10s} prefix cache: {h['hit_tokens']:.0f} of {h['queried_tokens']:.0f} looked-up prompt "
+              f"tokens found")
+    path = save_result("compound_programs_quick" if args.quick else "compound_programs", {
+        "config": vars(args), **res,
+        "note": "two servers over one loaded model (uvicorn threads on loopback), modes alternating first; "
+                "wall clock on a CPU shared with other jobs (see machine.load_average_1min)",
+    }, args.out)
+    print(f"wrote {path}")
+    return res["same_outputs"]
+
+
+def part_a(args, model, tok) -> bool:
+    """RAG with and without document KV reuse (see the module docstring); writes compound.json."""
 
     from ..engine.config import EngineConfig
     from ..engine.llm_engine import LLMEngine
-    from ..model import load
     from ..rag.cli import REPO_ROOT
     from ..rag.corpus import build_corpus
     from ..rag.prompt import build_rag_prompt
 
-    model, tok = load(args.model, device=None, dtype=torch.float32, quiet=True)
     corpus = build_corpus(REPO_ROOT, max_words=args.max_words)
     rng = np.random.default_rng(args.seed)
     pool = [corpus[i] for i in rng.choice(len(corpus), size=min(args.passages, len(corpus)), replace=False)]
@@ -143,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                  if r["same_greedy_tokens_as_recompute"] is not None else ""))
     ratio = rows["recompute"]["ttft_mean_ms"] / max(rows["reuse"]["ttft_mean_ms"], 1e-9)
     print(f"TTFT speed-up from document KV reuse (recompute / reuse, mean): {ratio:.2f}x")
-    path = save_result("compound", {
+    path = save_result("compound_quick" if args.quick else "compound", {
         "config": vars(args), "pool_passage_ids": [int(p.id) for p in pool],
         "stream": [[int(pool[i].id) for i in picks] for picks in stream],
         "modes": rows, "ttft_speedup_reuse_vs_recompute": ratio,
@@ -152,4 +206,4 @@ def main(argv: list[str] | None = None) -> int:
                 "prefilled token counts are exact",
     }, args.out)
     print(f"wrote {path}")
-    return 0 if rows["reuse"]["same_greedy_tokens_as_recompute"] else 1
+    return bool(rows["reuse"]["same_greedy_tokens_as_recompute"])

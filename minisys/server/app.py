@@ -4,6 +4,7 @@
     POST /v1/completions         text or token-id prompts (a list of them -> one choice set each)
     POST /v1/chat/completions    messages -> the model's chat template -> completion
     POST /v1/embeddings          text or token ids -> vectors (`embeddings`, lesson 16)
+    POST /v1/programs            a DAG of LLM calls with semantic variables, run at once (`programs`, lesson 16)
     GET  /health                 200 while the engine loop is alive
     GET  /metrics                Prometheus text (see `metrics`)
 
@@ -52,6 +53,7 @@ from ..model.tokenizer import Tokenizer
 from .async_engine import EngineDeadError, PromptError, RequestStream, ServerShuttingDown
 from .body_text import check_body_text
 from .embeddings import install_embeddings
+from .programs import install_programs
 from .interpreter import collections_paused
 from .errors import OpenAIError, error_body, install_error_handlers, internal_error_body
 from .limits import Admission, ServerLimits, Ticket
@@ -456,6 +458,7 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
                     secured=(PROTECTED if api_key else ()) + (("/metrics",) if metrics_auth else ()))
     post_errors = error_responses(400, *v1_auth, 404, 413, 429, 500, 503)
     install_embeddings(app, server, _parse)                                       # POST /v1/embeddings
+    install_programs(app, server, _parse)                                         # POST /v1/programs
 
     @app.get("/health", response_class=PlainTextResponse, responses=error_responses(503))
     async def health():

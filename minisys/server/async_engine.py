@@ -364,6 +364,8 @@ class AsyncLLMEngine(_AsyncEngineBase):
                 "num_requests_in_engine": self.engine.num_unfinished,
                 "kv_cache_usage_perc": alloc.num_used / alloc.num_blocks,
                 "kv_blocks_total": alloc.num_blocks, "kv_blocks_free": alloc.num_free,
+                "prefix_cache_queries": alloc.queries * alloc.block_size,
+                "prefix_cache_hits": alloc.hits * alloc.block_size,
                 "engine_step_errors": self.num_step_errors}
 
     def client_service(self) -> dict[str, float]:

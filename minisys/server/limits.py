@@ -49,6 +49,7 @@ class ServerLimits:
                                     "server-wide", 429)
     max_queued_sequences_per_user: int = _limit(1024, "sequences admitted and not yet answered per "
                                                 "OpenAI `user` field", 429)
+    max_program_calls: int = _limit(64, "LLM calls in one /v1/programs program (lesson 16)", 400)
     max_body_bytes: int = _limit(8 * MIB, "request body size in bytes (413 before parsing)", 413)
 
     def __post_init__(self) -> None:

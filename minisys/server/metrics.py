@@ -39,7 +39,9 @@ GAUGE_HELP = {
     "kv_blocks_total": "KV blocks in the pool.",
     "kv_blocks_free": "KV blocks free (including free blocks holding a cached prefix).",
 }
-ENGINE_COUNTERS = {"engine_step_errors": "Engine steps that raised (their requests were failed; see the log)."}
+ENGINE_COUNTERS = {"engine_step_errors": "Engine steps that raised (their requests were failed; see the log).",
+                   "prefix_cache_queries": "Prompt tokens looked up in the prefix cache (whole blocks; vLLM's name).",
+                   "prefix_cache_hits": "Prompt tokens found in the prefix cache, not recomputed (vLLM's name)."}
 
 
 class EngineGauges(Collector):
