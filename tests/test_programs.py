@@ -351,3 +351,45 @@ def test_a_client_gone_mid_program_aborts_every_call_and_frees_its_blocks(tiny_d
 
     asyncio.run(main())
     _no_blocks_held(llm.engine)
+
+
+def test_an_engine_step_failure_mid_program_releases_every_ticket(tiny_dirs):
+    """A failed engine step ends the program with the error (the server keeps serving), and every call's
+    admission ticket is released: the call whose failure was read first included (it was leaked)."""
+    import asyncio
+
+    from minisys.llm import LLM
+    from minisys.server.app import Server
+    from minisys.server.async_engine import AsyncLLMEngine, EngineDeadError
+    from minisys.server.programs import ProgramRun
+
+    class Here:
+        async def is_disconnected(self) -> bool:
+            return False
+
+    llm = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True,
+              engine_config=EngineConfig(num_kv_blocks=64, max_num_seqs=4, block_size=4))
+    real_step, steps = llm.engine.step, {"n": 0}
+
+    def flaky_step():
+        steps["n"] += 1
+        if steps["n"] == 2:
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    llm.engine.step = flaky_step
+
+    async def main():
+        engine = AsyncLLMEngine(llm.engine)
+        await engine.start()
+        try:
+            server = Server(engine, llm.tokenizer, "tiny")
+            run = ProgramRun(server, diamond(tokens=20), None)
+            with pytest.raises(EngineDeadError):
+                await run.run(Here())
+            assert run.running == {}
+            assert server.admission.queued_sequences == server.admission.queued_tokens == 0
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())

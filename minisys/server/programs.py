@@ -208,8 +208,8 @@ class ProgramRun:
                 if not done and await raw.is_disconnected():
                     raise asyncio.CancelledError("client disconnected")
                 for task in done:
+                    task.result()             # an engine failure raises here (close() then finishes r)
                     r = self.running.pop(task)
-                    task.result()                             # an engine failure raises here
                     r.end_s = time.perf_counter() - self.t0
                     self.server.finish(r.streams, r.ticket)
                     self.results[r.call.name] = r
