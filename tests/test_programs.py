@@ -393,3 +393,21 @@ def test_an_engine_step_failure_mid_program_releases_every_ticket(tiny_dirs):
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_program_with_slack_runs_on_the_eager_engine(tiny_dirs, tiny_llm):
+    """--engine eager has no scheduler, so it refuses a priority; the priority of a call with slack is the
+    server's own deduction, not the client's ask: the program runs (it was a 400 naming a priority)."""
+    from fastapi.testclient import TestClient
+
+    from minisys.llm import LLM
+    from minisys.server.app import build_app
+    from minisys.server.async_engine import AsyncEagerEngine
+
+    llm = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True, engine="eager")
+    prog = diamond(tokens=3)
+    with TestClient(build_app(AsyncEagerEngine(llm.runner), llm.tokenizer, "tiny", api_key=KEY)) as c:
+        r = c.post("/v1/programs", json=prog.to_json(), headers=H)
+    assert r.status_code == 200, r.text
+    assert {x["name"]: x["priority"] for x in r.json()["calls"]}["d"] == 1      # d has slack
+    assert r.json()["outputs"] == run_sequential(tiny_llm, prog).outputs

@@ -40,7 +40,7 @@ from ..engine.sampling_params import RequestOutputKind
 from ..programs.graph import Call, Program, ProgramError, ProgramLimits
 from ..programs.runner import call_params, call_prompt_text
 from ..programs.scheduler import ProgramState, deduce_objectives
-from .async_engine import EngineDeadError, PromptError, RequestStream, ServerShuttingDown
+from .async_engine import AsyncEagerEngine, EngineDeadError, PromptError, RequestStream, ServerShuttingDown
 from .errors import OpenAIError, error_body, internal_error_body
 from .openapi import error_responses, json_response
 from .protocol import random_id
@@ -161,8 +161,9 @@ class ProgramRun:
                 raise OpenAIError(str(e), param="calls") from None
             for c, x in zip(calls, ids):
                 tickets.append(self._admit(c, len(x)))
+            ranked = not isinstance(self.server.engine, AsyncEagerEngine)   # eager: no scheduler, refuses a priority
             items = [(f"{self.id}-{c.name}", x, replace(call_params(c), output_kind=RequestOutputKind.DELTA),
-                      None, {"client": self.user, "priority": self.state.objectives[c.name].priority})
+                      None, {"client": self.user, "priority": self.state.objectives[c.name].priority if ranked else 0})
                      for c, x in zip(calls, ids)]          # DELTA outputs: added up in _drain
             streams = await self.server.engine.add_requests(items)       # all or none
         except PromptError as e:
