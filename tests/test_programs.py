@@ -45,6 +45,7 @@ def diamond(chat: bool = False, tokens: int = 6) -> Program:
     (lambda p: p.call("e", ""), "calls[4].prompt", "non-empty"),
     (lambda p: p.call("e", "{{e}}"), "calls[4].prompt", "its own output"),
     (lambda p: p.call("e", "hi", max_tokens=0), "calls[4].max_tokens", "[1,"),
+    (lambda p: p.input("unused", "given, named by no prompt"), "inputs.unused", "used by no call"),
 ])
 def test_bad_programs_are_refused_naming_the_field(edit, field, words):
     p = diamond()
@@ -259,6 +260,7 @@ def test_server_reports_objectives_and_timing(served):
     (lambda b: (b["inputs"].update(big="x" * 600_000), b["calls"][2].update(prompt="{{big}}{{big}}")), 400,
      "calls[2].prompt", "1200000 characters, over the limit"),
     (lambda b: b["calls"][3].update(prompt="{{a}} the fox " * 100), 400, "calls[3].prompt", "calls[3] (c)"),
+    (lambda b: b["inputs"].update(questoin="a misspelt input"), 400, "inputs.questoin", "used by no call"),
 ])
 def test_the_endpoint_refuses_bad_programs_by_name(served, mutate, status, param, words):
     c, _, _ = served

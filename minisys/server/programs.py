@@ -8,7 +8,7 @@
                    "completion_tokens", "start_s", "end_s"}], "usage": {...}}
 
 The server sees the whole DAG (`minisys.programs`). It validates it first
-(an unknown field, an undefined variable, a cycle, a call no output uses, more
+(an unknown field, an undefined variable, a cycle, a call no output uses, an input no call uses, more
 calls than ``--max-program-calls``: a 400 naming the field; nothing runs),
 deduces each call's objective (critical path: priority 0, else 1; it acts
 under ``--scheduling-policy priority``), then runs it: every ready call is
