@@ -413,3 +413,40 @@ def test_a_program_with_slack_runs_on_the_eager_engine(tiny_dirs, tiny_llm):
     assert r.status_code == 200, r.text
     assert {x["name"]: x["priority"] for x in r.json()["calls"]}["d"] == 1      # d has slack
     assert r.json()["outputs"] == run_sequential(tiny_llm, prog).outputs
+
+
+def test_a_client_gone_is_noticed_even_while_calls_keep_finishing(tiny_llm):
+    """A chain of quick calls: one finishes every few milliseconds, so the wait never times out; the
+    disconnect was polled only on a timeout, and the whole program ran for a client long gone."""
+    import asyncio
+
+    from minisys.server.app import Server
+    from minisys.server.async_engine import AsyncLLMEngine
+    from minisys.server.programs import ProgramRun
+
+    class Gone:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    p = Program()
+    prev = p.input("x", "the quick brown fox")
+    for i in range(8):
+        prev = p.call(f"c{i}", f"go on: {prev}", max_tokens=1, chat=False)
+
+    async def main():
+        engine = AsyncLLMEngine(tiny_llm.engine)
+        await engine.start()
+        try:
+            run = ProgramRun(Server(engine, tiny_llm.tokenizer, "tiny"), p, None)
+            with pytest.raises(asyncio.CancelledError):
+                await run.run(Gone())
+            assert len(run.results) <= 1, sorted(run.results)        # noticed after the first call at most
+            for _ in range(200):
+                if tiny_llm.engine.num_unfinished == 0:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+    _no_blocks_held(tiny_llm.engine)

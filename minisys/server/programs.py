@@ -206,7 +206,7 @@ class ProgramRun:
             while self.running:
                 done, _ = await asyncio.wait(set(self.running), timeout=DISCONNECT_POLL_S,
                                              return_when=asyncio.FIRST_COMPLETED)
-                if not done and await raw.is_disconnected():
+                if await raw.is_disconnected():      # every wake-up: calls that keep finishing never time out
                     raise asyncio.CancelledError("client disconnected")
                 for task in done:
                     task.result()             # an engine failure raises here (close() then finishes r)
