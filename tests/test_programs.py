@@ -261,6 +261,8 @@ def test_server_reports_objectives_and_timing(served):
      "calls[2].prompt", "1200000 characters, over the limit"),
     (lambda b: b["calls"][3].update(prompt="{{a}} the fox " * 100), 400, "calls[3].prompt", "calls[3] (c)"),
     (lambda b: b["inputs"].update(questoin="a misspelt input"), 400, "inputs.questoin", "used by no call"),
+    (lambda b: (b["inputs"].update(big="x" * 600_000), b["calls"][2].update(prompt="{{big}}")), 400,
+     "calls[2].prompt", "calls[2] (d): the prompt has at least"),        # over the context, seen before tokenizing
 ])
 def test_the_endpoint_refuses_bad_programs_by_name(served, mutate, status, param, words):
     c, _, _ = served

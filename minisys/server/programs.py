@@ -155,10 +155,7 @@ class ProgramRun:
                 prompts = [self.state.prompt(c) for c in calls]
             except ProgramError as e:
                 raise OpenAIError(str(e), param=e.field, code="invalid_program") from None
-            try:
-                ids = await asyncio.to_thread(lambda: [self._ids(c, t) for c, t in zip(calls, prompts)])
-            except ValueError as e:
-                raise OpenAIError(str(e), param="calls") from None
+            ids = await asyncio.to_thread(lambda: [self._ids(c, t) for c, t in zip(calls, prompts)])
             for c, x in zip(calls, ids):
                 tickets.append(self._admit(c, len(x)))
             ranked = not isinstance(self.server.engine, AsyncEagerEngine)   # eager: no scheduler, refuses a priority
@@ -196,8 +193,12 @@ class ProgramRun:
                               param=f"calls[{self.index[call.name]}].prompt", code=e.code) from None
 
     def _ids(self, call: Call, text: str) -> list[int]:
+        """The call's prompt ids, or a 400 naming the call (a prompt that cannot fit the context)."""
         tok = self.server.tokenizer
-        return tok.encode(call_prompt_text(tok, call, text), limit=self.server.engine.max_model_len)
+        try:
+            return tok.encode(call_prompt_text(tok, call, text), limit=self.server.engine.max_model_len)
+        except ValueError as e:
+            raise OpenAIError(f"{self._where(call)}: {e}", param=f"calls[{self.index[call.name]}].prompt") from None
 
     async def run(self, raw: Request) -> None:
         """Run to the end; raises `asyncio.CancelledError` if the client goes away meanwhile."""
