@@ -45,6 +45,7 @@ def diamond(chat: bool = False, tokens: int = 6) -> Program:
     (lambda p: p.call("e", ""), "calls[4].prompt", "non-empty"),
     (lambda p: p.call("e", "{{e}}"), "calls[4].prompt", "its own output"),
     (lambda p: p.call("e", "hi", max_tokens=0), "calls[4].max_tokens", "[1,"),
+    (lambda p: p.input("unused", "given, named by no prompt"), "inputs.unused", "used by no call"),
 ])
 def test_bad_programs_are_refused_naming_the_field(edit, field, words):
     p = diamond()
@@ -259,6 +260,9 @@ def test_server_reports_objectives_and_timing(served):
     (lambda b: (b["inputs"].update(big="x" * 600_000), b["calls"][2].update(prompt="{{big}}{{big}}")), 400,
      "calls[2].prompt", "1200000 characters, over the limit"),
     (lambda b: b["calls"][3].update(prompt="{{a}} the fox " * 100), 400, "calls[3].prompt", "calls[3] (c)"),
+    (lambda b: b["inputs"].update(questoin="a misspelt input"), 400, "inputs.questoin", "used by no call"),
+    (lambda b: (b["inputs"].update(big="x" * 600_000), b["calls"][2].update(prompt="{{big}}")), 400,
+     "calls[2].prompt", "calls[2] (d): the prompt has at least"),        # over the context, seen before tokenizing
 ])
 def test_the_endpoint_refuses_bad_programs_by_name(served, mutate, status, param, words):
     c, _, _ = served
@@ -351,3 +355,100 @@ def test_a_client_gone_mid_program_aborts_every_call_and_frees_its_blocks(tiny_d
 
     asyncio.run(main())
     _no_blocks_held(llm.engine)
+
+
+def test_an_engine_step_failure_mid_program_releases_every_ticket(tiny_dirs):
+    """A failed engine step ends the program with the error (the server keeps serving), and every call's
+    admission ticket is released: the call whose failure was read first included (it was leaked)."""
+    import asyncio
+
+    from minisys.llm import LLM
+    from minisys.server.app import Server
+    from minisys.server.async_engine import AsyncLLMEngine, EngineDeadError
+    from minisys.server.programs import ProgramRun
+
+    class Here:
+        async def is_disconnected(self) -> bool:
+            return False
+
+    llm = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True,
+              engine_config=EngineConfig(num_kv_blocks=64, max_num_seqs=4, block_size=4))
+    real_step, steps = llm.engine.step, {"n": 0}
+
+    def flaky_step():
+        steps["n"] += 1
+        if steps["n"] == 2:
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    llm.engine.step = flaky_step
+
+    async def main():
+        engine = AsyncLLMEngine(llm.engine)
+        await engine.start()
+        try:
+            server = Server(engine, llm.tokenizer, "tiny")
+            run = ProgramRun(server, diamond(tokens=20), None)
+            with pytest.raises(EngineDeadError):
+                await run.run(Here())
+            assert run.running == {}
+            assert server.admission.queued_sequences == server.admission.queued_tokens == 0
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_program_with_slack_runs_on_the_eager_engine(tiny_dirs, tiny_llm):
+    """--engine eager has no scheduler, so it refuses a priority; the priority of a call with slack is the
+    server's own deduction, not the client's ask: the program runs (it was a 400 naming a priority)."""
+    from fastapi.testclient import TestClient
+
+    from minisys.llm import LLM
+    from minisys.server.app import build_app
+    from minisys.server.async_engine import AsyncEagerEngine
+
+    llm = LLM(str(tiny_dirs["llama"]), device="cpu", dtype="float32", quiet=True, engine="eager")
+    prog = diamond(tokens=3)
+    with TestClient(build_app(AsyncEagerEngine(llm.runner), llm.tokenizer, "tiny", api_key=KEY)) as c:
+        r = c.post("/v1/programs", json=prog.to_json(), headers=H)
+    assert r.status_code == 200, r.text
+    assert {x["name"]: x["priority"] for x in r.json()["calls"]}["d"] == 1      # d has slack
+    assert r.json()["outputs"] == run_sequential(tiny_llm, prog).outputs
+
+
+def test_a_client_gone_is_noticed_even_while_calls_keep_finishing(tiny_llm):
+    """A chain of quick calls: one finishes every few milliseconds, so the wait never times out; the
+    disconnect was polled only on a timeout, and the whole program ran for a client long gone."""
+    import asyncio
+
+    from minisys.server.app import Server
+    from minisys.server.async_engine import AsyncLLMEngine
+    from minisys.server.programs import ProgramRun
+
+    class Gone:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    p = Program()
+    prev = p.input("x", "the quick brown fox")
+    for i in range(8):
+        prev = p.call(f"c{i}", f"go on: {prev}", max_tokens=1, chat=False)
+
+    async def main():
+        engine = AsyncLLMEngine(tiny_llm.engine)
+        await engine.start()
+        try:
+            run = ProgramRun(Server(engine, tiny_llm.tokenizer, "tiny"), p, None)
+            with pytest.raises(asyncio.CancelledError):
+                await run.run(Gone())
+            assert len(run.results) <= 1, sorted(run.results)        # noticed after the first call at most
+            for _ in range(200):
+                if tiny_llm.engine.num_unfinished == 0:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+    _no_blocks_held(tiny_llm.engine)

@@ -143,3 +143,12 @@ def test_auto_uses_the_kernel_only_for_shapes_it_takes():
     from minisys.attention.auto import kernel_fits
     assert kernel_fits(64, 16) and kernel_fits(128, 32)
     assert not kernel_fits(80, 16) and not kernel_fits(64, 24)      # auto falls back to the paged path there
+
+
+def test_the_triton_backend_is_refused_at_load_on_cpu(tiny_dirs, monkeypatch):
+    """--attention triton on a CPU (no interpreter) is a clear error when the model loads, not a model that
+    loads and then fails every decode step (it did: 'RuntimeError: 0 active drivers')."""
+    from minisys.model import load
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton.*CUDA"):
+        load(str(tiny_dirs["llama"]), device="cpu", dtype=torch.float32, attention_backend="triton", quiet=True)

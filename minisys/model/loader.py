@@ -112,6 +112,9 @@ def load_model(path: Path, device: str | None = None, dtype: torch.dtype | str |
     slice by slice. ``model.source`` remembers how it was loaded (tensor-parallel workers load the same)."""
     device = device or default_device()
     dtype = resolve_dtype(dtype, device)              # None: the device's default; "auto": by capability
+    if attention_backend == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention backend 'triton' runs its kernel on CUDA only (device {device!r}); "
+                         "choose another backend, e.g. auto")
     config = read_config(path)
     with torch.device("meta"):
         model = LlamaModel(config, attention_backend=attention_backend, tp_rank=tp_rank, tp_size=tp_size)

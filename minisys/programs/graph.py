@@ -16,7 +16,8 @@ structure that a request-at-a-time API hides.
 Validation (`Program.validate`, once, before anything runs) refuses with a
 `ProgramError` naming the field: an unknown variable, a cycle, a duplicate
 or malformed name, a call no output depends on (it would be computed for
-nothing), and a program over `ProgramLimits`. Invariants after it: every
+nothing), an input no prompt names (it would be ignored), and a program over
+`ProgramLimits`. Invariants after it: every
 reference names an input or a call; the calls form a DAG; every call reaches
 an output.
 """
@@ -155,6 +156,10 @@ class Program:
             if unknown:
                 raise ProgramError(f"calls[{i}].prompt", f"undefined variable {{{{{unknown[0]}}}}}: not an "
                                                          f"input nor a call")
+        named = {r for c in self.calls for r in c.refs()}
+        for name in self.inputs:
+            if name not in named:
+                raise ProgramError(f"inputs.{name}", f"{name!r} is used by no call (a misspelt variable?)")
         cycle = find_cycle(self.deps())
         if cycle:
             raise ProgramError("calls", "the calls form a cycle: " + " -> ".join(cycle))

@@ -8,7 +8,7 @@
                    "completion_tokens", "start_s", "end_s"}], "usage": {...}}
 
 The server sees the whole DAG (`minisys.programs`). It validates it first
-(an unknown field, an undefined variable, a cycle, a call no output uses, more
+(an unknown field, an undefined variable, a cycle, a call no output uses, an input no call uses, more
 calls than ``--max-program-calls``: a 400 naming the field; nothing runs),
 deduces each call's objective (critical path: priority 0, else 1; it acts
 under ``--scheduling-policy priority``), then runs it: every ready call is
@@ -40,7 +40,7 @@ from ..engine.sampling_params import RequestOutputKind
 from ..programs.graph import Call, Program, ProgramError, ProgramLimits
 from ..programs.runner import call_params, call_prompt_text
 from ..programs.scheduler import ProgramState, deduce_objectives
-from .async_engine import EngineDeadError, PromptError, RequestStream, ServerShuttingDown
+from .async_engine import AsyncEagerEngine, EngineDeadError, PromptError, RequestStream, ServerShuttingDown
 from .errors import OpenAIError, error_body, internal_error_body
 from .openapi import error_responses, json_response
 from .protocol import random_id
@@ -155,14 +155,12 @@ class ProgramRun:
                 prompts = [self.state.prompt(c) for c in calls]
             except ProgramError as e:
                 raise OpenAIError(str(e), param=e.field, code="invalid_program") from None
-            try:
-                ids = await asyncio.to_thread(lambda: [self._ids(c, t) for c, t in zip(calls, prompts)])
-            except ValueError as e:
-                raise OpenAIError(str(e), param="calls") from None
+            ids = await asyncio.to_thread(lambda: [self._ids(c, t) for c, t in zip(calls, prompts)])
             for c, x in zip(calls, ids):
                 tickets.append(self._admit(c, len(x)))
+            ranked = not isinstance(self.server.engine, AsyncEagerEngine)   # eager: no scheduler, refuses a priority
             items = [(f"{self.id}-{c.name}", x, replace(call_params(c), output_kind=RequestOutputKind.DELTA),
-                      None, {"client": self.user, "priority": self.state.objectives[c.name].priority})
+                      None, {"client": self.user, "priority": self.state.objectives[c.name].priority if ranked else 0})
                      for c, x in zip(calls, ids)]          # DELTA outputs: added up in _drain
             streams = await self.server.engine.add_requests(items)       # all or none
         except PromptError as e:
@@ -195,8 +193,12 @@ class ProgramRun:
                               param=f"calls[{self.index[call.name]}].prompt", code=e.code) from None
 
     def _ids(self, call: Call, text: str) -> list[int]:
+        """The call's prompt ids, or a 400 naming the call (a prompt that cannot fit the context)."""
         tok = self.server.tokenizer
-        return tok.encode(call_prompt_text(tok, call, text), limit=self.server.engine.max_model_len)
+        try:
+            return tok.encode(call_prompt_text(tok, call, text), limit=self.server.engine.max_model_len)
+        except ValueError as e:
+            raise OpenAIError(f"{self._where(call)}: {e}", param=f"calls[{self.index[call.name]}].prompt") from None
 
     async def run(self, raw: Request) -> None:
         """Run to the end; raises `asyncio.CancelledError` if the client goes away meanwhile."""
@@ -205,11 +207,11 @@ class ProgramRun:
             while self.running:
                 done, _ = await asyncio.wait(set(self.running), timeout=DISCONNECT_POLL_S,
                                              return_when=asyncio.FIRST_COMPLETED)
-                if not done and await raw.is_disconnected():
+                if await raw.is_disconnected():      # every wake-up: calls that keep finishing never time out
                     raise asyncio.CancelledError("client disconnected")
                 for task in done:
+                    task.result()             # an engine failure raises here (close() then finishes r)
                     r = self.running.pop(task)
-                    task.result()                             # an engine failure raises here
                     r.end_s = time.perf_counter() - self.t0
                     self.server.finish(r.streams, r.ticket)
                     self.results[r.call.name] = r
