@@ -6,6 +6,8 @@ With ``tp_size == 1`` each is exactly the layer it replaces (`nn.Linear`,
 `nn.Embedding`): same math, no process group needed.
 
     ColumnParallelLinear   y_r = x @ W[rows_r].T + b[rows_r]     no communication
+    MergedColumnParallelLinear  several column-parallel layers on the same input as ONE matmul
+                           (fused q/k/v, fused gate/up): rank r's weight is [W_0[rows_r]; W_1[rows_r]; ...]
     RowParallelLinear      y = sum_r x_r @ W[:, cols_r].T  (+ b)  ONE all-reduce, bias after it
     VocabParallelEmbedding e = sum_r (rows_r own the id ? W_r[id - start_r] : 0)   one all-reduce
     ParallelLMHead         logits = concat_r (h @ W[rows_r].T)   one all-gather
@@ -71,6 +73,49 @@ class ColumnParallelLinear(nn.Linear):
         return layer.requires_grad_(False)
 
 
+class MergedColumnParallelLinear(nn.Module):
+    """Column-parallel layers that read the same input, fused into one: y_r = x @ cat(W_i[rows_r]).T + b.
+
+    vLLM's name (its ``QKVParallelLinear`` is this with q/k/v). Built from the layers it replaces
+    (`fuse`): rank r stacks ITS rows of each part, so however unevenly the parts were split across
+    ranks (q/k/v go by whole KV-head groups, `minisys.parallel.shard`), the fused layer holds exactly
+    what the separate ones held, and ``split`` cuts its output back into theirs. One matmul streams
+    the same weights as the separate ones but reads the input once and launches one kernel instead
+    of ``len(parts)``: at batch 1 a decode step is a chain of such small matrix-vector products.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, output_sizes: list[int],
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        if weight.shape[0] != sum(output_sizes):
+            raise ValueError(f"a fused weight of {weight.shape[0]} rows cannot hold parts of {output_sizes}")
+        self.weight = nn.Parameter(weight, requires_grad=False)                     # (sum(sizes), in)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.output_sizes = list(output_sizes)          # this rank's rows of each part, in order
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+
+    @classmethod
+    def fuse(cls, parts: list[nn.Linear]) -> "MergedColumnParallelLinear":
+        """One layer computing every part's output (copies their weights; the parts can be dropped)."""
+        if len({p.in_features for p in parts}) != 1 or len({p.bias is None for p in parts}) != 1:
+            raise ValueError("fused layers must share their input size and all have (or all lack) a bias")
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in parts])                            # (sum(out_i), in)
+            bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+        return cls(weight, bias, [p.out_features for p in parts], getattr(parts[0], "tp_rank", 0),
+                   getattr(parts[0], "tp_size", 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)     # (T, sum(sizes)): parts side by side
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(T, sum(sizes)) -> one (T, size_i) view per part."""
+        return y.split(self.output_sizes, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, output_sizes={self.output_sizes}, bias={self.bias is not None}"
+
+
 class RowParallelLinear(nn.Linear):
     """Columns [start, end) of an (out_features, in_features) weight: y = all_reduce(x_r @ W_r.T) + b.
 
@@ -111,6 +156,19 @@ class RowParallelLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+def embedding_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``F.embedding(ids, weight)`` -> (*ids.shape, C), for a row-major table or an input-major one.
+
+    An input-major (V, C) table (a view of contiguous (C, V) storage: the tied LM head stored for
+    fast matrix-vector products, `LlamaModel.store_input_major`) is gathered as columns of that
+    storage: ``F.embedding`` would read it one strided element at a time (20x slower on a prompt).
+    """
+    if weight.stride(0) != 1 or weight.stride(1) == 1:
+        return F.embedding(ids, weight)
+    flat = weight.t().index_select(1, ids.reshape(-1))                                # (C, T)
+    return flat.t().contiguous().view(*ids.shape, weight.shape[1])                    # (T, C)
+
+
 class VocabParallelEmbedding(nn.Embedding):
     """Rows [start, end) of the (vocab, hidden) table. A token's row is found on exactly one rank; the
     others contribute zeros, and one all-reduce adds them up (exact: x + 0 = x)."""
@@ -124,10 +182,10 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.embedding(ids, self.weight)
+            return embedding_rows(self.weight, ids)
         mine = (ids >= self.vocab_start) & (ids < self.vocab_end)
         local = torch.where(mine, ids - self.vocab_start, torch.zeros_like(ids))
-        out = F.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)   # (T, C)
+        out = embedding_rows(self.weight, local) * mine.unsqueeze(-1).to(self.weight.dtype)   # (T, C)
         return all_reduce(out, self.group)
 
 
