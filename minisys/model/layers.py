@@ -12,9 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_HAS_RMS_NORM = hasattr(F, "rms_norm")          # torch >= 2.4
+
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32.
+
+    fp32 input goes to torch's fused kernel (``F.rms_norm``, torch >= 2.4): one op instead of the
+    seven below, the same formula. Other dtypes take the written-out path, which rounds to the
+    input dtype *before* the weight multiply, as Hugging Face's Llama does.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -22,6 +29,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and _HAS_RMS_NORM:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.forward_unfused(x)
+
+    def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
+        """The formula written out (any dtype): the path beside the fused kernel."""
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
