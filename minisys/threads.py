@@ -40,10 +40,20 @@ def physical_cores(cpus: list[int] | None = None, topology: Path = _TOPOLOGY) ->
 
 
 def configure_threads(num_threads: int | None = None) -> int:
-    """Set torch's intra-op threads to ``num_threads``, or to `physical_cores` when None; returns it."""
+    """Set torch's intra-op threads to ``num_threads``, or to `physical_cores` when None; returns it.
+
+    numpy's BLAS gets the same number (it runs the batch-1 matrix-vector products,
+    `minisys.parallel.linear.linear`), through ``threadpoolctl`` where it is installed.
+    """
     import torch
     n = physical_cores() if num_threads is None else num_threads
     if n < 1:
         raise ValueError(f"the number of threads must be >= 1, got {n}")
     torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:                                  # numpy's BLAS keeps its own default
+        return n
+    import numpy  # noqa: F401  (its BLAS must be loaded for threadpoolctl to find it)
+    threadpool_limits(limits=n, user_api="blas")
     return n

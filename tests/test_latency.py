@@ -19,7 +19,7 @@ from minisys.attention.paged import paged_attention, run_start
 from minisys.attention.reference import ReferenceAttention
 from minisys.kv.paged import PagedKVCache
 from minisys.model import LlamaModel, ModelConfig
-from minisys.parallel.linear import MergedColumnParallelLinear, embedding_rows
+from minisys.parallel.linear import MergedColumnParallelLinear, embedding_rows, linear
 from minisys.parallel.shard import shard_spec, shard_state_dict
 from minisys.sampling import apply_top_p, apply_top_p_sorted
 
@@ -97,6 +97,21 @@ def test_input_major_weights_same_model_other_layout():
     ids = torch.tensor([[3, 299, 0], [7, 7, 150]])
     for table in (w, w.t().contiguous().t()):
         torch.testing.assert_close(embedding_rows(table, ids), F.embedding(ids, w), rtol=0, atol=0)
+
+
+def test_batch1_gemv_equals_f_linear():
+    """One fp32 row against an input-major weight runs on numpy's BLAS; anything else is F.linear itself."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 64, generator=g)
+    wim, b = w.t().contiguous().t(), torch.randn(300, generator=g)
+    x = torch.randn(5, 64, generator=g)
+    with torch.inference_mode():
+        for row in (x[:1], x[2:3, ::1]):
+            torch.testing.assert_close(linear(row, wim, b), F.linear(row, w, b), rtol=1e-5, atol=1e-5)
+        assert torch.equal(linear(x, wim, b), F.linear(x, wim, b))                 # batched: torch's kernel
+    wg = torch.nn.Parameter(wim.clone())                                            # autograd still flows
+    linear(x[:1], wg).sum().backward()
+    torch.testing.assert_close(wg.grad, x[:1].expand(300, 64))
 
 
 def test_rope_rows_are_looked_up_once_and_never_stale():

@@ -155,7 +155,8 @@ class LlamaModel(nn.Module):
         scaling each row by one input feature into the output vector, and streams it 1.3-1.5x
         faster than it computes the (out, in) layout's dot products (``python -m minisys bench latency``,
         lesson 04); batched prefills run as fast either way. Not in bf16, where the (out, in) layout
-        is faster: the loader applies this to fp32 CPU models only. The tied embedding table is the
+        is faster: the loader applies this to fp32 CPU models only. A single row against such a weight
+        runs on numpy's BLAS (`minisys.parallel.linear.linear`), faster again. The tied embedding table is the
         LM head's weight: its lookup gathers columns of the input-major storage
         (`minisys.parallel.linear.embedding_rows`). Returns self.
         """

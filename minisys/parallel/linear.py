@@ -29,6 +29,8 @@ instead builds them empty and loads `shard.shard_state_dict`'s slice.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,6 +38,29 @@ from torch import nn
 
 from .comm import all_gather_cat, all_reduce
 from .shard import check_block, partition, partition_sizes
+
+
+# batch-1 fp32 matrix-vector products through numpy's BLAS (see `linear`); MINISYS_BLAS_GEMV=0 turns it off
+BLAS_GEMV = os.environ.get("MINISYS_BLAS_GEMV", "1") not in ("0", "false", "False")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: x (T, in), weight (out, in) -> (T, out). Every layer here calls it.
+
+    One case takes another kernel: a single row (a batch-1 decode step) in fp32 on a CPU against an
+    input-major weight (`minisys.model.llama.LlamaModel.store_input_major`). That is a matrix-vector
+    product bound by how fast the weight streams from memory, and numpy's BLAS (OpenBLAS) streams it
+    about 1.2-1.5x faster than torch's (MKL, on the AMD CPU this was measured on: ``python -m
+    minisys bench latency``, lesson 04). Both tensors are shared with numpy, not copied; the result
+    equals ``F.linear``'s up to float rounding. Anything else -- more rows, bf16, CUDA, autograd -- is
+    ``F.linear``. Its threads: `minisys.threads.configure_threads` sets them with torch's.
+    """
+    if (BLAS_GEMV and x.dim() == 2 and x.shape[0] == 1 and weight.stride(0) == 1 and weight.shape[0] > 1
+            and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        y = torch.from_numpy(x.detach().numpy() @ weight.detach().t().numpy())   # (1, in) @ (in, out)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
 
 def _sizes(n: int, tp_size: int, given: list[int] | None, what: str) -> list[int]:
@@ -59,6 +84,9 @@ class ColumnParallelLinear(nn.Linear):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.full_out_features = out_features
         self.out_start = sum(sizes[:tp_rank])          # this rank's first row of the full weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
     @classmethod
     def from_full(cls, full: nn.Linear, rows: range) -> "ColumnParallelLinear":
@@ -106,7 +134,7 @@ class MergedColumnParallelLinear(nn.Module):
                    getattr(parts[0], "tp_size", 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)     # (T, sum(sizes)): parts side by side
+        return linear(x, self.weight, self.bias)       # (T, sum(sizes)): parts side by side
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(T, sum(sizes)) -> one (T, size_i) view per part."""
@@ -150,8 +178,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)                   # (T, out): this rank's partial sum
+            return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight)                     # (T, out): this rank's partial sum
         all_reduce(y, self.group)                      # the one communication of the layer
         return y if self.bias is None else y + self.bias
 
@@ -205,7 +233,7 @@ class ParallelLMHead(nn.Module):
         self.sizes = partition_sizes(num_embeddings, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight, self.bias)   # (T, V/N): this rank's slice of the vocabulary
+        logits = linear(x, self.weight, self.bias)     # (T, V/N): this rank's slice of the vocabulary
         if self.tp_size == 1:
             return logits
         return all_gather_cat(logits, self.sizes, self.group)    # (T, V)
