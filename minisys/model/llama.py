@@ -21,6 +21,13 @@ batch and the row-parallel layers' all-reduces make their outputs whole.
 Heads go by whole KV-head groups (`minisys.parallel.shard.head_shard`), so a
 rank's KV cache holds only its own KV heads (``local_config``). With
 ``tp_size == 1`` every parallel layer is the plain `nn.Linear`/`nn.Embedding`.
+
+Batch-1 decode (lesson 04, ``python -m minisys bench latency``): a decode step
+of one sequence streams every weight once, so the loader prepares the model
+for that (``load(..., fuse=False, input_major=False)`` keeps the plain one):
+`fuse_projections` turns q/k/v and gate/up into one matmul each (per rank,
+from its own shards), `store_input_major` lays fp32 CPU weights out for fast
+matrix-vector products, and the forward looks RoPE's rows up once, not per layer.
 """
 from __future__ import annotations
 
