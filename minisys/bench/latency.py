@@ -21,7 +21,8 @@ A decode step must stream every weight once (the LM head, tied to the embedding,
 machine's measured bandwidth (`memory_bandwidth`: a read-only pass and a copy over 256 MiB
 buffers, far larger than the caches). Last, torch.profiler's table of one eager decode step
 (`profile_step`): self CPU time per op, summed into matmuls, attention, norms/RoPE/activations,
-KV-cache writes, sampling, and the rest of the wall time (Python, dispatch, allocation).
+KV-cache writes, sampling, and the rest of the wall time (Python, dispatch, allocation). The
+batch-1 matmuls run on numpy's BLAS, which the profiler cannot see: they are labelled for it.
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ CATEGORIES = {        # op name -> what it is in a decode step (self CPU time)
     "matmuls (linear layers, LM head)": ("aten::mm", "aten::addmm", GEMV),
     "attention": ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu",
                   "aten::_scaled_dot_product_attention_math", "aten::index_select", "aten::baddbmm"),
-    "KV cache write": ("aten::index_put_", "aten::_index_put_impl_"),
+    "KV cache writes, copies": ("aten::index_put_", "aten::_index_put_impl_", "aten::copy_"),
     "norms, RoPE, SiLU, residuals": ("aten::mul", "aten::add", "aten::pow", "aten::mean", "aten::rsqrt",
                                      "aten::cat", "aten::neg", "aten::silu", "aten::index", "aten::_fused_rms_norm",
                                      "aten::embedding", "aten::sub", "aten::div"),
@@ -260,7 +261,7 @@ def _print(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
     bw = res["memory_bandwidth"]
-    con = Console()
+    con = Console(width=120)
     t = Table(title=f"batch-1 greedy decode, fp32, {res['threads']} thread(s): prompt {res['prompt_len']}, "
                     f"{res['new_tokens']} new tokens, median of {res['repeats']} interleaved runs")
     for c in ("system", "TTFT ms", "decode ms/token", "x llama.cpp", "weights GB/s", "of read limit", "runs"):
