@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: serve generate chat test test-fast labs check-labs start grade grade-batch bundle clean-venv
+.PHONY: serve generate chat test test-fast labs check-labs start grade grade-batch bundle clean-venv bench-deps
 
 $(STAMP): requirements.txt pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -44,6 +44,10 @@ grade-batch: $(STAMP)
 ## the Gradescope autograder of a lab: make bundle NB=labs/03-paged-kv.ipynb
 bundle: $(STAMP)
 	$(PY) -m minisys grade --bundle $(NB) -o autograder.zip
+
+## optional benchmark dependencies (llama.cpp for `python -m minisys bench latency`; compiles it: minutes)
+bench-deps: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(VENV)/bin/pip install -r requirements-bench.txt
 
 clean-venv:
 	rm -rf $(VENV)

@@ -419,7 +419,7 @@ for size, (dt, rate) in run_ranks(_allreduce_rate)[0].items():
 # %% tags=["benchmark"]
 from minisys.model import load  # noqa: E402 - the demo's model
 
-model, tokenizer = load(device="cpu", dtype=torch.float32, quiet=True)
+model, tokenizer = load(device="cpu", dtype=torch.float32, quiet=True, fuse=False)   # q/k/v, gate/up unfused
 mc = model.config
 prompt_ids = tokenizer.encode("Tensor parallelism splits every layer across devices, so")
 with torch.no_grad():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -42,6 +43,8 @@ class AttentionMetadata:
     seq_lens_tensor: torch.Tensor | None = None   # (B,) int64 on the device, or None
     cu_seqlens_q: torch.Tensor = field(init=False)  # (B+1,) int64
     cu_seqlens_k: torch.Tensor = field(init=False)  # (B+1,) int64
+    # what every layer of the step derives alike, derived once (`memo`); not part of the metadata's value
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.seqlens_q) != len(self.context_lens):
@@ -55,9 +58,33 @@ class AttentionMetadata:
         self.cu_seqlens_q = _cumsum(self.seqlens_q)
         self.cu_seqlens_k = _cumsum(self.seqlens_k)
 
+    def memo(self, key, build: Callable[[], object]):
+        """``build()`` the first time ``key`` is asked for, the same object after: a step's 30 layers
+        read the same metadata, so what they derive from it (Python lists, block-table slices, masks)
+        is built once per step, not once per layer. The metadata must not change after the first call."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    def __getstate__(self) -> dict:            # pickled (tensor-parallel broadcast) without the memo
+        return {k: v for k, v in self.__dict__.items() if k != "_memo"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _memo={})
+
     @property
     def seqlens_k(self) -> list[int]:
-        return [c + q for c, q in zip(self.context_lens, self.seqlens_q)]
+        return self.memo("seqlens_k", lambda: [c + q for c, q in zip(self.context_lens, self.seqlens_q)])
+
+    @property
+    def cu_q(self) -> list[int]:
+        """``cu_seqlens_q`` as a Python list (built once per step)."""
+        return self.memo("cu_q", self.cu_seqlens_q.tolist)
+
+    @property
+    def cu_k(self) -> list[int]:
+        """``cu_seqlens_k`` as a Python list (built once per step)."""
+        return self.memo("cu_k", self.cu_seqlens_k.tolist)
 
     @property
     def num_seqs(self) -> int:

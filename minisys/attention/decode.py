@@ -84,7 +84,7 @@ class DecodeAttention(AttentionBackend):
 
     def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
-        cq, ck = meta.cu_seqlens_q.tolist(), meta.cu_seqlens_k.tolist()
+        cq, ck = meta.cu_q, meta.cu_k
         num_kv_heads = k.shape[1]
         for i in range(meta.num_seqs):
             qi, ki, vi = q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]]

@@ -21,7 +21,13 @@ differently:
   do 64x the work.
 
 A GPU kernel (vLLM's PagedAttention) reads the blocks in place instead of
-gathering them; in plain torch the gather is the price of paging.
+gathering them; in plain torch the gather is the price of paging -- except
+for one sequence decoding alone on a CPU (batch 1, one user chatting) whose
+blocks happen to be consecutive in the pool (a fresh pool hands them out in
+order): its keys are then one slice of the pool, read as a view
+(`decode_run`), no copy and no mask. What every layer derives from the step's
+metadata (groups, block-table slices, masks) is built once per step
+(`AttentionMetadata.memo`), not once per layer.
 Given packed K/V (a contiguous cache, no cache at all), ``forward_packed``
 runs `SDPAAttention`, so it is a drop-in backend either way.
 """
@@ -59,14 +65,15 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if q.dim() != 3 or k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
         raise ValueError(f"expected q (T,Hq,D), pools (num_blocks,block_size,Hkv,D); got "
                          f"{tuple(q.shape)}, {tuple(k_pool.shape)}, {tuple(v_pool.shape)}")
-    out = torch.empty_like(q)
-    lens_k, cu_q = meta.seqlens_k, meta.cu_seqlens_q.tolist()
     bs = k_pool.shape[1]
-    decode = [i for i, n in enumerate(meta.seqlens_q) if n == 1]
-    for group in length_groups(decode, lens_k, GROUP_SIZE):
-        rows = torch.tensor([cu_q[i] for i in group], device=q.device)        # (b,) query row of each
-        tables = meta.block_tables[group].to(q.device)                         # (b, max_blocks)
-        out[rows] = decode_group(q[rows], k_pool, v_pool, tables, [lens_k[i] for i in group])
+    if q.device.type == "cpu" and meta.seqlens_q == [1]:           # batch 1, decoding: no gather if it can
+        start = meta.memo(("run_start", bs), lambda: run_start(meta.block_tables[0], meta.seqlens_k[0], bs))
+        if start is not None:
+            return decode_run(q, k_pool, v_pool, start, meta.seqlens_k[0])
+    out = torch.empty_like(q)
+    lens_k, cu_q = meta.seqlens_k, meta.cu_q
+    for rows, tables, lens, valid in meta.memo(("decode_groups", bs, q.device), lambda: decode_groups(meta, bs, q.device)):
+        out[rows] = decode_group(q[rows], k_pool, v_pool, tables, lens, valid)
     for i, n in enumerate(meta.seqlens_q):
         if n > 1:
             nb = -(-lens_k[i] // bs)
@@ -77,6 +84,49 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     return out
 
 
+def decode_groups(meta: AttentionMetadata, block_size: int, device) -> list[tuple]:
+    """The step's decode sequences as `length_groups`, each with what `decode_group` reads: its query
+    rows (b,), block tables (b, nb), key lengths and key mask (b, K). Built once per step (`meta.memo`)."""
+    lens_k, cu_q = meta.seqlens_k, meta.cu_q
+    decode = [i for i, n in enumerate(meta.seqlens_q) if n == 1]
+    plans = []
+    for group in length_groups(decode, lens_k, GROUP_SIZE):
+        lens = [lens_k[i] for i in group]
+        nb = -(-max(lens) // block_size)
+        rows = torch.tensor([cu_q[i] for i in group], device=device)                  # (b,) query row of each
+        tables = meta.block_tables[group, :nb].to(device)                              # (b, nb)
+        valid = torch.arange(nb * block_size, device=device) < torch.tensor(lens, device=device).view(-1, 1)
+        plans.append((rows, tables, lens, valid))                                      # valid: (b, K)
+    return plans
+
+
+def run_start(table: torch.Tensor, length: int, block_size: int) -> int | None:
+    """The pool slot where a sequence's ``length`` tokens start, if its blocks are consecutive (its K/V
+    are then one slice of the flat pool); None otherwise. ``table``: its block ids, padded."""
+    nb = -(-length // block_size)
+    blocks = table[:nb]
+    first = int(blocks[0])
+    if not torch.equal(blocks, torch.arange(first, first + nb, dtype=blocks.dtype, device=blocks.device)):
+        return None
+    return first * block_size
+
+
+def decode_run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """One decode query against ``length`` keys stored in consecutive slots from ``start``: q (1, Hq, D).
+
+    The batch-1 path: the keys are a VIEW of the pool (no gather, no padding, no mask), and each KV
+    head's query group does one strided matrix-vector product with them (`DecodeAttention.decode_one`).
+    """
+    _, Hq, D = q.shape
+    Hkv = k_pool.shape[2]
+    k = k_pool.view(-1, Hkv, D)[start:start + length]                                  # (S, Hkv, D) views
+    v = v_pool.view(-1, Hkv, D)[start:start + length]
+    qg = q.float().view(Hkv, Hq // Hkv, D) * AttentionBackend.scale(D)                 # (Hkv, G, D)
+    scores = qg @ k.float().permute(1, 2, 0)                                           # (Hkv, G, S)
+    o = torch.softmax(scores, dim=-1) @ v.float().permute(1, 0, 2)                     # (Hkv, G, D)
+    return o.reshape(1, Hq, D).to(q.dtype)
+
+
 def length_groups(seqs: list[int], lengths: list[int], group_size: int) -> list[list[int]]:
     """``seqs`` sorted by ``lengths[seq]`` and cut into groups of at most ``group_size``."""
     order = sorted(seqs, key=lambda i: lengths[i])
@@ -84,8 +134,9 @@ def length_groups(seqs: list[int], lengths: list[int], group_size: int) -> list[
 
 
 def decode_group(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                 block_tables: torch.Tensor, lens_k: list[int]) -> torch.Tensor:
-    """One query per sequence: q (b, Hq, D), block_tables (b, >= nb) -> (b, Hq, D)."""
+                 block_tables: torch.Tensor, lens_k: list[int], valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per sequence: q (b, Hq, D), block_tables (b, >= nb) -> (b, Hq, D).
+    ``valid`` (b, nb * block_size): the key mask, if already built (`decode_groups`)."""
     b, Hq, D = q.shape
     bs, Hkv = k_pool.shape[1], k_pool.shape[2]
     G = Hq // Hkv
@@ -96,7 +147,8 @@ def decode_group(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     k = k_pool.index_select(0, bt).view(b, K, Hkv, D).transpose(1, 2)          # (b, Hkv, K, D)
     v = v_pool.index_select(0, bt).view(b, K, Hkv, D).transpose(1, 2)
     qh = q.view(b, Hkv, G, D)                                                  # heads sharing a KV head
-    valid = torch.arange(K, device=q.device) < torch.tensor(lens_k, device=q.device).view(b, 1)  # (b, K)
+    if valid is None:
+        valid = torch.arange(K, device=q.device) < torch.tensor(lens_k, device=q.device).view(b, 1)  # (b, K)
     o = F.scaled_dot_product_attention(qh, k, v, attn_mask=valid.view(b, 1, 1, K))  # (b, Hkv, G, D)
     return o.reshape(b, Hq, D)
 

@@ -19,7 +19,7 @@ class SDPAAttention(AttentionBackend):
 
     def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
-        cq, ck = meta.cu_seqlens_q.tolist(), meta.cu_seqlens_k.tolist()
+        cq, ck = meta.cu_q, meta.cu_k
         for i in range(meta.num_seqs):
             out[cq[i]:cq[i + 1]] = sdpa_one(q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]])
         return out

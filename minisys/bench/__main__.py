@@ -8,6 +8,7 @@ BENCHMARKS = {
     "attention": "minisys.bench.attention",
     "paged-kv": "minisys.bench.paged_kv",
     "throughput": "minisys.bench.throughput",
+    "latency": "minisys.bench.latency",
     "chunked": "minisys.bench.chunked",
     "spec": "minisys.bench.spec",
     "serve": "minisys.bench.serve",

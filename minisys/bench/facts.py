@@ -61,6 +61,14 @@ def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def qk_weights(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention layer's Q and K projection weights: its own, or views of its fused q/k/v weight."""
+    if attn.qkv_proj is None:
+        return attn.q_proj.weight, attn.k_proj.weight
+    q, k, _ = attn.qkv_proj.weight.split(attn.qkv_proj.output_sizes)      # row blocks: views, written in place
+    return q, k
+
+
 def rope(llm) -> dict:
     """Greedy raw and chat outputs of the correct model, then with every q/k projection re-permuted."""
     from ..engine.sampling_params import SamplingParams
@@ -76,18 +84,17 @@ def rope(llm) -> dict:
     cfg = llm.model.config
     with torch.no_grad():
         for layer in llm.model.model.layers:
-            attn = layer.self_attn
-            attn.q_proj.weight.copy_(llama_cpp_permute(attn.q_proj.weight, cfg.num_heads))
-            attn.k_proj.weight.copy_(llama_cpp_permute(attn.k_proj.weight, cfg.num_kv_heads))
+            q, k = qk_weights(layer.self_attn)
+            q.copy_(llama_cpp_permute(q, cfg.num_heads))
+            k.copy_(llama_cpp_permute(k, cfg.num_kv_heads))
     try:
         scrambled = outputs()
     finally:                                          # put the weights back for the other facts
         from ..model.gguf_loader import unpermute_qk
         with torch.no_grad():
             for layer in llm.model.model.layers:
-                attn = layer.self_attn
-                for proj, h in ((attn.q_proj, cfg.num_heads), (attn.k_proj, cfg.num_kv_heads)):
-                    proj.weight.copy_(torch.from_numpy(unpermute_qk(proj.weight.cpu().numpy(), h)))
+                for w, h in zip(qk_weights(layer.self_attn), (cfg.num_heads, cfg.num_kv_heads)):
+                    w.copy_(torch.from_numpy(unpermute_qk(w.cpu().numpy(), h)))
     return {"max_tokens": {"raw": 8, "chat": 16}, "correct": correct, "qk_rows_as_in_gguf": scrambled}
 
 

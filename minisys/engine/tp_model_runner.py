@@ -70,6 +70,7 @@ class WorkerSpec:
     num_blocks: int
     block_size: int
     num_threads: int
+    fuse: bool = True               # fused q/k/v and gate/up, as rank 0 loaded them (`ModelSource.fuse`)
 
 
 def worker_main(conn, spec: WorkerSpec) -> None:
@@ -78,7 +79,8 @@ def worker_main(conn, spec: WorkerSpec) -> None:
     torch.set_num_threads(spec.num_threads)
     if spec.device.startswith("cuda"):
         torch.cuda.set_device(spec.device)
-    model = load_model(spec.model_path, spec.device, spec.dtype, spec.attention_backend, spec.rank, spec.tp_size)
+    model = load_model(spec.model_path, spec.device, spec.dtype, spec.attention_backend, spec.rank, spec.tp_size,
+                       spec.fuse)
     cache = PagedKVCache(model.local_config, spec.num_blocks, spec.block_size, model.dtype, model.device)
     report_ready(conn, os.getpid())
     comm.init_process_group(spec.rank, spec.tp_size, "127.0.0.1", spec.master_port,
@@ -118,7 +120,7 @@ class TPModelRunner(ModelRunner):
         device = str(model.device)
         specs = [WorkerSpec(r, model.tp_size, port, model.source.path, model.source.attention_backend, model.dtype,
                             f"cuda:{r}" if model.device.type == "cuda" else device, num_blocks, block_size,
-                            torch.get_num_threads()) for r in range(1, model.tp_size)]
+                            torch.get_num_threads(), model.source.fuse) for r in range(1, model.tp_size)]
         self.workers = WorkerGroup(worker_main, [(s,) for s in specs], name="minisys-tp-worker")
         self.workers.start()
         atexit.register(self.shutdown)

@@ -40,7 +40,7 @@ class ContiguousKVCache(KVCache):
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """k, v (T, Hkv, D): sequence i's rows go to positions ctx .. ctx + q_len - 1 of its slot."""
-        cq = meta.cu_seqlens_q.tolist()
+        cq = meta.cu_q
         for i, (slot, ctx, q_len) in enumerate(zip(meta.cache_slots, meta.context_lens, meta.seqlens_q)):
             if ctx + q_len > self.max_len:
                 raise ValueError(f"sequence needs {ctx + q_len} positions; the cache holds {self.max_len}")

@@ -21,6 +21,13 @@ batch and the row-parallel layers' all-reduces make their outputs whole.
 Heads go by whole KV-head groups (`minisys.parallel.shard.head_shard`), so a
 rank's KV cache holds only its own KV heads (``local_config``). With
 ``tp_size == 1`` every parallel layer is the plain `nn.Linear`/`nn.Embedding`.
+
+Batch-1 decode (lesson 04, ``python -m minisys bench latency``): a decode step
+of one sequence streams every weight once, so the loader prepares the model
+for that (``load(..., fuse=False, input_major=False)`` keeps the plain one):
+`fuse_projections` turns q/k/v and gate/up into one matmul each (per rank,
+from its own shards), `store_input_major` lays fp32 CPU weights out for fast
+matrix-vector products, and the forward looks RoPE's rows up once, not per layer.
 """
 from __future__ import annotations
 
@@ -31,7 +38,8 @@ from torch import nn
 
 from ..attention import AttentionBackend, AttentionMetadata, PackedKV, get_backend
 from ..kv.base import KVCache
-from ..parallel.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from ..parallel.linear import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead, RowParallelLinear,
+                               VocabParallelEmbedding)
 from ..parallel.shard import head_feature_sizes, head_shard
 from .config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU
@@ -54,14 +62,34 @@ class Attention(nn.Module):
         self.v_proj = ColumnParallelLinear(C, config.num_kv_heads * D, bias, out_sizes=kv_sizes, **tp)
         self.o_proj = RowParallelLinear(config.num_heads * D, C, False, in_sizes=q_sizes, **tp)
         self.rope = rope  # shared by all layers; not a submodule of each
+        self.qkv_proj: MergedColumnParallelLinear | None = None          # set by fuse_qkv
+
+    def fuse_qkv(self) -> None:
+        """Replace q/k/v by ONE matmul over this rank's rows of each (`MergedColumnParallelLinear`).
+
+        The parameters become ``qkv_proj.weight`` (and ``.bias``): the loader fuses them from the
+        checkpoint's q/k/v tensors (`LlamaModel.fuse_projections`). Same math, one kernel instead of three.
+        """
+        if self.qkv_proj is None:
+            self.qkv_proj = MergedColumnParallelLinear.fuse([self.q_proj, self.k_proj, self.v_proj])
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, C) -> q (T, Hq, D), k (T, Hkv, D) rotated by RoPE, and v (T, Hkv, D)."""
+        T, D, Hq, Hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        if self.qkv_proj is None:                            # the plain path: three matmuls, RoPE twice
+            q = self.q_proj(x).view(T, Hq, D)                                # (T, Hq, D)
+            k = self.k_proj(x).view(T, Hkv, D)                               # (T, Hkv, D)
+            v = self.v_proj(x).view(T, Hkv, D)                               # (T, Hkv, D)
+            return self.rope(q, positions), self.rope(k, positions), v
+        qkv = self.qkv_proj(x).view(T, Hq + 2 * Hkv, D)                      # one matmul: (T, Hq+2Hkv, D)
+        qk = self.rope(qkv[:, :Hq + Hkv], positions)                         # RoPE once, q and k heads together
+        return qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv:]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend, kv_cache: KVCache | None) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)        # (T, Hq, D)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)     # (T, Hkv, D)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)     # (T, Hkv, D)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        q, k, v = self.qkv(x, positions)                                 # (T, Hq, D), (T, Hkv, D) x 2
         if kv_cache is None:
             kv = PackedKV(k, v)                                          # the new tokens only, (T, Hkv, D)
         else:
@@ -98,6 +126,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.fused = False                                 # fuse_projections() sets it
+        self.input_major = False                           # store_input_major() sets it
         heads = head_shard(config, tp_size, tp_rank)       # refuses a tp_size the heads cannot take
         # what this rank's KV cache is sized by: its own heads only
         self.local_config = replace(config, num_heads=heads.num_heads, num_kv_heads=heads.num_kv_heads)
@@ -111,6 +141,41 @@ class LlamaModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.set_attention_backend(attention_backend)
+
+    def fuse_projections(self) -> "LlamaModel":
+        """Fuse every layer's q/k/v and gate/up projections into one matmul each, in place (the loader's
+        default, ``load(..., fuse=True)``). Parameter names become ``self_attn.qkv_proj.*`` and
+        ``mlp.gate_up_proj.weight``; outputs are the same up to float rounding. With tensor parallelism each
+        rank fuses its own shards, so the fused rows are exactly the rows the rank held. Returns self."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_qkv()
+            layer.mlp.fuse_gate_up()
+        self.fused = True
+        return self
+
+    def store_input_major(self) -> "LlamaModel":
+        """Store every matmul weight input-major, in place: the (out, in) parameter becomes a view of a
+        contiguous (in, out) tensor. Same values, same shapes and names, same ``F.linear`` call.
+
+        Why: at batch 1 each linear layer is a matrix-vector product, bound by how fast its weight
+        streams from memory. On a CPU in fp32, torch's matmul reads an (in, out) weight row by row,
+        scaling each row by one input feature into the output vector, and streams it 1.3-1.5x
+        faster than it computes the (out, in) layout's dot products (``python -m minisys bench latency``,
+        lesson 04); batched prefills run as fast either way. Not in bf16, where the (out, in) layout
+        is faster: the loader applies this to fp32 CPU models only. A single row against such a weight
+        runs on numpy's BLAS (`minisys.parallel.linear.linear`), faster again. The tied embedding table is the
+        LM head's weight: its lookup gathers columns of the input-major storage
+        (`minisys.parallel.linear.embedding_rows`). Returns self.
+        """
+        seen = set()
+        for module in self.modules():
+            w = getattr(module, "weight", None)
+            if not isinstance(w, nn.Parameter) or w.dim() != 2 or id(w) in seen:
+                continue
+            seen.add(id(w))                                              # a tied weight once
+            w.data = w.data.t().contiguous().t()                         # (out, in) view of (in, out) storage
+        self.input_major = True
+        return self
 
     def set_attention_backend(self, backend: str | AttentionBackend) -> None:
         self.attention = get_backend(backend) if isinstance(backend, str) else backend
@@ -133,8 +198,9 @@ class LlamaModel(nn.Module):
         of a small model.
         """
         x = self.model.embed_tokens(input_ids)                           # (T, C)
-        for layer in self.model.layers:
-            x = layer(x, positions, meta, self.attention, kv_cache)
+        with self.rope.once_for(positions):                              # RoPE rows looked up once, not per layer
+            for layer in self.model.layers:
+                x = layer(x, positions, meta, self.attention, kv_cache)
         if logits_indices is not None:
             x = x[logits_indices]                                        # (B, C)
         return self.lm_head(self.model.norm(x)).float()                  # (T or B, V)
@@ -155,6 +221,7 @@ class LlamaModel(nn.Module):
             raise ValueError("embeddings run on one process: not with tensor parallelism "
                              f"(this model is rank {self.tp_rank} of {self.tp_size})")
         x = self.model.embed_tokens(input_ids)                           # (T, C)
-        for layer in self.model.layers:
-            x = layer(x, positions, meta, self.attention, None)
+        with self.rope.once_for(positions):
+            for layer in self.model.layers:
+                x = layer(x, positions, meta, self.attention, None)
         return self.model.norm(x)                                        # (T, C)

@@ -28,6 +28,7 @@ class ModelSource:
 
     path: Path
     attention_backend: str
+    fuse: bool = True               # q/k/v and gate/up fused at load (`LlamaModel.fuse_projections`)
 
 
 def default_device() -> str:
@@ -107,9 +108,16 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: Path, device: str | None = None, dtype: torch.dtype | str | None = None,
-               attention_backend: str = "auto", tp_rank: int = 0, tp_size: int = 1) -> LlamaModel:
+               attention_backend: str = "auto", tp_rank: int = 0, tp_size: int = 1,
+               fuse: bool = True, input_major: bool | None = None) -> LlamaModel:
     """The model in ``path``; with ``tp_size > 1`` only rank ``tp_rank``'s shard (lesson 13), read
-    slice by slice. ``model.source`` remembers how it was loaded (tensor-parallel workers load the same)."""
+    slice by slice. ``model.source`` remembers how it was loaded (tensor-parallel workers load the same).
+
+    ``fuse``: q/k/v and gate/up are fused into one matmul each from the checkpoint's own tensors
+    (`LlamaModel.fuse_projections`; each rank fuses its shard). ``fuse=False`` keeps the plain
+    layers under Hugging Face's names (lesson 13's demo replaces them one by one).
+    ``input_major``: weights stored (in, out)-contiguous for batch-1 matrix-vector speed
+    (`LlamaModel.store_input_major`); None: where it helps, fp32 on a CPU."""
     device = device or default_device()
     dtype = resolve_dtype(dtype, device)              # None: the device's default; "auto": by capability
     if attention_backend == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -132,8 +140,13 @@ def load_model(path: Path, device: str | None = None, dtype: torch.dtype | str |
     model.rope.__init__(config.head_dim, config.max_position_embeddings, config.rope_theta)
     for layer in model.model.layers:
         layer.self_attn.rope = model.rope
-    model.source = ModelSource(path, attention_backend)
-    return model.to(device=device, dtype=dtype).eval()
+    if fuse:
+        model.fuse_projections()
+    model.source = ModelSource(path, attention_backend, fuse)
+    model = model.to(device=device, dtype=dtype).eval()
+    if input_major is None:
+        input_major = model.device.type == "cpu" and model.dtype == torch.float32
+    return model.store_input_major() if input_major else model
 
 
 def _check_keys(model: LlamaModel, state: dict) -> tuple[list[str], list[str]]:
@@ -144,10 +157,10 @@ def _check_keys(model: LlamaModel, state: dict) -> tuple[list[str], list[str]]:
 def load(model: str | os.PathLike | None = None, device: str | None = None,
          dtype: torch.dtype | str | None = None, attention_backend: str = "auto",
          quiet: bool = False, rebuild_cache: bool = False, tp_rank: int = 0,
-         tp_size: int = 1) -> tuple[LlamaModel, Tokenizer]:
+         tp_size: int = 1, fuse: bool = True, input_major: bool | None = None) -> tuple[LlamaModel, Tokenizer]:
     """Load (model, tokenizer) from the default model or a local path (``rebuild_cache``: convert again);
-    ``tp_size > 1``: only rank ``tp_rank``'s shard of the model."""
+    ``tp_size > 1``: only rank ``tp_rank``'s shard of the model; ``fuse``, ``input_major``: see `load_model`."""
     path = resolve_model_dir(model, quiet=quiet, rebuild_cache=rebuild_cache)
-    m = load_model(path, device, dtype, attention_backend, tp_rank, tp_size)
+    m = load_model(path, device, dtype, attention_backend, tp_rank, tp_size, fuse, input_major)
     tok = Tokenizer.from_dir(path, eos_token_ids=m.config.eos_token_ids)
     return m, tok

@@ -53,7 +53,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="attention backend (auto: paged K/V through the block tables; packed fp32 on CPU: "
                         "decode; else sdpa)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is fastest on a busy shared machine)")
+                   help="torch CPU threads (default: one per physical core, minisys.threads; 1 is fastest on a busy "
+                        "shared machine)")
     p.add_argument("--log-level", default="warning", help="log level of uvicorn and minisys (default: warning; "
                    "errors are always logged, with a traceback and the error id the client got)")
     p.add_argument("--access-log", action="store_true", help="log one line per request (whatever the --log-level)")
@@ -186,9 +187,8 @@ def serve(args) -> int:
               f"(is another server running there? pick another --port)", file=sys.stderr)
         return 1
     setup_logging(args.log_level)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    from ..threads import configure_threads
+    configure_threads(args.threads)             # default: one per physical core (minisys.threads)
     try:
         engine, tokenizer, model = build_engine(args, config)
     except ValueError as exc:                   # e.g. a --tensor-parallel-size the model's heads cannot take
