@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,8 +158,20 @@ class TPModelRunner(ModelRunner):
             comm.broadcast_object(msg)
             return super().forward(block_copies, batch, logits_indices)
         except Exception as e:
+            self._blame_a_dead_worker()
             self._failure = self._failure or f"a tensor-parallel collective failed: {e}"
             raise TensorParallelError(self._failure) from e
+
+    def _blame_a_dead_worker(self, wait_s: float = 1.0) -> None:
+        """A collective broke: if a worker died, say which (its watcher may not have run yet: a killed
+        peer's socket resets at the moment it dies, often before the sentinel thread wakes)."""
+        deadline = time.monotonic() + wait_s
+        while self._failure is None and time.monotonic() < deadline:
+            dead = self.workers.dead()
+            if dead:
+                self._on_worker_death(*dead[0])
+                return
+            time.sleep(0.05)
 
     def shutdown(self) -> None:
         """Stop the workers (a stop message if they are healthy, then terminate/kill); idempotent."""
