@@ -254,3 +254,13 @@ def test_default_model_fast_path_greedy_equals_plain(smol):
     ids = tok.encode("The capital of France is")
     torch.testing.assert_close(fast.forward_sequence(ids), plain.forward_sequence(ids), rtol=1e-4, atol=1e-4)
     assert greedy_generate(fast, ids, 6) == greedy_generate(plain, ids, 6)
+
+
+def test_facts_profile_times_every_matmul_of_a_fused_model():
+    """`bench facts`' linear-layer share hooks every module holding a matmul weight, fused ones included
+    (it hooked only nn.Linear: a fused model's q/k/v and gate/up, most of its weights, went uncounted)."""
+    from minisys.bench.facts import linear_layers
+    for model in (random_model(), random_model().fuse_projections()):
+        timed = {id(p) for m in linear_layers(model) for p in m.parameters(recurse=False) if p.dim() == 2}
+        matmul = {id(p) for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name}
+        assert matmul and matmul <= timed, sorted(n for n, p in model.named_parameters() if id(p) in matmul - timed)
