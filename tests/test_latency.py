@@ -264,3 +264,34 @@ def test_facts_profile_times_every_matmul_of_a_fused_model():
         timed = {id(p) for m in linear_layers(model) for p in m.parameters(recurse=False) if p.dim() == 2}
         matmul = {id(p) for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name}
         assert matmul and matmul <= timed, sorted(n for n, p in model.named_parameters() if id(p) in matmul - timed)
+
+
+def test_configure_threads_sets_numpys_blas_too_or_keeps_gemv_on_torch(monkeypatch):
+    """``--threads n`` must hold for the batch-1 matmuls, which run on numpy's BLAS: its pool gets n, and
+    where it cannot (no threadpoolctl) those matmuls go back to torch instead of running on BLAS's default."""
+    import builtins
+    import sys
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import minisys.parallel.linear as lin
+    from minisys.threads import configure_threads
+    before_torch = torch.get_num_threads()
+    monkeypatch.setattr(lin, "BLAS_GEMV", True)
+    with threadpoolctl.threadpool_limits(limits=None):        # restores numpy's BLAS threads on exit
+        try:
+            assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+            blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+            assert blas and all(i["num_threads"] == 1 for i in blas), blas
+            real_import = builtins.__import__
+
+            def no_threadpoolctl(name, *a, **k):
+                if name == "threadpoolctl":
+                    raise ImportError(name)
+                return real_import(name, *a, **k)
+            monkeypatch.delitem(sys.modules, "threadpoolctl")
+            monkeypatch.setattr(builtins, "__import__", no_threadpoolctl)
+            with pytest.warns(RuntimeWarning, match="threadpoolctl"):
+                configure_threads(1)
+            assert lin.BLAS_GEMV is False
+        finally:
+            torch.set_num_threads(before_torch)
