@@ -99,8 +99,12 @@ def test_input_major_weights_same_model_other_layout():
         torch.testing.assert_close(embedding_rows(table, ids), F.embedding(ids, w), rtol=0, atol=0)
 
 
-def test_batch1_gemv_equals_f_linear():
+def test_batch1_gemv_equals_f_linear(monkeypatch):
     """One fp32 row against an input-major weight runs on numpy's BLAS; anything else is F.linear itself."""
+    import minisys.parallel.linear as lin
+    calls = []
+    monkeypatch.setattr(lin, "BLAS_GEMV", True)
+    monkeypatch.setattr(lin, "_gemv", lambda x, w: calls.append(1) or lin.blas_gemv(x, w))
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 64, generator=g)
     wim, b = w.t().contiguous().t(), torch.randn(300, generator=g)
@@ -108,10 +112,14 @@ def test_batch1_gemv_equals_f_linear():
     with torch.inference_mode():
         for row in (x[:1], x[2:3, ::1]):
             torch.testing.assert_close(linear(row, wim, b), F.linear(row, w, b), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2                                                     # both rows on numpy's BLAS
         assert torch.equal(linear(x, wim, b), F.linear(x, wim, b))                 # batched: torch's kernel
+        linear(x[:1], w, b), linear(x[:1].double(), wim.double())                  # row-major, fp64: torch's
+    assert len(calls) == 2
     wg = torch.nn.Parameter(wim.clone())                                            # autograd still flows
     linear(x[:1], wg).sum().backward()
     torch.testing.assert_close(wg.grad, x[:1].expand(300, 64))
+    assert len(calls) == 2
 
 
 def test_rope_rows_are_looked_up_once_and_never_stale():
