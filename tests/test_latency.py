@@ -303,3 +303,31 @@ def test_configure_threads_sets_numpys_blas_too_or_keeps_gemv_on_torch(monkeypat
             assert lin.BLAS_GEMV is False
         finally:
             torch.set_num_threads(before_torch)
+
+
+def test_tensor_parallel_worker_sizes_numpys_blas_as_torch(monkeypatch):
+    """A worker process runs its batch-1 matmuls on numpy's BLAS too: it must get the worker's thread
+    count (rank 0's), not BLAS's default of every core (TP=2 ranks each on all cores fight for them)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import minisys.model.loader as loader
+    from minisys.engine.tp_model_runner import WorkerSpec, worker_main
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(*a, **k):
+        seen["torch"] = torch.get_num_threads()
+        seen["blas"] = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        raise Stop
+    monkeypatch.setattr(loader, "load_model", record)
+    before = torch.get_num_threads()
+    spec = WorkerSpec(1, 2, 0, None, "auto", torch.float32, "cpu", 4, 16, num_threads=1)
+    with threadpoolctl.threadpool_limits(limits=None):        # restores numpy's BLAS threads on exit
+        try:
+            threadpoolctl.threadpool_limits(limits=2, user_api="blas")      # as a fresh process: not 1
+            with pytest.raises(Stop):
+                worker_main(None, spec)
+        finally:
+            torch.set_num_threads(before)
+    assert seen["torch"] == 1 and seen["blas"] and set(seen["blas"]) == {1}, seen
