@@ -43,7 +43,9 @@ def configure_threads(num_threads: int | None = None) -> int:
     """Set torch's intra-op threads to ``num_threads``, or to `physical_cores` when None; returns it.
 
     numpy's BLAS gets the same number (it runs the batch-1 matrix-vector products,
-    `minisys.parallel.linear.linear`), through ``threadpoolctl`` where it is installed.
+    `minisys.parallel.linear.linear`), through ``threadpoolctl`` (requirements.txt). Without it
+    numpy's thread count cannot be set, so those products go back to torch (``BLAS_GEMV`` off, with
+    a warning) rather than run on a number of threads nobody chose.
     """
     import torch
     n = physical_cores() if num_threads is None else num_threads
@@ -52,7 +54,14 @@ def configure_threads(num_threads: int | None = None) -> int:
     torch.set_num_threads(n)
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError:                                  # numpy's BLAS keeps its own default
+    except ImportError:
+        import warnings
+
+        from .parallel import linear
+        if linear.BLAS_GEMV:
+            linear.BLAS_GEMV = False
+            warnings.warn("threadpoolctl is not installed: numpy's BLAS threads cannot be set, so batch-1 "
+                          "matrix-vector products run on torch (pip install threadpoolctl)", RuntimeWarning)
         return n
     import numpy  # noqa: F401  (its BLAS must be loaded for threadpoolctl to find it)
     threadpool_limits(limits=n, user_api="blas")

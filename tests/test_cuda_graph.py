@@ -142,3 +142,39 @@ def test_a_failed_capture_leaves_decode_eager_and_says_why(tiny, monkeypatch):
     engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
+
+
+class _DeviceOnly(torch.Tensor):
+    """A tensor (and everything computed from it) whose values may not be read on the host: what a
+    CUDA-graph capture forbids (``int(t)``, ``t.item()``, ``t.tolist()``, ``bool(t)`` synchronize)."""
+
+    HOST_READS = (torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__bool__, torch.Tensor.__float__,
+                  torch.Tensor.item, torch.Tensor.tolist)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.HOST_READS:
+            raise RuntimeError(f"host read of a static buffer during a graph step ({func.__name__})")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_a_graph_step_reads_no_static_buffer_on_the_host(tiny):
+    """The captured step must not sync on its inputs (a capture fails, and decode silently runs eagerly):
+    on CPU the static forward runs with positions that refuse every host read, and still equals eager."""
+    model, tok = tiny
+    engine, log, buckets = _engine(model, tok, graphs=True)
+    graphs = engine.runner.graphs
+    graphs.positions = graphs.positions.as_subclass(_DeviceOnly)
+    with pytest.raises(RuntimeError, match="host read"):                   # the guard itself works
+        int(graphs.positions.max())
+    engine.add_request("a", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.finished]
+    assert buckets == [1, 1]                                              # two decode steps, through the graph path
+    eager, _, _ = _engine(model, tok, graphs=False)
+    eager.add_request("a", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    want = []
+    while eager.has_unfinished():
+        want += [o for o in eager.step() if o.finished]
+    assert outs[0].outputs[0].token_ids == want[0].outputs[0].token_ids

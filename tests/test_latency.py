@@ -99,8 +99,12 @@ def test_input_major_weights_same_model_other_layout():
         torch.testing.assert_close(embedding_rows(table, ids), F.embedding(ids, w), rtol=0, atol=0)
 
 
-def test_batch1_gemv_equals_f_linear():
+def test_batch1_gemv_equals_f_linear(monkeypatch):
     """One fp32 row against an input-major weight runs on numpy's BLAS; anything else is F.linear itself."""
+    import minisys.parallel.linear as lin
+    calls = []
+    monkeypatch.setattr(lin, "BLAS_GEMV", True)
+    monkeypatch.setattr(lin, "_gemv", lambda x, w: calls.append(1) or lin.blas_gemv(x, w))
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 64, generator=g)
     wim, b = w.t().contiguous().t(), torch.randn(300, generator=g)
@@ -108,10 +112,14 @@ def test_batch1_gemv_equals_f_linear():
     with torch.inference_mode():
         for row in (x[:1], x[2:3, ::1]):
             torch.testing.assert_close(linear(row, wim, b), F.linear(row, w, b), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2                                                     # both rows on numpy's BLAS
         assert torch.equal(linear(x, wim, b), F.linear(x, wim, b))                 # batched: torch's kernel
+        linear(x[:1], w, b), linear(x[:1].double(), wim.double())                  # row-major, fp64: torch's
+    assert len(calls) == 2
     wg = torch.nn.Parameter(wim.clone())                                            # autograd still flows
     linear(x[:1], wg).sum().backward()
     torch.testing.assert_close(wg.grad, x[:1].expand(300, 64))
+    assert len(calls) == 2
 
 
 def test_rope_rows_are_looked_up_once_and_never_stale():
@@ -254,3 +262,72 @@ def test_default_model_fast_path_greedy_equals_plain(smol):
     ids = tok.encode("The capital of France is")
     torch.testing.assert_close(fast.forward_sequence(ids), plain.forward_sequence(ids), rtol=1e-4, atol=1e-4)
     assert greedy_generate(fast, ids, 6) == greedy_generate(plain, ids, 6)
+
+
+def test_facts_profile_times_every_matmul_of_a_fused_model():
+    """`bench facts`' linear-layer share hooks every module holding a matmul weight, fused ones included
+    (it hooked only nn.Linear: a fused model's q/k/v and gate/up, most of its weights, went uncounted)."""
+    from minisys.bench.facts import linear_layers
+    for model in (random_model(), random_model().fuse_projections()):
+        timed = {id(p) for m in linear_layers(model) for p in m.parameters(recurse=False) if p.dim() == 2}
+        matmul = {id(p) for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name}
+        assert matmul and matmul <= timed, sorted(n for n, p in model.named_parameters() if id(p) in matmul - timed)
+
+
+def test_configure_threads_sets_numpys_blas_too_or_keeps_gemv_on_torch(monkeypatch):
+    """``--threads n`` must hold for the batch-1 matmuls, which run on numpy's BLAS: its pool gets n, and
+    where it cannot (no threadpoolctl) those matmuls go back to torch instead of running on BLAS's default."""
+    import builtins
+    import sys
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import minisys.parallel.linear as lin
+    from minisys.threads import configure_threads
+    before_torch = torch.get_num_threads()
+    monkeypatch.setattr(lin, "BLAS_GEMV", True)
+    with threadpoolctl.threadpool_limits(limits=None):        # restores numpy's BLAS threads on exit
+        try:
+            assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+            blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+            assert blas and all(i["num_threads"] == 1 for i in blas), blas
+            real_import = builtins.__import__
+
+            def no_threadpoolctl(name, *a, **k):
+                if name == "threadpoolctl":
+                    raise ImportError(name)
+                return real_import(name, *a, **k)
+            monkeypatch.delitem(sys.modules, "threadpoolctl")
+            monkeypatch.setattr(builtins, "__import__", no_threadpoolctl)
+            with pytest.warns(RuntimeWarning, match="threadpoolctl"):
+                configure_threads(1)
+            assert lin.BLAS_GEMV is False
+        finally:
+            torch.set_num_threads(before_torch)
+
+
+def test_tensor_parallel_worker_sizes_numpys_blas_as_torch(monkeypatch):
+    """A worker process runs its batch-1 matmuls on numpy's BLAS too: it must get the worker's thread
+    count (rank 0's), not BLAS's default of every core (TP=2 ranks each on all cores fight for them)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import minisys.model.loader as loader
+    from minisys.engine.tp_model_runner import WorkerSpec, worker_main
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(*a, **k):
+        seen["torch"] = torch.get_num_threads()
+        seen["blas"] = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        raise Stop
+    monkeypatch.setattr(loader, "load_model", record)
+    before = torch.get_num_threads()
+    spec = WorkerSpec(1, 2, 0, None, "auto", torch.float32, "cpu", 4, 16, num_threads=1)
+    with threadpoolctl.threadpool_limits(limits=None):        # restores numpy's BLAS threads on exit
+        try:
+            threadpoolctl.threadpool_limits(limits=2, user_api="blas")      # as a fresh process: not 1
+            with pytest.raises(Stop):
+                worker_main(None, spec)
+        finally:
+            torch.set_num_threads(before)
+    assert seen["torch"] == 1 and seen["blas"] and set(seen["blas"]) == {1}, seen

@@ -195,6 +195,13 @@ def matmul(repeats: int = 200, threads: int = 1) -> dict:
     return out
 
 
+def linear_layers(model) -> list[torch.nn.Module]:
+    """The modules whose forward is a matmul over a weight: `nn.Linear` (q/k/v, o, gate/up, down when
+    unfused), the fused q/k/v and gate/up (`MergedColumnParallelLinear`) and the LM head."""
+    from ..parallel.linear import MergedColumnParallelLinear, ParallelLMHead
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Linear, MergedColumnParallelLinear, ParallelLMHead))]
+
+
 class _TimedBackend:
     """Delegates to an attention backend and adds the seconds spent in its forward* calls."""
 
@@ -235,12 +242,10 @@ def profile(llm, batch: int = 64, prompt_len: int = 128, steps: int = 6) -> dict
     attn_s, linear_s = [0.0], [0.0]
     starts: dict[int, float] = {}
     hooks = []
-    from ..parallel.linear import ParallelLMHead
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Linear, ParallelLMHead)):     # the LM head is a linear layer too
-            hooks.append(m.register_forward_pre_hook(lambda mod, _: starts.__setitem__(id(mod), time.perf_counter())))
-            hooks.append(m.register_forward_hook(
-                lambda mod, _i, _o: linear_s.__setitem__(0, linear_s[0] + time.perf_counter() - starts[id(mod)])))
+    for m in linear_layers(model):                      # the LM head is a linear layer too
+        hooks.append(m.register_forward_pre_hook(lambda mod, _: starts.__setitem__(id(mod), time.perf_counter())))
+        hooks.append(m.register_forward_hook(
+            lambda mod, _i, _o: linear_s.__setitem__(0, linear_s[0] + time.perf_counter() - starts[id(mod)])))
     original = model.attention
     model.attention = _TimedBackend(original, attn_s)
     step_times = []

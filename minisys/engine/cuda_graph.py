@@ -28,7 +28,9 @@ every entry is a valid block id (`decode_static` reads them all).
 Attention inside the graph reads the lengths from ``seq_lens`` on the device
 (``meta.seq_lens_tensor``): the Triton kernel on CUDA, `decode_static` on CPU.
 RoPE's range check (``int(positions.max())``, a host sync that a capture
-forbids) is replaced during the static forward by `UncheckedRope`: the
+forbids; the model's forward does it once on entry, `RotaryEmbedding.once_for`,
+and each layer's RoPE after it) is replaced during the static forward by
+`UncheckedRope`, in the layers and as the model's own: the
 positions are below ``max_model_len``, which `EngineConfig.resolve` keeps within the
 model's context.
 
@@ -84,18 +86,26 @@ class UncheckedRope(nn.Module):
         rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
         return (x32 * cos + rotated * sin).to(x.dtype)
 
+    def once_for(self, positions: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Nothing to look up ahead: `RotaryEmbedding.once_for` checks the range on the host (a sync a
+        capture forbids); here each layer gathers its rows on the device, inside the graph."""
+        return contextlib.nullcontext()
+
 
 @contextlib.contextmanager
 def unchecked_rope(model: LlamaModel):
-    """Every layer's RoPE swapped for `UncheckedRope` inside the block, put back after it."""
+    """Every layer's RoPE, and the model's own (whose ``once_for`` its forward enters), swapped for
+    `UncheckedRope` inside the block, put back after it."""
     layers = [layer.self_attn for layer in model.model.layers]
-    saved = [a.rope for a in layers]
-    swap = UncheckedRope(model.rope)
+    saved, saved_model = [a.rope for a in layers], model.rope
+    swap = UncheckedRope(saved_model)
     for a in layers:
         a.rope = swap
+    model.rope = swap
     try:
         yield
     finally:
+        model.rope = saved_model
         for a, rope in zip(layers, saved):
             a.rope = rope
 

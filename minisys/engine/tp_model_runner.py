@@ -77,7 +77,8 @@ class WorkerSpec:
 def worker_main(conn, spec: WorkerSpec) -> None:
     """A worker's life: load shard ``spec.rank``, join the group, mirror each step until told to stop."""
     from ..model.loader import load_model
-    torch.set_num_threads(spec.num_threads)
+    from ..threads import configure_threads
+    configure_threads(spec.num_threads)         # torch's and numpy's BLAS (the batch-1 matmuls), as rank 0's
     if spec.device.startswith("cuda"):
         torch.cuda.set_device(spec.device)
     model = load_model(spec.model_path, spec.device, spec.dtype, spec.attention_backend, spec.rank, spec.tp_size,
