@@ -6,6 +6,13 @@
     POST /v1/embeddings          text or token ids -> vectors (`embeddings`, lesson 16)
     GET  /health                 200 while the engine loop is alive
     GET  /metrics                Prometheus text (see `metrics`)
+    GET  /minisys/load           free KV blocks, queue, prefix hits: what a router reads (`load`, lesson 14)
+
+A request may name itself with the header ``X-Request-Id`` (as vLLM
+honours it): that id is its engine request id and its response ``id``
+(a router uses it to address the request later); an id already in flight
+here is a 400 (``duplicate_request_id``), and so is one that is not 1-128
+printable ASCII characters.
 
 Streaming is server-sent events: ``data: {chunk}\\n\\n`` per choice delta,
 the choice's ``finish_reason`` on its last chunk, an optional usage chunk
@@ -54,6 +61,7 @@ from .body_text import check_body_text
 from .embeddings import install_embeddings
 from .interpreter import collections_paused
 from .errors import OpenAIError, error_body, install_error_handlers, internal_error_body
+from .load import load_report
 from .limits import Admission, ServerLimits, Ticket
 from .metrics import ServerMetrics
 from .middleware import PROTECTED, ApiKeyMiddleware, BodyLimitMiddleware, ErrorCountMiddleware
@@ -63,6 +71,8 @@ from .tools import StreamDelta, ToolMode, hermes
 from . import protocol as P
 
 DISCONNECT_POLL_S = 0.25
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_RE = re.compile(r"[!-~]{1,128}")     # printable ASCII, no spaces
 VALIDATE_CHUNK = 1000      # chat messages validated per call (pydantic holds the GIL while it validates)
 _MESSAGES = TypeAdapter(list[P.ChatMessage])
 
@@ -245,6 +255,7 @@ class Server:
             raise OpenAIError("the server is shutting down; retry later or elsewhere", status=503,
                               type="service_unavailable", code="server_shutting_down")
         meta = meta or {}
+        self.check_request_id(base_id, len(prompts))
         ticket = self.admission.admit([len(ids) for _, ids in prompts], params.n, meta.get("client"))
         items = [(base_id if len(prompts) == 1 else f"{base_id}-{i}", ids, params, text, meta)
                  for i, (text, ids) in enumerate(prompts)]
@@ -261,6 +272,15 @@ class Server:
             self.admission.release(ticket)
             raise
         return streams, ticket
+
+    def check_request_id(self, base_id: str, num_prompts: int) -> None:
+        """400 if one of the engine ids this request would take is in flight (a client's X-Request-Id
+        used twice). Checked and taken without an await in between (`add`): no race on the loop."""
+        ids = [base_id] if num_prompts == 1 else [f"{base_id}-{i}" for i in range(num_prompts)]
+        in_flight = getattr(self.engine, "_queues", {})
+        if any(rid in in_flight for rid in ids):
+            raise OpenAIError(f"request id {base_id!r} (header X-Request-Id) is already in flight on this "
+                              f"server; use a new id", param="X-Request-Id", code="duplicate_request_id")
 
     def abort(self, streams: list[RequestStream]) -> None:
         """Abort the unfinished streams (no-op for finished ones: safe to call again)."""
@@ -470,6 +490,12 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
         body, content_type = server.metrics.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
+    @app.get("/minisys/load", responses=error_responses(*v1_auth, 404))
+    async def load():
+        if not hasattr(engine, "engine"):
+            raise OpenAIError("/minisys/load needs the engine's KV pool (--engine llm)", status=404)
+        return JSONResponse(load_report(engine.engine))
+
     @app.get("/v1/models", responses={**json_response(P.ModelList, "the served model"), **error_responses(*v1_auth)})
     async def models():
         card = P.ModelCard(id=model_name, root=model_name, max_model_len=engine.max_model_len)
@@ -530,7 +556,7 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
             prompts = await asyncio.to_thread(server.tokenize_prompts, req)
         except ValueError as e:
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
-        return await _respond(server, raw, req, params, meta, prompts, P.random_id("cmpl"), chat=False)
+        return await _respond(server, raw, req, params, meta, prompts, _request_id(raw, "cmpl"), chat=False)
 
     @app.post("/v1/chat/completions", responses={**json_response(P.ChatCompletionResponse, "the chat completion",
                                                                  stream=True), **post_errors})
@@ -544,10 +570,21 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
             prompts = await asyncio.to_thread(server.chat_prompt, req)
         except ValueError as e:
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
-        return await _respond(server, raw, req, params, meta, prompts, P.random_id("chatcmpl"), chat=True,
+        return await _respond(server, raw, req, params, meta, prompts, _request_id(raw, "chatcmpl"), chat=True,
                               tools=mode if mode is not None and mode.reads_calls else None)
 
     return app
+
+
+def _request_id(raw: Request, prefix: str) -> str:
+    """The request's id: its ``X-Request-Id`` header (vLLM's convention) or a new random one."""
+    given = raw.headers.get(REQUEST_ID_HEADER)
+    if given is None:
+        return P.random_id(prefix)
+    if not _REQUEST_ID_RE.fullmatch(given):
+        raise OpenAIError("header X-Request-Id must be 1-128 printable ASCII characters without spaces",
+                          param="X-Request-Id", code="invalid_request_id")
+    return given
 
 
 async def _respond(server: Server, raw: Request, req, params: SamplingParams, meta: dict,

@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..engine.config import EngineConfig
 from .engine_args import add_engine_args, engine_config_from_args, flag, given_engine_args
@@ -62,6 +62,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                    help="how calls are read from the text for tool_choice \"auto\" (hermes: <tool_call>{...}"
                         "</tool_call>; a chat template without a tool format is shown the tools in that format)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="N > 1: N servers, one process each (1 torch thread unless --threads), behind a router "
+                        "on --port (lesson 14); 1: this one server")
+    p.add_argument("--routing-policy", default=None, choices=["round_robin", "least_loaded", "prefix_affinity"],
+                   help="how the router picks a replica (--replicas N > 1; default: least_loaded)")
     add_limit_args(p)
     add_timeout_args(p)
     add_engine_args(p)
@@ -161,7 +166,13 @@ def setup_logging(level: str) -> None:
     logger.propagate = False
 
 
-def serve(args) -> int:
+def serve(args, on_ready: Optional[Callable[[int], None]] = None) -> int:
+    """Run the server until SIGTERM/SIGINT. ``on_ready(port)``: called once the model is loaded and the
+    port bound (a replica of lesson 14's router, started with ``--port 0``; no banner is printed then).
+    ``--replicas N`` (N > 1) runs the router over N such servers instead (`minisys.cluster.router`)."""
+    if getattr(args, "replicas", 1) != 1 or getattr(args, "routing_policy", None) is not None:
+        from ..cluster.router import serve_cluster
+        return serve_cluster(args)
     import uvicorn
 
     from .app import build_app
@@ -198,17 +209,10 @@ def serve(args) -> int:
     short_switch_interval()                    # the engine thread is not starved by a parsing thread
     app = build_app(engine, tokenizer, name, api_key=api_key, limits=limits, metrics_open=args.metrics_open,
                     timeouts=timeouts, tool_call_parser=parser)
-    kind = "continuous batching (LLMEngine)" if args.engine == "llm" else "eager baseline, one request at a time"
-    print(f"minisys serving {name} on {model.device} ({str(model.dtype).replace('torch.', '')}), "
-          f"engine: {kind}, at http://{args.host}:{args.port}", flush=True)
-    if api_key:
-        source = "--api-key" if args.api_key else f"${API_KEY_ENV}"
-        print(f"API key: required (from {source}); /metrics "
-              f"{'open' if args.metrics_open else 'needs it too'}", flush=True)
-    print(usage_text(args.host, args.port, name, api_key), flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: bound to {args.host} without an API key: anyone who can reach this port can use it",
-              flush=True)
+    if on_ready is not None:
+        on_ready(sock.getsockname()[1])
+    else:
+        print_banner(args, name, model, api_key)
     uv_config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                                http=header_timeout_protocol(timeouts.timeout_header_s),
                                timeout_graceful_shutdown=timeouts.shutdown_grace_s)
@@ -220,6 +224,21 @@ def serve(args) -> int:
     if server.signals_received:
         exit_now()
     return 0
+
+
+def print_banner(args, name: str, model, api_key: Optional[str]) -> None:
+    """What a started server prints: where it serves, the key's source, the "Try it" lines."""
+    kind = "continuous batching (LLMEngine)" if args.engine == "llm" else "eager baseline, one request at a time"
+    print(f"minisys serving {name} on {model.device} ({str(model.dtype).replace('torch.', '')}), "
+          f"engine: {kind}, at http://{args.host}:{args.port}", flush=True)
+    if api_key:
+        source = "--api-key" if args.api_key else f"${API_KEY_ENV}"
+        print(f"API key: required (from {source}); /metrics "
+              f"{'open' if args.metrics_open else 'needs it too'}", flush=True)
+    print(usage_text(args.host, args.port, name, api_key), flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: bound to {args.host} without an API key: anyone who can reach this port can use it",
+              flush=True)
 
 
 def exit_now() -> None:
