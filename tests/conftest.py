@@ -35,14 +35,15 @@ def hf_smol(smol_gguf_path):
     return model, tok
 
 
-def save_tiny_hf_model(path: Path, model_type: str, seed: int = 0, tie: bool = False) -> Path:
-    """Save a small random Llama/Qwen2 with transformers' save_pretrained (plus SmolLM2-like tokenizer files)."""
+def save_tiny_hf_model(path: Path, model_type: str, seed: int = 0, tie: bool = False, **sizes) -> Path:
+    """Save a small random Llama/Qwen2 with transformers' save_pretrained (plus SmolLM2-like tokenizer files);
+    ``sizes`` override config fields (e.g. ``max_position_embeddings`` for long generations)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(
-        model_type, vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_theta=10000.0)
+    fields = dict(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_theta=10000.0)
+    cfg = AutoConfig.for_model(model_type, **{**fields, **sizes})
     model = AutoModelForCausalLM.from_config(cfg).float()
     with torch.no_grad():   # random non-zero biases so that Qwen2's q/k/v bias path is exercised
         for name, p in model.named_parameters():

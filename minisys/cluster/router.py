@@ -360,10 +360,15 @@ def build_router_app(router: Router, api_key: Optional[str] = None, metrics_open
                    "x-request-id": raw.headers.get("x-request-id") or _new_request_id(path)}
         return await _forward_json(router, s, raw, method, path, await raw.body(), headers)
 
+    def forwarder(method: str, path: str):
+        async def route(raw: Request) -> Response:
+            return await forward_any(raw, method, path)
+        return route
+
     for path in FORWARDED:
-        app.add_api_route(path, (lambda p: lambda raw: forward_any(raw, "POST", p))(path), methods=["POST"])
+        app.add_api_route(path, forwarder("POST", path), methods=["POST"])
     for path in ("/v1/models", "/version"):
-        app.add_api_route(path, (lambda p: lambda raw: forward_any(raw, "GET", p))(path), methods=["GET"])
+        app.add_api_route(path, forwarder("GET", path), methods=["GET"])
 
     @app.get("/v1/models/{model_id:path}")
     async def model_card(raw: Request, model_id: str):
