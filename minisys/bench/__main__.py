@@ -18,6 +18,7 @@ BENCHMARKS = {
     "compound": "minisys.bench.compound",
     "structured": "minisys.bench.structured",
     "structured-library": "minisys.bench.structured_library",
+    "cluster": "minisys.bench.cluster",
 }
 
 
