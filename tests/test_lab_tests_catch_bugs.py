@@ -225,3 +225,25 @@ def test_lab13_bugs_fail_their_exercise_tests() -> None:
                            (NO_QUEUEING, "fifo_latencies")]:
         cases = run_lab_tests(module, solution_namespace("13", TP, edit), only=exercise_tests(module, exercise))
         assert lost(cases).get(exercise, 0) > 0, (edit, failed(cases))
+
+
+# ---------------------------------------------------------------- lab 14: routing over replicas
+ROUTING = ["freeness", "pick_least_loaded"]
+FREE_BLOCKS_ONLY = ("return (report.free_blocks - report.queued_demand_blocks) / (report.running + 1)",
+                    "return report.free_blocks / (report.running + 1)")
+NEWCOMER_NOT_COUNTED = ("/ (report.running + 1)", "/ max(1, report.running)")
+NO_TIE_BREAK_BY_REQUESTS = ("loads[i].running + loads[i].waiting, i))", "i))")
+LEAST_FREE_BLOCKS = ("key=lambda i: (-freeness(loads[i]),", "key=lambda i: (-loads[i].free_blocks,")
+
+
+def test_lab14_as_written_passes_its_tests() -> None:
+    cases = run_lab_tests(lab_tests("14"), solution_namespace("14", ROUTING))
+    assert len(cases) >= 6 and not lost(cases), failed(cases)
+
+
+def test_lab14_bugs_fail_their_exercise_tests() -> None:
+    module = lab_tests("14")
+    for edit, exercise in [(FREE_BLOCKS_ONLY, "freeness"), (NEWCOMER_NOT_COUNTED, "freeness"),
+                           (NO_TIE_BREAK_BY_REQUESTS, "pick_least_loaded"), (LEAST_FREE_BLOCKS, "pick_least_loaded")]:
+        cases = run_lab_tests(module, solution_namespace("14", ROUTING, edit), only=exercise_tests(module, exercise))
+        assert lost(cases).get(exercise, 0) > 0, (edit, failed(cases))
