@@ -10,15 +10,19 @@
     long-tailed output lengths (most answers short, a few very long), and a
     few shared system prompts in front of short user questions. Reported per
     policy: p50/p99 TTFT and E2EL (vLLM's definitions, `metrics.summarize`),
-    the prefix-cache hit rate (full prompt blocks found cached / looked up,
-    summed over the replicas' own counters, ``GET /minisys/load``), and how
+    the prefix-cache hit rate (prompt blocks found cached, from the replicas'
+    own ``prefix_hits`` counters, ``GET /minisys/load``, over the full blocks
+    of all the prompts sent: the blocks a prefix cache could have served
+    at most, minus the last one a request must compute), and how
     many requests each replica got. Each policy's run gets its own system
     prompts (the same lengths, a different first word), so no run finds the
     blocks of an earlier one in a replica's cache. Results:
     ``bench/results/cluster_routing.json`` (``_quick`` for the small size) and a plot.
 
 Parts (b) and (c) (disaggregated prefill/decode, live migration) live in
-`minisys.bench.cluster_kv` when it exists; ``--part`` picks among all of them.
+`minisys.bench.cluster_kv` when it exists: its ``PARTS`` dict maps a part's
+letter to ``fn(args, quick)`` (``args``: this command's parsed flags);
+``--part`` picks among all of them.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from .metrics import summarize
 from .serve_workload import WORDS, BenchRequest
 
 POLICY_ORDER = ("round_robin", "least_loaded", "prefix_affinity")
+BLOCK_SIZE = 16                     # the replicas' (EngineConfig's default)
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class RoutingSize:
 def routing_size(quick: bool) -> RoutingSize:
     if quick:
         return RoutingSize(16, 1.5, 2, 120, (8, 24), (96, 160), 0.2)
-    return RoutingSize(96, 1.0, 4, 160, (8, 32), (192, 320), 0.15)
+    return RoutingSize(40, 0.5, 4, 160, (8, 32), (128, 256), 0.15)
 
 
 def skewed_requests(size: RoutingSize, salt: str, seed: int = 0) -> list[BenchRequest]:
@@ -70,6 +75,7 @@ def skewed_requests(size: RoutingSize, salt: str, seed: int = 0) -> list[BenchRe
 
 
 def _prefix_counters(urls: list[str]) -> list[tuple[int, int]]:
+    """(prefix_queries, prefix_hits) of each replica."""
     from .sse_client import get_json
     return [(r["prefix_queries"], r["prefix_hits"]) for r in (get_json(u + "/minisys/load") for u in urls)]
 
@@ -121,11 +127,11 @@ def run_routing(model: str | None, size: RoutingSize, seed: int = 0, policies=PO
             traces, duration, routed = asyncio.run(_serve_router_and_replay(
                 started, policy, tokenizer, model_name(args), requests, size.rate, seed))
             after = _prefix_counters(replicas.urls)
-            queries = sum(a[0] - b[0] for a, b in zip(after, before))
             hits = sum(a[1] - b[1] for a, b in zip(after, before))
+            blocks = sum((len(tokenizer.encode(r.prompt)) - 1) // BLOCK_SIZE for r in requests)
             summary = summarize(traces, duration)
-            summary.update(prefix_queries=queries, prefix_hits=hits,
-                           prefix_hit_rate=hits / queries if queries else 0.0, routed=routed,
+            summary.update(prompt_blocks=blocks, prefix_hits=hits, prefix_hit_rate=hits / blocks if blocks else 0.0,
+                           routed=routed,
                            errors=[t.error for t in traces if t.error][:3])
             out["policies"][policy] = summary
             print(f"  {policy}: done in {duration:.0f} s", flush=True)

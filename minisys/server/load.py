@@ -7,8 +7,9 @@
 it is admitted: the blocks of every waiting request's tokens (a waiting
 request holds none; a preempted one is waiting again with its output so
 far). A router's "freeness" (Llumnix) is ``free_blocks`` net of that demand.
-``prefix_queries`` / ``prefix_hits`` are the allocator's counters of full
-prompt blocks looked up in / found in the prefix cache since start.
+``prefix_queries`` / ``prefix_hits`` are the allocator's counters since
+start: full prompt blocks looked up in the prefix cache (a lookup stops at
+a request's first miss) / found there.
 
 Read off the engine thread, like the /metrics gauges: each value is one
 attribute or ``len()``; the waiting queue is copied with a retry if the
