@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -213,7 +214,17 @@ def test_a_replica_killed_mid_stream_fails_its_client_only_and_shutdown_leaves_n
         doomed_lines, other_lines = doomed.iter_lines(), other.iter_lines()
         next(line for line in doomed_lines if line.startswith("data: "))     # mid-stream on replica 0 (1st turn)
         next(line for line in other_lines if line.startswith("data: "))      # mid-stream on replica 1
+        plain: dict = {}                                                      # a non-streamed one on replica 0
+        waiter = threading.Thread(target=lambda: plain.update(r=httpx.post(
+            url + "/v1/completions", json={**body, "stream": False}, timeout=60)))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/minisys/cluster").json()["replicas"][0]["in_flight"] < 2 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
         os.kill(pids[0], signal.SIGKILL)
+        waiter.join(30)
+        assert plain["r"].status_code == 502 and plain["r"].json()["error"]["code"] == "replica_failed"
         text, events = stream_text(doomed_lines)
         assert "error" in events[-1] and events[-1]["error"]["code"] == "replica_failed", events[-1:]
         assert not any(c.get("finish_reason") for e in events for c in e.get("choices", []))

@@ -71,6 +71,7 @@ class _ReplicaState:
     load_asked_at: float = 0.0
     pending: list[tuple[float, int]] = field(default_factory=list)
     in_flight: int = 0
+    routed: int = 0
 
     def effective_load(self) -> LoadReport:
         base = self.load or LoadReport(0, 0, 16, 0, 0, 0)
@@ -138,6 +139,7 @@ class Router:
         s = alive[i]
         blocks = -(-len(prompt_ids) // (s.load.block_size if s.load else 16)) if prompt_ids else 1
         s.pending.append((time.monotonic(), blocks))
+        s.routed += 1
         self.routed.labels(str(i)).inc()
         return s
 
@@ -148,7 +150,7 @@ class Router:
             load = s.load.__dict__ if s.load else None
             out.append({"index": s.replica.index, "url": s.replica.url, "pid": s.replica.pid,
                         "alive": s.replica.alive, "in_flight": s.in_flight,
-                        "routed": int(self.routed.labels(str(s.replica.index))._value.get()), "load": load})
+                        "routed": s.routed, "load": load})
         return {"policy": self.policy.name, "replicas": out}
 
 
@@ -215,8 +217,8 @@ async def _forward_json(router: Router, s: _ReplicaState, raw: Request, method: 
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-    kept = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "x-request-id")}
-    return Response(resp.content, status_code=resp.status_code, headers=kept)
+    kept = {k: v for k, v in resp.headers.items() if k.lower() == "content-type"}
+    return Response(resp.content, status_code=resp.status_code, headers={**kept, "x-request-id": headers["x-request-id"]})
 
 
 def _sse_error(message: str, code: str) -> bytes:
