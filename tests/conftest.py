@@ -67,6 +67,13 @@ def _write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
 
 
 @pytest.fixture(scope="session")
+def save_tiny_model():
+    """`save_tiny_hf_model` itself, for a module that needs other sizes (``import conftest`` is ambiguous:
+    tests/labs has a conftest too)."""
+    return save_tiny_hf_model
+
+
+@pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """{name: directory} of tiny random HF checkpoints: llama (untied), llama (tied), qwen2."""
     root = tmp_path_factory.mktemp("tiny")

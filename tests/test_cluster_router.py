@@ -44,20 +44,22 @@ KV_BLOCKS = "512"            # room for one LONG request (188 blocks of 16) and 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, save_tiny_model):
     """A tiny random llama (4 layers) with a 4096-token context, so that a long generation stays in flight
     for seconds (long enough to kill, abort or collide with), and a chat template."""
-    from conftest import save_tiny_hf_model
-    d = save_tiny_hf_model(tmp_path_factory.mktemp("cluster") / "tiny", "llama", seed=4, num_hidden_layers=4,
+    d = save_tiny_model(tmp_path_factory.mktemp("cluster") / "tiny", "llama", seed=4, num_hidden_layers=4,
                            max_position_embeddings=LONG + 256)
     (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|im_end|>"}))
     return d
 
 
 @pytest.fixture(scope="module")
-def eager(model_dir):
+def expected(model_dir):
+    """The eager baseline's greedy texts of PROMPTS and of CHAT, computed once for every policy."""
     from minisys.llm import LLM
-    return LLM(str(model_dir), device="cpu", dtype="float32", quiet=True, engine="eager")
+    eager = LLM(str(model_dir), device="cpu", dtype="float32", quiet=True, engine="eager")
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    return [o.outputs[0].text for o in eager.generate(PROMPTS, params)], eager.chat(CHAT, params)[0].outputs[0].text
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +118,8 @@ def stream_text(lines) -> tuple[str, list[dict]]:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_greedy_outputs_through_the_router_equal_the_eager_baseline(cluster, model_dir, eager, policy):
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-    want = [o.outputs[0].text for o in eager.generate(PROMPTS, params)]
-    want_chat = eager.chat(CHAT, params)[0].outputs[0].text
+def test_greedy_outputs_through_the_router_equal_the_eager_baseline(cluster, model_dir, expected, policy):
+    want, want_chat = expected
     with router_client(cluster, model_dir, policy) as client:
         before = client.get("/minisys/cluster").json()
         for prompt, text in zip(PROMPTS, want):

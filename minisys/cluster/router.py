@@ -117,6 +117,16 @@ class Router:
         return [s for s in self.states if s.replica.alive]
 
     # ------------------------------------------------------------ routing
+    def read_body(self, path: str, body: bytes, want_ids: bool) -> tuple[dict, Optional[list[int]]]:
+        """(the JSON body, or {} if it is not an object; its prompt ids if ``want_ids``). Blocking (a big
+        body parses for milliseconds): run in a worker thread, off the event loop."""
+        try:
+            parsed = json.loads(body)
+        except (ValueError, RecursionError):
+            parsed = None
+        parsed = parsed if isinstance(parsed, dict) else {}
+        return parsed, (self.prompt_ids(path, parsed) if want_ids else None)
+
     def prompt_ids(self, path: str, body: dict) -> Optional[list[int]]:
         """The prompt's token ids as the replica will see them (chat: through the template), or None
         when it cannot be read here (the replica will say what is wrong). Blocking: run in a thread."""
@@ -284,11 +294,6 @@ async def _route(router: Router, raw: Request, path: str) -> Response:
         return _error(503, "the router is shutting down; retry later or elsewhere", "service_unavailable",
                       "server_shutting_down")
     body = await raw.body()
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        parsed = None
-    parsed = parsed if isinstance(parsed, dict) else {}
     rid = raw.headers.get("x-request-id") or _new_request_id(path)
     if rid in router.in_flight_ids:
         return _error(400, f"request id {rid!r} (header X-Request-Id) is already in flight; use a new id",
@@ -303,8 +308,7 @@ async def _route(router: Router, raw: Request, path: str) -> Response:
 
     streaming = False
     try:
-        ids = None if router.policy.name == "round_robin" else \
-            await asyncio.to_thread(router.prompt_ids, path, parsed)
+        parsed, ids = await asyncio.to_thread(router.read_body, path, body, router.policy.name != "round_robin")
         try:
             s = router.choose(ids)
         except _NoReplica:
