@@ -106,8 +106,10 @@ class Migration:
     """
 
     def __init__(self, agent: KVAgent, request_id: str, dst_rank: int, config: MigrationConfig | None = None,
-                 on_moved: Callable[[str, int], None] | None = None) -> None:
+                 on_moved: Callable[[str, int], None] | None = None, meta: dict | None = None) -> None:
+        """``meta``: extras carried in the snapshot (the server's stream context, for the attach stream)."""
         self.agent, self.request_id, self.dst = agent, request_id, dst_rank
+        self.meta = dict(meta or {})
         self.config = config or MigrationConfig()
         self.on_moved = on_moved          # called on the engine thread right after the source lets go
         self.result = MigrationResult(request_id, dst_rank)
@@ -177,7 +179,9 @@ class Migration:
             engine.hold_request(rid)
             self._held_at = time.perf_counter()
             ids = engine.block_ids(rid)
-            return plan, (engine.snapshot(rid), *engine.read_kv([ids[i] for i in plan.block_indices]))
+            snap = engine.snapshot(rid)
+            snap.meta.update(self.meta)
+            return plan, (snap, *engine.read_kv([ids[i] for i in plan.block_indices]))
         ids = engine.block_ids(rid)
         return plan, engine.read_kv([ids[i] for i in plan.block_indices])
 
@@ -218,10 +222,10 @@ class Migration:
 
 
 def migrate(agent: KVAgent, request_id: str, dst_rank: int, config: MigrationConfig | None = None,
-            on_moved: Callable[[str, int], None] | None = None) -> MigrationResult:
+            on_moved: Callable[[str, int], None] | None = None, meta: dict | None = None) -> MigrationResult:
     """Move ``request_id`` to ``dst_rank`` (all rounds); `MigrationResult`. Any failure leaves the request
     decoding here (and raises)."""
-    m = Migration(agent, request_id, dst_rank, config, on_moved)
+    m = Migration(agent, request_id, dst_rank, config, on_moved, meta)
     try:
         return m.run()
     except Exception:
