@@ -211,8 +211,8 @@ async def _run_b_mode(urls, mode: str, prompts, out_tokens: int, rate: float, se
 def run_part_b(args) -> dict:
     """Colocated vs disaggregated goodput under TTFT and TPOT SLOs, at each request rate."""
     slo = SLO(ttft_ms=args.ttft_slo_ms, tpot_ms=args.tpot_slo_ms)
-    rates = args.rates or ([0.25, 0.5, 1.0] if args.quick else [0.25, 0.5, 1.0, 2.0])
-    n = args.num_requests or (10 if args.quick else 40)
+    rates = args.rates or ([0.1, 0.2, 0.4] if args.quick else [0.1, 0.2, 0.4, 0.8])
+    n = args.num_requests or (8 if args.quick else 32)
     rows = []
     with _replicas(args) as urls:
         _warm(urls)
@@ -224,7 +224,8 @@ def run_part_b(args) -> dict:
                 rows.append({"rate": rate, "mode": mode, **{k: s[k] for k in (
                     "completed", "failed", "goodput", "request_throughput", "p50_ttft_ms", "p99_ttft_ms",
                     "p50_tpot_ms", "p99_tpot_ms", "p99_e2el_ms")},
-                    "slo_met": sum(slo.met_by(t) for t in traces), "requests": len(traces)})
+                    "slo_met": sum(slo.met_by(t) for t in traces), "requests": len(traces),
+                    "errors": sorted({t.error[:160] for t in traces if t.error})})
                 print(_row_b(rows[-1]), flush=True)
             _check_idle(urls)
     return {"slo": asdict(slo), "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
@@ -303,6 +304,7 @@ def run_part_c(args) -> dict:
                 "completed", "failed", "duration_s", "p50_e2el_ms", "p99_e2el_ms", "p50_tpot_ms", "p99_tpot_ms",
                 "p99_ttft_ms")}, **stats, "median_downtime_ms": statistics.median(downtime) if downtime else None})
             r = rows[-1]
+            r["errors"] = sorted({t.error[:160] for t in traces if t.error})
             print(f"migration {'on ' if migrate else 'off'}: E2EL p50/p99 {r['p50_e2el_ms']:.0f}/{r['p99_e2el_ms']:.0f} ms, "
                   f"TPOT p50/p99 {r['p50_tpot_ms']:.0f}/{r['p99_tpot_ms']:.0f} ms, makespan {r['duration_s']:.1f} s, "
                   f"{r['migrations']} migrations ({r['bytes'] / 1e6:.1f} MB, median downtime "
@@ -368,11 +370,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="transfer: timed round trips per size")
     p.add_argument("--rates", type=float, nargs="*", default=None, help="b: request rates (req/s)")
     p.add_argument("--num-requests", type=int, default=None, help="b: requests per rate")
-    p.add_argument("--prompt-tokens", type=int, default=384, help="b: prompt length")
-    p.add_argument("--output-tokens", type=int, default=32, help="b: output length")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="b: prompt length")
+    p.add_argument("--output-tokens", type=int, default=24, help="b: output length")
     p.add_argument("--ttft-slo-ms", type=float, default=2000.0, help="b: TTFT SLO (ms)")
     p.add_argument("--tpot-slo-ms", type=float, default=100.0, help="b: TPOT SLO (ms)")
-    p.add_argument("--long-tokens", type=int, default=96, help="c: output tokens of a long request")
+    p.add_argument("--long-tokens", type=int, default=64, help="c: output tokens of a long request")
     p.add_argument("--short-tokens", type=int, default=16, help="c: output tokens of a short request")
     p.add_argument("--poll-s", type=float, default=0.5, help="c: the rebalancer's period")
     p.add_argument("--serve-args", nargs="*", default=[], help="extra flags for both replicas")
@@ -381,6 +383,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))      # a kill stops the replicas too (finally)
     args = parser().parse_args(argv)
     result: dict[str, Any] = {"quick": args.quick, "threads_per_replica": 1}
     if args.part in ("transfer", "all"):

@@ -75,6 +75,37 @@ def plan_copy_round(num_computed_tokens: int, block_size: int, num_copied_blocks
     return CopyRound(list(range(num_copied_blocks, num_full)), False)
 
 
+@dataclass(frozen=True)
+class MigrationTimeline:
+    """What `simulate_migration` predicts: blocks per round, the request's stop, the whole copy."""
+
+    round_blocks: list[int]
+    downtime_s: float          # the final round: the request is stopped for its copy
+    total_s: float             # from the first round to the end of the final one
+
+
+def simulate_migration(num_computed_tokens: int, block_size: int, seconds_per_block: float,
+                       seconds_per_token: float, stop_threshold_blocks: int = 1,
+                       max_rounds: int = 8) -> MigrationTimeline:
+    """Llumnix's rounds on a clock: a round of b blocks takes ``b * seconds_per_block`` while the request
+    decodes one token per ``seconds_per_token``, so the next round finds the blocks filled meanwhile
+    (`plan_copy_round` decides each round; round ``max_rounds`` is forced final). Stop-and-copy alone
+    is ``stop_threshold_blocks`` >= the request's blocks: one round, all of it downtime."""
+    if seconds_per_block < 0 or seconds_per_token <= 0:
+        raise ValueError("seconds_per_block must be >= 0 and seconds_per_token > 0")
+    clock, copied, progress, rounds = 0.0, 0, float(num_computed_tokens), []
+    while True:
+        plan = plan_copy_round(int(progress), block_size, copied, stop_threshold_blocks,
+                               force_final=len(rounds) + 1 >= max_rounds)
+        took = len(plan.block_indices) * seconds_per_block
+        rounds.append(len(plan.block_indices))
+        if plan.final:
+            return MigrationTimeline(rounds, took, clock + took)
+        clock += took
+        copied += len(plan.block_indices)
+        progress += took / seconds_per_token            # tokens decoded while this round was copied
+
+
 @dataclass
 class MigrationConfig:
     stop_threshold_blocks: int = 1      # stop-and-copy once at most this many blocks are left to copy
