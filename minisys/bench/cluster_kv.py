@@ -208,14 +208,39 @@ async def _run_b_mode(urls, mode: str, prompts, out_tokens: int, rate: float, se
         return list(traces), time.perf_counter() - start
 
 
+def _lone_request(urls: list[str], args) -> dict:
+    """TTFT and TPOT of one request alone on replica 0 (median of 3): what the SLOs are scaled from."""
+    traces = []
+    for i in range(3):
+        trace = RequestTrace(arrival=time.perf_counter())
+
+        async def go():
+            import httpx
+            async with httpx.AsyncClient(timeout=httpx.Timeout(None)) as client:
+                await _stream_following(client, urls, 0, _body(_prompts(1, args.prompt_tokens, 99 + i)[0],
+                                                               args.output_tokens), f"lone-{i}", trace, {})
+        asyncio.run(go())
+        traces.append(trace)
+    return {"ttft_ms": statistics.median(t.ttft for t in traces) * 1000,
+            "tpot_ms": statistics.median(t.tpot for t in traces) * 1000}
+
+
 def run_part_b(args) -> dict:
-    """Colocated vs disaggregated goodput under TTFT and TPOT SLOs, at each request rate."""
-    slo = SLO(ttft_ms=args.ttft_slo_ms, tpot_ms=args.tpot_slo_ms)
+    """Colocated vs disaggregated goodput under TTFT and TPOT SLOs, at each request rate.
+
+    The SLOs are DistServe's way: a multiple (``--slo-scale``) of one request's TTFT and TPOT
+    measured alone at the start of the run, unless ``--ttft-slo-ms`` / ``--tpot-slo-ms`` are given.
+    Every request's TTFT and TPOT are kept, so goodput can be recomputed under other SLOs."""
     rates = args.rates or ([0.1, 0.2, 0.4] if args.quick else [0.1, 0.2, 0.4, 0.8])
     n = args.num_requests or (8 if args.quick else 32)
     rows = []
     with _replicas(args) as urls:
         _warm(urls)
+        lone = _lone_request(urls, args)
+        slo = SLO(ttft_ms=args.ttft_slo_ms or args.slo_scale * lone["ttft_ms"],
+                  tpot_ms=args.tpot_slo_ms or args.slo_scale * lone["tpot_ms"])
+        print(f"one request alone: TTFT {lone['ttft_ms']:.0f} ms, TPOT {lone['tpot_ms']:.0f} ms -> SLO TTFT "
+              f"{slo.ttft_ms:.0f} ms, TPOT {slo.tpot_ms:.0f} ms", flush=True)
         for rate in rates:
             prompts = _prompts(n, args.prompt_tokens, seed=int(rate * 1000))
             for mode in ("colocated", "disaggregated"):
@@ -225,10 +250,13 @@ def run_part_b(args) -> dict:
                     "completed", "failed", "goodput", "request_throughput", "p50_ttft_ms", "p99_ttft_ms",
                     "p50_tpot_ms", "p99_tpot_ms", "p99_e2el_ms")},
                     "slo_met": sum(slo.met_by(t) for t in traces), "requests": len(traces),
-                    "errors": sorted({t.error[:160] for t in traces if t.error})})
+                    "errors": sorted({t.error[:160] for t in traces if t.error}),
+                    "per_request": [{"ttft_ms": t.ttft * 1000 if t.ok else None,
+                                     "tpot_ms": t.tpot * 1000 if t.ok and t.tpot is not None else None}
+                                    for t in traces]})
                 print(_row_b(rows[-1]), flush=True)
             _check_idle(urls)
-    return {"slo": asdict(slo), "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
+    return {"slo": asdict(slo), "lone_request": lone, "slo_scale": args.slo_scale, "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
             "requests_per_rate": n, "rows": rows}
 
 
@@ -372,8 +400,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-requests", type=int, default=None, help="b: requests per rate")
     p.add_argument("--prompt-tokens", type=int, default=256, help="b: prompt length")
     p.add_argument("--output-tokens", type=int, default=24, help="b: output length")
-    p.add_argument("--ttft-slo-ms", type=float, default=2000.0, help="b: TTFT SLO (ms)")
-    p.add_argument("--tpot-slo-ms", type=float, default=100.0, help="b: TPOT SLO (ms)")
+    p.add_argument("--slo-scale", type=float, default=3.0,
+                   help="b: SLOs = this x one request's TTFT and TPOT measured alone (default: 3)")
+    p.add_argument("--ttft-slo-ms", type=float, default=None, help="b: a fixed TTFT SLO (ms) instead")
+    p.add_argument("--tpot-slo-ms", type=float, default=None, help="b: a fixed TPOT SLO (ms) instead")
     p.add_argument("--long-tokens", type=int, default=64, help="c: output tokens of a long request")
     p.add_argument("--short-tokens", type=int, default=16, help="c: output tokens of a short request")
     p.add_argument("--poll-s", type=float, default=0.5, help="c: the rebalancer's period")
