@@ -105,6 +105,11 @@ def test_a_replica_without_connector_refuses_kv_transfer_params(tiny_app):
                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
             r = client.post(path, json={**body, "max_tokens": 2, "kv_transfer_params": {"do_remote_decode": True}})
             assert r.status_code == 400 and "kv_transfer_params" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"prompt": "the fox", "max_tokens": 2},
+                        headers={"X-Request-Id": "no spaces allowed"})
+        assert r.status_code == 400 and "X-Request-Id" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"prompt": "the fox", "max_tokens": 2}, headers={"X-Request-Id": "r-1"})
+        assert r.status_code == 200 and r.json()["id"] == "r-1"          # the router's id is the request's
 
 
 def test_bytes_per_token_formula():
@@ -136,6 +141,11 @@ def test_http_disaggregated_equals_colocated_on_smollm2(replicas):
     assert dec["usage"] == ref["usage"]
     again = httpx.post(dec_url + "/v1/completions", json={**body, "kv_transfer_params": kvp}, timeout=120)
     assert again.status_code == 409 and "not held" in again.json()["error"]["message"]    # pulled once only
+    pre = httpx.post(pre_url + "/v1/completions", json={**body, "kv_transfer_params": {"do_remote_decode": True}},
+                     timeout=120).json()
+    other = httpx.post(dec_url + "/v1/completions", timeout=120,
+                       json={**body, "max_tokens": 8, "kv_transfer_params": pre["kv_transfer_params"]})
+    assert other.status_code == 400 and "max_tokens" in other.json()["error"]["message"]   # not the same request
     for url in replicas:
         c = _kv(url)
         assert c["kv_blocks_free"] == c["kv_blocks_total"] and not c["held"] and not c["requests"], c

@@ -137,13 +137,18 @@ class KVHandoffMixin:
         self.scheduler.finish(seq, reason)
         return True
 
-    def resume_held(self, request_id: str) -> None:
-        """A held request decodes here again (its migration failed): Llumnix keeps it on the source."""
-        group, _ = self._held.pop(request_id)
+    def resume_held(self, request_id: str) -> bool:
+        """A held request decodes here again (its migration failed): Llumnix keeps it on the source.
+        False if it is no longer held (aborted meanwhile)."""
+        entry = self._held.pop(request_id, None)
+        if entry is None:
+            return False
+        group = entry[0]
         seq = group.seqs[0]
         self.scheduler.unhold(seq)
         self._groups[request_id] = group
         self._seq_group[seq.request_id] = group
+        return True
 
     def expire_held(self, now: float | None = None) -> list[str]:
         """Free every held request past its deadline; return their ids."""

@@ -25,6 +25,7 @@ refuses ``kv_transfer_params`` with a 400 naming the field.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -123,6 +124,11 @@ async def pull_prefilled(server, kvp, prompt_ids: list[int], params, request_id:
         raise OpenAIError(f"kv_transfer_params: {e}", status=409, param="kv_transfer_params") from None
     if snap.prompt_token_ids != prompt_ids:
         raise OpenAIError("kv_transfer_params: the prefilled request's prompt differs from this one "
+                          "(send the decode replica the same request)", param="kv_transfer_params")
+    theirs, ours = dataclasses.asdict(snap.params), dataclasses.asdict(params)
+    differ = [k for k in ours if k != "output_kind" and theirs.get(k) != ours[k]]
+    if differ:
+        raise OpenAIError(f"kv_transfer_params: {differ[0]} differs from the prefilled request's "
                           "(send the decode replica the same request)", param="kv_transfer_params")
     snap.params, snap.request_id = params, request_id          # the same request: this server's ids and kind
     return snap, k, v
