@@ -389,6 +389,36 @@ def _check_idle(urls: list[str]) -> None:
             print(f"warning: replica {c['rank']} not idle after the run: {c}", file=sys.stderr)
 
 
+# ------------------------------------------------------------ the plot
+def plot(result: dict, path) -> None:
+    """Goodput vs rate (part b) and p99 latencies without/with migration (part c), one PNG."""
+    from matplotlib.figure import Figure        # no pyplot: no global backend switch
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
+    b, c = result.get("part_b"), result.get("part_c")
+    if b:
+        for mode, marker in (("colocated", "o"), ("disaggregated", "s")):
+            rows = [r for r in b["rows"] if r["mode"] == mode]
+            axes[0].plot([r["rate"] for r in rows], [r["goodput"] for r in rows], marker=marker, label=mode)
+        slo = b["slo"]
+        axes[0].set(xlabel="request rate (req/s)", ylabel="goodput (req/s within both SLOs)",
+                    title=f"(b) SLO: TTFT {slo['ttft_ms'] / 1000:.1f} s, TPOT {slo['tpot_ms']:.0f} ms")
+        axes[0].legend()
+    if c:
+        keys = ["p50_tpot_ms", "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms"]
+        base = next(r for r in c["rows"] if not r["migration"])
+        for k, r in enumerate(c["rows"]):
+            xs = [i + 0.38 * k for i in range(len(keys))]
+            bars = axes[1].bar(xs, [r[key] / base[key] for key in keys], width=0.36,
+                               label=f"migration {'on' if r['migration'] else 'off'}")
+            axes[1].bar_label(bars, [f"{r[key] / 1000:.1f}s" for key in keys], fontsize=7)
+        axes[1].set_xticks([i + 0.19 for i in range(len(keys))], ["p50 TPOT", "p99 TPOT", "p50 E2EL", "p99 E2EL"])
+        axes[1].set(title="(c) long outputs all sent to one replica", ylabel="relative to migration off")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 # ------------------------------------------------------------ command line
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minisys.bench.cluster_kv", description=__doc__.split("\n\n")[0])
@@ -409,6 +439,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-s", type=float, default=0.5, help="c: the rebalancer's period")
     p.add_argument("--serve-args", nargs="*", default=[], help="extra flags for both replicas")
     p.add_argument("--out", default="bench/results", help="results directory")
+    p.add_argument("--plot", default=None, metavar="JSON", help="only redraw the plot of a results file")
     return p
 
 
@@ -416,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))      # a kill stops the replicas too (finally)
     args = parser().parse_args(argv)
+    if args.plot:
+        from pathlib import Path
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return 0
     result: dict[str, Any] = {"quick": args.quick, "threads_per_replica": 1}
     if args.part in ("transfer", "all"):
         result["transfer"] = run_transfer(args)
@@ -424,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("c", "all"):
         result["part_c"] = run_part_c(args)
     name = "cluster_kv" + ("_quick" if args.quick else "") + ("" if args.part == "all" else f"_{args.part}")
-    print(f"results: {save_result(name, result, args.out)}")
+    path = save_result(name, result, args.out)
+    if "part_b" in result or "part_c" in result:
+        plot(result, path.with_suffix(".png"))
+    print(f"results: {path}")
     return 0
 
 
