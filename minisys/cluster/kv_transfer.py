@@ -34,6 +34,12 @@ The agent's operations (the ``op`` of a header):
   at ``migrate_final``, imports the request into its engine and acknowledges;
   a staging that sees no final within `STAGE_TIMEOUT_S` is dropped.
 
+Failure: a peer that dies breaks the pair's sockets; a request to it fails
+with `KVTransferError` (at the latest after `REPLY_TIMEOUT_S`) and the
+request being moved stays where it was (a held prefill expires, a migration
+resumes on its source). If the listener's own receive fails it logs and
+stops: that replica serves no more transfers, but keeps serving requests.
+
 The engine is only ever touched through ``engine_call(fn)``, which runs
 ``fn(engine)`` on the engine's own thread (the server's single engine thread,
 or a lock in a test harness).
@@ -219,8 +225,13 @@ class KVAgent:
         """Send ``header`` (+ tensors) to ``dst``'s listener and wait for its answer; KVTransferError if
         it answers with an error or not at all within ``reply_timeout_s``."""
         tag = self.next_tag()
-        self.conn.send(dst, {**header, "reply_tag": tag}, tensors)
-        _, reply, data = self.conn.recv(dst, tag, self.reply_timeout_s)
+        try:
+            self.conn.send(dst, {**header, "reply_tag": tag}, tensors)
+            _, reply, data = self.conn.recv(dst, tag, self.reply_timeout_s)
+        except KVTransferError:
+            raise
+        except Exception as e:                           # the transport broke (a peer died)
+            raise KVTransferError(f"rank {dst}: {type(e).__name__}: {e}") from e
         if reply.get("error"):
             raise KVTransferError(f"rank {dst}: {reply['error']}")
         return reply, data
