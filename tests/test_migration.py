@@ -11,6 +11,7 @@ import random
 import threading
 
 import httpx
+import torch
 import pytest
 
 from minisys.cluster.engine_host import HostError
@@ -187,3 +188,47 @@ def test_http_migrate_refusals(kv_replicas):
     assert r.status_code == 404
     r = httpx.post(src + "/minisys/migrate", json={"request_id": "x", "dst_rank": 0}, timeout=30)
     assert r.status_code == 400 and "dst_rank" in r.json()["error"]["message"]
+
+
+def test_a_stalled_migration_is_dropped_at_the_destination_and_a_refusal_is_an_answer():
+    """The destination's side alone (a fake transport, a fake engine): begin, stage, expire."""
+    import types
+
+    from minisys.cluster import kv_transfer as kt
+
+    class Conn(kt.KVConnector):
+        rank, world_size = 1, 2
+
+        def __init__(self):
+            self.sent, self.stop = [], threading.Event()
+
+        def send(self, dst, header, tensors=(), tag=kt.CTRL_TAG):
+            self.sent.append((dst, header, tag))
+            return 0
+
+        def recv(self, src=None, tag=kt.CTRL_TAG, timeout_s=None):
+            self.stop.wait()                      # the listener idles; the test calls the handlers itself
+            raise RuntimeError("closed")
+
+    alloc = types.SimpleNamespace(num_free=3)
+    engine = types.SimpleNamespace(scheduler=types.SimpleNamespace(allocator=alloc), speculator=None,
+                                   request_ids=lambda: [], held_ids=lambda: [])
+    conn = Conn()
+    agent = kt.KVAgent(conn, lambda fn: fn(engine))
+    try:
+        agent._handle(0, {"op": "migrate_begin", "request_id": "big", "num_blocks": 4, "reply_tag": 7}, ())
+        assert "4 KV blocks needed, 3 free" in conn.sent[-1][1]["error"] and conn.sent[-1][2] == 7
+        agent._handle(0, {"op": "migrate_begin", "request_id": "r", "num_blocks": 2, "reply_tag": 8}, ())
+        assert conn.sent[-1][1] == {"ok": True} and agent.num_staged == 1
+        k = torch.zeros(2, 1, 4, 1, 1)
+        agent._handle(0, {"op": "migrate_blocks", "request_id": "r", "block_indices": [0]}, (k, k))
+        agent._expire_staged()
+        assert agent.num_staged == 1                                    # not overdue yet
+        agent._staged[(0, "r")].deadline = 0.0
+        agent._expire_staged()
+        assert agent.num_staged == 0                                    # dropped: its source went silent
+        agent._handle(0, {"op": "migrate_final", "request_id": "r", "block_indices": [], "block_size": 4,
+                          "snapshot": None, "reply_tag": 9}, (k[:, :0], k[:, :0]))
+        assert "never begun here, or timed out" in conn.sent[-1][1]["error"]
+    finally:
+        conn.stop.set()

@@ -89,8 +89,18 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def with_defaults(args: argparse.Namespace | None = None) -> argparse.Namespace:
+    """``args`` with every option of this program it lacks at its default (so another command line, such as
+    ``python -m minisys bench cluster``, can pass its own namespace to `run_part_b` / `run_part_c`)."""
+    out = parser().parse_args([])
+    for k, v in vars(args or argparse.Namespace()).items():
+        setattr(out, k, v)
+    return out
+
+
 def run_transfer(args) -> dict:
     """Bytes per token (formula and measured) and the transport's achieved bandwidth, per request size."""
+    args = with_defaults(args)
     from ..cluster.kv_transfer import kv_bytes_per_token
     from ..parallel.comm import pick_free_port
     from ..parallel.workers import WorkerGroup
@@ -231,6 +241,7 @@ def run_part_b(args) -> dict:
     The SLOs are DistServe's way: a multiple (``--slo-scale``) of one request's TTFT and TPOT
     measured alone at the start of the run, unless ``--ttft-slo-ms`` / ``--tpot-slo-ms`` are given.
     Every request's TTFT and TPOT are kept, so goodput can be recomputed under other SLOs."""
+    args = with_defaults(args)
     rates = args.rates or ([0.1, 0.2, 0.4] if args.quick else [0.1, 0.2, 0.4, 0.8])
     n = args.num_requests or (8 if args.quick else 32)
     rows = []
@@ -320,6 +331,7 @@ async def _run_c_mode(urls, migrate: bool, long_n: int, short_n: int, args):
 
 def run_part_c(args) -> dict:
     """p50/p99 latency on an adversarial arrival pattern, without and with migration (side by side)."""
+    args = with_defaults(args)
     long_n, short_n = (6, 6) if args.quick else (12, 12)
     rows = []
     with _replicas(args) as urls:
