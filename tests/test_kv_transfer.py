@@ -7,6 +7,7 @@ through two replica servers' HTTP endpoints, on the real SmolLM2 model.
 from __future__ import annotations
 
 import argparse
+import json
 
 import httpx
 import pytest
@@ -149,3 +150,21 @@ def test_http_disaggregated_equals_colocated_on_smollm2(replicas):
     for url in replicas:
         c = _kv(url)
         assert c["kv_blocks_free"] == c["kv_blocks_total"] and not c["held"] and not c["requests"], c
+
+
+def test_http_disaggregated_chat_streamed_from_the_decode_replica(replicas):
+    pre_url, dec_url = replicas
+    body = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
+    ref = httpx.post(pre_url + "/v1/chat/completions", json=body, timeout=120).json()
+    pre = httpx.post(pre_url + "/v1/chat/completions", json={**body, "kv_transfer_params": {"do_remote_decode": True}},
+                     timeout=120).json()
+    text = ""
+    with httpx.stream("POST", dec_url + "/v1/chat/completions", timeout=120,
+                      json={**body, "stream": True, "kv_transfer_params": pre["kv_transfer_params"]}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                text += "".join(c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"])
+    assert text == ref["choices"][0]["message"]["content"]
+    streamed_prefill = httpx.post(pre_url + "/v1/chat/completions", timeout=60,
+                                  json={**body, "stream": True, "kv_transfer_params": {"do_remote_decode": True}})
+    assert streamed_prefill.status_code == 400 and "stream" in streamed_prefill.json()["error"]["message"]
