@@ -22,9 +22,14 @@ How a client's stream follows the request (the server side, `minisys.server.kv_r
 
 1. The router (or anyone) calls ``POST /minisys/migrate {"request_id": R, "dst_rank": D}`` on the
    replica serving R (R = the ``X-Request-Id`` the router sent with the request). It answers
-   ``200 {"migrated": true, "dst_rank": D, "rounds": ..., "blocks": ..., "bytes": ...}`` once R
-   runs on D, or an error (400 not migratable, 404 unknown R, 409/502 refused or failed: then
-   R goes on decoding on the source, its stream untouched).
+   ``200 {"migrated": true, "dst_rank": D, "rounds": ..., "blocks": ..., "bytes": ...,
+   "downtime_s": ..., "total_s": ..., "round_blocks": [...]}`` once R runs on D, or an error, after
+   which R goes on decoding on the source, its stream untouched:
+   400: R cannot move (not streamed, n > 1, logprobs, structured outputs, tool parsing, still in
+   its prefill) or a bad body / ``dst_rank``; 404: R is not running there; 409: R finished, was
+   aborted or preempted meanwhile; 502: the destination refused (no room) or the transfer failed.
+   Only streamed requests migrate (a non-streamed response cannot be continued elsewhere); the
+   call blocks for the whole migration (rounds + stop-and-copy: ~0.1-0.5 s on this machine).
 2. R's SSE stream on the source ends with one internal event, then ``[DONE]``::
 
        data: {"minisys_migrated": {"request_id": R, "dst_rank": D}}
@@ -35,6 +40,11 @@ How a client's stream follows the request (the server side, `minisys.server.kv_r
    have ended (finish_reason, the usage chunk if it was asked, ``[DONE]``). The router maps
    rank D to D's URL (the rank is the replica's index) and forwards those chunks to the client.
    If nobody attaches within the attach timeout, D aborts R (no KV block leaked).
+   A client that disconnects from the attach stream aborts R on D, as on any replica.
+
+A router following a stream therefore needs: its own request id (sent as ``X-Request-Id``), the
+rank -> URL map of its replicas, and to watch each forwarded stream for ``minisys_migrated``.
+`minisys.bench.cluster_kv._stream_following` is a 20-line reference of that loop.
 """
 from __future__ import annotations
 
