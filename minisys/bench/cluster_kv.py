@@ -152,7 +152,7 @@ async def _read_stream(resp, trace: RequestTrace) -> dict | None:
     return moved
 
 
-async def _stream_following(client, urls: list[str], replica: int, body: dict, rid: str, trace: RequestTrace,
+async def follow_stream(client, urls: list[str], replica: int, body: dict, rid: str, trace: RequestTrace,
                             where: dict) -> None:
     """Stream a completion from ``urls[replica]``, following it across migrations (``where[rid]``: its replica)."""
     headers = {"X-Request-Id": rid}
@@ -184,7 +184,7 @@ async def _disaggregated(client, urls: list[str], body: dict, rid: str, trace: R
         trace.token_times.append(time.perf_counter())
         trace.output_tokens = 1
         return
-    await _stream_following(client, urls, 1, {**body, "kv_transfer_params": kvp}, rid + "-d", trace, {})
+    await follow_stream(client, urls, 1, {**body, "kv_transfer_params": kvp}, rid + "-d", trace, {})
 
 
 def _prompts(n: int, tokens: int, seed: int) -> list[list[int]]:
@@ -210,7 +210,7 @@ async def _run_b_mode(urls, mode: str, prompts, out_tokens: int, rate: float, se
             trace = RequestTrace(arrival=time.perf_counter())
             rid = f"b-{mode}-{rate}-{i}"
             if mode == "colocated":
-                await _stream_following(client, urls, i % 2, _body(prompt, out_tokens), rid, trace, {})
+                await follow_stream(client, urls, i % 2, _body(prompt, out_tokens), rid, trace, {})
             else:
                 await _disaggregated(client, urls, _body(prompt, out_tokens), rid, trace)
             return trace
@@ -227,7 +227,7 @@ def _lone_request(urls: list[str], args) -> dict:
         async def go():
             import httpx
             async with httpx.AsyncClient(timeout=httpx.Timeout(None)) as client:
-                await _stream_following(client, urls, 0, _body(_prompts(1, args.prompt_tokens, 99 + i)[0],
+                await follow_stream(client, urls, 0, _body(_prompts(1, args.prompt_tokens, 99 + i)[0],
                                                                args.output_tokens), f"lone-{i}", trace, {})
         asyncio.run(go())
         traces.append(trace)
@@ -319,7 +319,7 @@ async def _run_c_mode(urls, migrate: bool, long_n: int, short_n: int, args):
             trace = RequestTrace(arrival=time.perf_counter())
             rid = f"c-{int(migrate)}-{i}"
             where[rid] = replica
-            await _stream_following(client, urls, replica, _body(prompts[i], out_tokens), rid, trace, where)
+            await follow_stream(client, urls, replica, _body(prompts[i], out_tokens), rid, trace, where)
             return trace
         traces = await asyncio.gather(*(one(i) for i in range(len(plan))))
         duration = time.perf_counter() - start

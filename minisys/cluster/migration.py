@@ -44,7 +44,7 @@ How a client's stream follows the request (the server side, `minisys.server.kv_r
 
 A router following a stream therefore needs: its own request id (sent as ``X-Request-Id``), the
 rank -> URL map of its replicas, and to watch each forwarded stream for ``minisys_migrated``.
-`minisys.bench.cluster_kv._stream_following` is a 20-line reference of that loop.
+`minisys.bench.cluster_kv.follow_stream` is a 20-line reference of that loop.
 """
 from __future__ import annotations
 
