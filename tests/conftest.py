@@ -137,3 +137,21 @@ def graded_student_notebook():
             cache[path] = grade(path)
         return cache[path]
     return get
+
+
+@pytest.fixture(scope="session")
+def kv_hosts(tiny_dirs):
+    """Two tiny-model engines in two processes joined by one gloo KV group (lesson 14; shared by
+    tests/test_kv_transfer.py and tests/test_migration.py: started once)."""
+    from minisys.cluster.engine_host import EngineHosts
+    from tests.kv_cluster_helpers import HOST_CONFIG
+    with EngineHosts(tiny_dirs["llama"], 2, HOST_CONFIG) as h:
+        yield h
+
+
+@pytest.fixture(scope="session")
+def kv_replicas():
+    """Two SmolLM2 replica servers (1 thread each) on one gloo KV group: their URLs (lesson 14)."""
+    from tests.kv_cluster_helpers import two_replicas
+    with two_replicas(["--num-kv-blocks", "256"]) as urls:
+        yield urls

@@ -246,4 +246,32 @@ def test_lab14_bugs_fail_their_exercise_tests() -> None:
     for edit, exercise in [(FREE_BLOCKS_ONLY, "freeness"), (NEWCOMER_NOT_COUNTED, "freeness"),
                            (NO_TIE_BREAK_BY_REQUESTS, "pick_least_loaded"), (LEAST_FREE_BLOCKS, "pick_least_loaded")]:
         cases = run_lab_tests(module, solution_namespace("14", ROUTING, edit), only=exercise_tests(module, exercise))
+
+
+# ---------------------------------------------------------------- lab 14 (draft part): migration's copy rounds
+MIGRATION = ["plan_copy_round", "simulate_migration"]
+PARTIAL_BLOCK_COPIED_EARLY = ("return list(range(num_copied_blocks, num_full)), False",
+                              "return list(range(num_copied_blocks, num_blocks)), False")
+STOPS_ONE_ROUND_LATE = ("num_blocks - num_copied_blocks <= stop_threshold_blocks",
+                        "num_blocks - num_copied_blocks < stop_threshold_blocks")
+NO_DECODING_DURING_A_ROUND = ("progress += took / seconds_per_token", "progress += 0")
+
+
+def _lab14_migration_tests() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("lab_tests_catch_14m", LAB_TESTS / "test_lab14_migration_draft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lab14_migration_as_written_passes() -> None:
+    cases = run_lab_tests(_lab14_migration_tests(), solution_namespace("14", MIGRATION))
+    assert len(cases) >= 5 and not lost(cases), failed(cases)
+
+
+def test_lab14_migration_bugs_fail_their_exercise_tests() -> None:
+    module = _lab14_migration_tests()
+    for edit, exercise in [(PARTIAL_BLOCK_COPIED_EARLY, "plan_copy_round"), (STOPS_ONE_ROUND_LATE, "plan_copy_round"),
+                           (NO_DECODING_DURING_A_ROUND, "simulate_migration")]:
+        cases = run_lab_tests(module, solution_namespace("14", MIGRATION, edit), only=exercise_tests(module, exercise))
         assert lost(cases).get(exercise, 0) > 0, (edit, failed(cases))

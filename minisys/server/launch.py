@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 from ..engine.config import EngineConfig
 from .engine_args import add_engine_args, engine_config_from_args, flag, given_engine_args
+from .kv_args import add_kv_args, kv_config_from_args
 from .limits import add_limit_args, limits_from_args
 from .timeouts import add_timeout_args, timeouts_from_args
 from .tools import TOOL_CALL_PARSERS
@@ -70,6 +71,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_limit_args(p)
     add_timeout_args(p)
     add_engine_args(p)
+    add_kv_args(p)
 
 
 def tool_call_parser(args) -> Optional[str]:
@@ -185,6 +187,7 @@ def serve(args, on_ready: Optional[Callable[[int], None]] = None) -> int:
         limits = limits_from_args(args)
         timeouts = timeouts_from_args(args)
         parser = tool_call_parser(args)
+        kv_config = kv_config_from_args(args, given_engine_args(args) if args.engine == "llm" else {})
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -204,11 +207,15 @@ def serve(args, on_ready: Optional[Callable[[int], None]] = None) -> int:
     except ValueError as exc:                   # e.g. a --tensor-parallel-size the model's heads cannot take
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    kv = None
+    if kv_config is not None:                  # joins the KV group: waits for every replica of it (lesson 14)
+        from .kv_routes import KVState, connect
+        kv = KVState(kv_config, connect(kv_config, str(model.device)))
     name = model_name(args)
     freeze_startup_objects()                   # the model and modules: out of every later GC pass
     short_switch_interval()                    # the engine thread is not starved by a parsing thread
     app = build_app(engine, tokenizer, name, api_key=api_key, limits=limits, metrics_open=args.metrics_open,
-                    timeouts=timeouts, tool_call_parser=parser)
+                    timeouts=timeouts, tool_call_parser=parser, kv=kv)
     if on_ready is not None:
         on_ready(sock.getsockname()[1])
     else:
