@@ -35,7 +35,7 @@ def replica_args(args: argparse.Namespace) -> argparse.Namespace:
     """The flags of one replica: the router's, on a free loopback port, keyless, one thread by default."""
     r = copy.copy(args)
     r.host, r.port, r.api_key, r.metrics_open = REPLICA_HOST, 0, None, True
-    r.replicas, r.routing_policy = 1, None
+    r.replicas, r.routing_policy, r.prefill_replicas = 1, None, None
     r.threads = args.threads or 1
     r.rebuild_cache = False                  # the router converted the model once, before spawning
     return r
@@ -59,11 +59,26 @@ class Replica:
     alive: bool = True
 
 
+def kv_group_args(args: argparse.Namespace, num_replicas: int, master_port: int) -> list[argparse.Namespace]:
+    """One replica's flags per index; with ``--kv-connector`` they join one KV group: rank = replica index,
+    world size = N, rendezvous on ``master_port`` (a free port the router picked)."""
+    out = []
+    for i in range(num_replicas):
+        r = replica_args(args)
+        if getattr(args, "kv_connector", None):
+            r.kv_rank, r.kv_world_size, r.kv_master_port = i, num_replicas, master_port
+        out.append(r)
+    return out
+
+
 class ReplicaSet:
     def __init__(self, args: argparse.Namespace, num_replicas: int) -> None:
         if num_replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {num_replicas}")
-        self.group = WorkerGroup(_replica_main, [(replica_args(args),)] * num_replicas, name="minisys-replica")
+        from ..parallel.comm import pick_free_port
+        port = pick_free_port() if getattr(args, "kv_connector", None) else 0
+        self.group = WorkerGroup(_replica_main, [(a,) for a in kv_group_args(args, num_replicas, port)],
+                                 name="minisys-replica")
         self.replicas: list[Replica] = []
 
     def start(self, timeout_s: float = 300.0) -> list[Replica]:

@@ -6,7 +6,13 @@
     POST /v1/embeddings, /tokenize, /detokenize  GET /v1/models, /version: forwarded to a replica
     GET  /health                                 200 while at least one replica is in rotation
     GET  /metrics                                the router's own Prometheus text (per replica)
-    GET  /minisys/cluster                        JSON: each replica's pid, url, state, load, prefix hits
+    GET  /minisys/cluster                        JSON: each replica's pid, url, state, load, prefix hits;
+                                                 the requests in flight and their replica
+    POST /minisys/cluster/migrate, /drain, /undrain   with --kv-connector: `router_kv`
+
+With ``--kv-connector gloo`` the replicas form one KV group and the router
+follows migrated streams; with ``--prefill-replicas K`` it disaggregates
+prefill and decode (`minisys.cluster.router_kv` has the protocol).
 
 Each replica is the ordinary server (`minisys.server`) on its own loopback
 port (`replica`). The router parses just enough of a body to route it
@@ -53,6 +59,8 @@ from prometheus_client.registry import Collector
 from ..server.errors import error_body
 from .policies import LoadReport, RoutingPolicy, make_policy
 from .replica import Replica
+from .router_kv import Active, decode_body, install_cluster_kv_routes, is_migrated_event, prefill_body, \
+    refuse_kv_params, sse_events
 
 logger = logging.getLogger("minisys.router")
 LOAD_POLL_S = 0.1
@@ -72,6 +80,7 @@ class _ReplicaState:
     pending: list[tuple[float, int]] = field(default_factory=list)
     in_flight: int = 0
     routed: int = 0
+    in_rotation: bool = True          # False once drained (`router_kv`): alive, but given no new request
 
     def effective_load(self) -> LoadReport:
         base = self.load or LoadReport(0, 0, 16, 0, 0, 0)
@@ -82,9 +91,13 @@ class _ReplicaState:
 class Router:
     """The routes' shared state: replicas, policy, tokenizer (for prompt ids), httpx client, metrics."""
 
-    def __init__(self, replicas: list[Replica], policy: RoutingPolicy, tokenizer, model_name: str) -> None:
+    def __init__(self, replicas: list[Replica], policy: RoutingPolicy, tokenizer, model_name: str,
+                 kv: bool = False, prefill_replicas: int = 0) -> None:
         self.states = [_ReplicaState(r) for r in replicas]
         self.policy, self.tokenizer, self.model_name = policy, tokenizer, model_name
+        self.kv = kv                                   # the replicas are one KV group (rank = index)
+        self.prefill_replicas = prefill_replicas       # K > 0: replicas 0..K-1 prefill, the others decode
+        self.active: dict[str, Active] = {}            # request id -> where it runs now (migrate, drain)
         self.client: Optional[httpx.AsyncClient] = None
         self.draining = False
         self.in_flight_ids: set[str] = set()
@@ -114,7 +127,24 @@ class Router:
         s.pending = [(t, b) for t, b in s.pending if t >= asked]
 
     def alive(self) -> list[_ReplicaState]:
-        return [s for s in self.states if s.replica.alive]
+        """The replicas in rotation: alive and not drained."""
+        return [s for s in self.states if s.replica.alive and s.in_rotation]
+
+    def pool(self, role: str) -> list[_ReplicaState]:
+        """The replicas in rotation for ``role``: "prefill", "decode" (disaggregated) or "any"."""
+        k = self.prefill_replicas
+        if not k or role == "any":
+            return self.alive()
+        return [s for s in self.alive() if (s.replica.index < k) == (role == "prefill")]
+
+    def choose_for_migration(self, src: int) -> _ReplicaState:
+        """Where a request leaving replica ``src`` goes: the policy's pick among the other decode-capable
+        replicas in rotation; LookupError if there is none."""
+        cands = {s.replica.index: s for s in self.pool("decode") if s.replica.index != src} or \
+            {s.replica.index: s for s in self.alive() if s.replica.index != src}     # a prefill replica decodes too
+        if not cands:
+            raise LookupError("no other replica in rotation to migrate to")
+        return cands[self.policy.choose(None, {k: s.effective_load() for k, s in cands.items()})]
 
     # ------------------------------------------------------------ routing
     def read_body(self, path: str, body: bytes, want_ids: bool) -> tuple[dict, Optional[list[int]]]:
@@ -141,8 +171,8 @@ class Router:
         except Exception:
             return None
 
-    def choose(self, prompt_ids: Optional[list[int]]) -> _ReplicaState:
-        alive = {s.replica.index: s for s in self.alive()}
+    def choose(self, prompt_ids: Optional[list[int]], role: str = "any") -> _ReplicaState:
+        alive = {s.replica.index: s for s in self.pool(role)}
         if not alive:
             raise _NoReplica()
         i = self.policy.choose(prompt_ids, {k: s.effective_load() for k, s in alive.items()})
@@ -159,9 +189,12 @@ class Router:
         for s in self.states:
             load = s.load.__dict__ if s.load else None
             out.append({"index": s.replica.index, "url": s.replica.url, "pid": s.replica.pid,
-                        "alive": s.replica.alive, "in_flight": s.in_flight,
+                        "alive": s.replica.alive, "in_rotation": s.in_rotation, "in_flight": s.in_flight,
+                        "role": ("prefill" if s.replica.index < self.prefill_replicas else "decode")
+                        if self.prefill_replicas else "any",
                         "routed": s.routed, "load": load})
-        return {"policy": self.policy.name, "replicas": out}
+        return {"policy": self.policy.name, "kv_connector": self.kv, "prefill_replicas": self.prefill_replicas,
+                "replicas": out, "requests": {rid: a.replica for rid, a in self.active.items()}}
 
 
 class _NoReplica(Exception):
@@ -251,12 +284,10 @@ class _ClosingStream(StreamingResponse):
             await self._on_close()
 
 
-async def _forward_stream(router: Router, s: _ReplicaState, path: str, body: bytes, headers: dict,
-                          on_close) -> Response:
-    """Forward a streamed request; its SSE bytes pass through as they arrive. A replica that fails
-    mid-stream (or ends it without ``[DONE]``) gives the client an SSE error event and ``[DONE]``.
-    ``on_close()`` runs once the client's response is over (only when a stream was started)."""
-    req = router.client.build_request("POST", s.replica.url + path, content=body, headers=headers)
+async def _open_stream(router: Router, s: _ReplicaState, method: str, path: str, body: Optional[bytes],
+                       headers: dict) -> httpx.Response | Response:
+    """The replica's streamed response (status 200), or the Response to give the client instead."""
+    req = router.client.build_request(method, s.replica.url + path, content=body, headers=headers)
     try:
         resp = await router.client.send(req, stream=True)
     except httpx.HTTPError as exc:
@@ -266,30 +297,108 @@ async def _forward_stream(router: Router, s: _ReplicaState, path: str, body: byt
         content = await resp.aread()
         await resp.aclose()
         return Response(content, status_code=resp.status_code, media_type=resp.headers.get("content-type"))
+    return resp
+
+
+async def _forward_stream(router: Router, s: _ReplicaState, path: str, body: bytes, headers: dict,
+                          on_close) -> Response:
+    """Forward a streamed request; its SSE events pass through as they arrive. A stream that ends with
+    ``minisys_migrated`` is continued from the destination's ``/minisys/attach/{id}`` (`router_kv`):
+    the client sees one stream. A replica that fails mid-stream (or ends it without ``[DONE]``) gives
+    the client an SSE error event and ``[DONE]``. ``on_close()`` runs once the client's response is
+    over (only when a stream was started)."""
+    rid = headers["x-request-id"]
+    first = await _open_stream(router, s, "POST", path, body, headers)
+    if not isinstance(first, httpx.Response):
+        return first
+    cur = {"resp": first, "state": s}
+    router.active[rid] = Active(s.replica.index, True)
 
     async def relay() -> AsyncIterator[bytes]:
-        tail = b""
         try:
-            async for chunk in resp.aiter_raw():
-                tail = (tail + chunk)[-32:]
-                yield chunk
-            if not tail.endswith(b"data: [DONE]\n\n"):
-                raise httpx.RemoteProtocolError("the replica ended the stream without [DONE]")
+            while True:
+                moved, done = None, False
+                async for event in sse_events(cur["resp"]):
+                    if event.strip() == b"data: [DONE]":
+                        done = True
+                        if moved is None:
+                            yield event
+                        break
+                    m = is_migrated_event(event)
+                    if m is not None:
+                        moved = m
+                    else:
+                        yield event
+                if not done:
+                    raise httpx.RemoteProtocolError("the replica ended the stream without [DONE]")
+                if moved is None:
+                    return
+                await cur["resp"].aclose()
+                dst = router.states[int(moved["dst_rank"])]
+                cur["state"].in_flight -= 1
+                dst.in_flight += 1
+                cur["state"] = dst
+                router.active[rid] = Active(dst.replica.index, True)
+                nxt = await _open_stream(router, dst, "GET", f"/minisys/attach/{rid}", None,
+                                         {"x-request-id": rid})
+                if not isinstance(nxt, httpx.Response):
+                    raise httpx.RemoteProtocolError(f"attach on replica {dst.replica.index} answered "
+                                                    f"{nxt.status_code}: {bytes(nxt.body)[:200]!r}")
+                cur["resp"] = nxt
         except httpx.HTTPError as exc:
-            router.failed.labels(str(s.replica.index)).inc()
-            yield (b"" if tail.endswith(b"\n\n") or not tail else b"\n\n") + _sse_error(
-                _replica_failed(s, exc), "replica_failed")
+            router.failed.labels(str(cur["state"].replica.index)).inc()
+            yield _sse_error(_replica_failed(cur["state"], exc), "replica_failed")
 
     async def close() -> None:
-        await resp.aclose()          # the replica sees its client leave and aborts the request
+        await cur["resp"].aclose()    # the replica sees its client leave and aborts the request
+        router.active.pop(rid, None)
+        cur["state"].in_flight -= 1
         on_close()
 
-    return _ClosingStream(relay(), close, media_type="text/event-stream",
-                          headers={"x-request-id": headers["x-request-id"]})
+    return _ClosingStream(relay(), close, media_type="text/event-stream", headers={"x-request-id": rid})
+
+
+async def _disaggregated(router: Router, raw: Request, path: str, parsed: dict, ids, headers: dict,
+                         on_stream_close) -> Response:
+    """Prefill on a prefill replica (held KV), then decode on a decode replica (pulls it): `router_kv`."""
+    p = router.choose(ids, "prefill")
+    p.in_flight += 1
+    try:
+        pre = await _forward_json(router, p, raw, "POST", path, prefill_body(parsed),
+                                  {**headers, "x-request-id": headers["x-request-id"] + "-prefill"})
+    finally:
+        p.in_flight -= 1
+    if pre.status_code != 200:
+        return pre
+    kvp = json.loads(pre.body).get("kv_transfer_params")
+    if kvp is None and parsed.get("stream") is not True:
+        return pre                              # finished at its first token: that is the whole answer
+    d = router.choose(ids, "decode")
+    body = decode_body(parsed, kvp)             # kvp None (a stream that ended at once): colocated on d
+    if parsed.get("stream") is True:
+        d.in_flight += 1
+        resp = await _forward_stream(router, d, path, body, headers, on_stream_close)
+        if not isinstance(resp, _ClosingStream):
+            d.in_flight -= 1
+        return resp
+    return await _forward_tracked(router, d, raw, path, body, headers)
+
+
+async def _forward_tracked(router: Router, s: _ReplicaState, raw: Request, path: str, body: bytes,
+                           headers: dict) -> Response:
+    """A non-streamed forward, registered in ``router.active`` while it runs (drain reports it)."""
+    rid = headers["x-request-id"]
+    router.active[rid] = Active(s.replica.index, False)
+    s.in_flight += 1
+    try:
+        return await _forward_json(router, s, raw, "POST", path, body, headers)
+    finally:
+        s.in_flight -= 1
+        router.active.pop(rid, None)
 
 
 async def _route(router: Router, raw: Request, path: str) -> Response:
-    """Pick a replica for a (chat) completion and forward it, streamed or not."""
+    """Pick a replica (or a prefill and a decode replica) for a (chat) completion and forward it."""
     if router.draining:
         return _error(503, "the router is shutting down; retry later or elsewhere", "service_unavailable",
                       "server_shutting_down")
@@ -299,27 +408,34 @@ async def _route(router: Router, raw: Request, path: str) -> Response:
         return _error(400, f"request id {rid!r} (header X-Request-Id) is already in flight; use a new id",
                       "invalid_request_error", "duplicate_request_id")
     router.in_flight_ids.add(rid)              # taken before the first await: no race on the loop
-    s: Optional[_ReplicaState] = None
+    streaming = False
 
     def done() -> None:
         router.in_flight_ids.discard(rid)
-        if s is not None:
-            s.in_flight -= 1
 
-    streaming = False
     try:
         parsed, ids = await asyncio.to_thread(router.read_body, path, body, router.policy.name != "round_robin")
+        refused = refuse_kv_params(parsed)
+        if refused:
+            return JSONResponse(error_body(refused, "invalid_request_error", param="kv_transfer_params"),
+                                status_code=400)
+        headers = {"content-type": raw.headers.get("content-type", "application/json"), "x-request-id": rid}
         try:
+            if router.prefill_replicas:
+                resp = await _disaggregated(router, raw, path, parsed, ids, headers, done)
+                streaming = isinstance(resp, _ClosingStream)
+                return resp
             s = router.choose(ids)
         except _NoReplica:
             return _error(503, "no replica is in rotation (all died)", "service_unavailable", "no_replica")
-        s.in_flight += 1
-        headers = {"content-type": raw.headers.get("content-type", "application/json"), "x-request-id": rid}
         if parsed.get("stream") is True:
+            s.in_flight += 1
             resp = await _forward_stream(router, s, path, body, headers, done)
             streaming = isinstance(resp, _ClosingStream)
+            if not streaming:
+                s.in_flight -= 1
             return resp
-        return await _forward_json(router, s, raw, "POST", path, body, headers)
+        return await _forward_tracked(router, s, raw, path, body, headers)
     finally:
         if not streaming:
             done()
@@ -396,6 +512,8 @@ def build_router_app(router: Router, api_key: Optional[str] = None, metrics_open
     async def cluster():
         return JSONResponse(router.report())
 
+    install_cluster_kv_routes(app, router)
+
     return app
 
 
@@ -413,6 +531,8 @@ def check_cluster_args(args) -> None:
     """ValueError naming a flag the replicas or the router cannot take."""
     from ..server.engine_args import given_engine_args
     if args.replicas < 2:
+        if getattr(args, "prefill_replicas", None) is not None:
+            raise ValueError(f"--prefill-replicas needs --replicas N with N >= 2 (got --replicas {args.replicas})")
         if args.routing_policy is not None:
             raise ValueError(f"--routing-policy needs --replicas N with N >= 2 (got --replicas {args.replicas})")
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
@@ -422,6 +542,17 @@ def check_cluster_args(args) -> None:
     tp = given_engine_args(args).get("tensor_parallel_size", 1)
     if tp != 1:
         raise ValueError(f"--replicas with --tensor-parallel-size {tp} is not supported: each replica is one process")
+    for flag in ("kv_rank", "kv_world_size", "kv_master_port"):
+        if getattr(args, flag, None) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} is set by the router (rank = replica index, a free "
+                             "master port): give --kv-connector only")
+    k = getattr(args, "prefill_replicas", None)
+    if k is not None:
+        if not getattr(args, "kv_connector", None):
+            raise ValueError("--prefill-replicas needs --kv-connector gloo (the KV moves between replicas)")
+        if not 1 <= k < args.replicas:
+            raise ValueError(f"--prefill-replicas {k}: between 1 and --replicas - 1 ({args.replicas - 1}), so "
+                             "that both pools have a replica")
 
 
 def serve_cluster(args) -> int:
@@ -461,11 +592,15 @@ def serve_cluster(args) -> int:
         print(f"error: a replica failed to start: {exc}", file=sys.stderr)
         return 1
     try:
-        router = Router(started, policy, tokenizer, model_name(args))
+        router = Router(started, policy, tokenizer, model_name(args), kv=bool(getattr(args, "kv_connector", None)),
+                        prefill_replicas=getattr(args, "prefill_replicas", None) or 0)
         replicas.watch(lambda i, code: logger.error("replica %d died (exit code %s): out of rotation", i, code))
         app = build_router_app(router, api_key, args.metrics_open, limits.max_body_bytes)
         print(f"minisys router on http://{args.host}:{args.port}: {len(started)} replicas "
-              f"(pids {', '.join(str(r.pid) for r in started)}), policy {policy.name}", flush=True)
+              f"(pids {', '.join(str(r.pid) for r in started)}), policy {policy.name}"
+              + (f", KV group over {args.kv_connector}" if router.kv else "")
+              + (f", replicas 0..{router.prefill_replicas - 1} prefill" if router.prefill_replicas else ""),
+              flush=True)
         config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                                 timeout_graceful_shutdown=timeouts.shutdown_grace_s)
         server = GracefulServer(config, drain=lambda after: _drain(router, after))

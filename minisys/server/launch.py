@@ -68,6 +68,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "on --port (lesson 14); 1: this one server")
     p.add_argument("--routing-policy", default=None, choices=["round_robin", "least_loaded", "prefix_affinity"],
                    help="how the router picks a replica (--replicas N > 1; default: least_loaded)")
+    p.add_argument("--prefill-replicas", type=int, default=None, metavar="K",
+                   help="disaggregated prefill and decode (lesson 14; needs --replicas N and --kv-connector): "
+                        "replicas 0..K-1 only prefill, the others decode; the router moves each request's KV")
     add_limit_args(p)
     add_timeout_args(p)
     add_engine_args(p)
@@ -172,7 +175,8 @@ def serve(args, on_ready: Optional[Callable[[int], None]] = None) -> int:
     """Run the server until SIGTERM/SIGINT. ``on_ready(port)``: called once the model is loaded and the
     port bound (a replica of lesson 14's router, started with ``--port 0``; no banner is printed then).
     ``--replicas N`` (N > 1) runs the router over N such servers instead (`minisys.cluster.router`)."""
-    if getattr(args, "replicas", 1) != 1 or getattr(args, "routing_policy", None) is not None:
+    if (getattr(args, "replicas", 1) != 1 or getattr(args, "routing_policy", None) is not None
+            or getattr(args, "prefill_replicas", None) is not None):
         from ..cluster.router import serve_cluster
         return serve_cluster(args)
     import uvicorn
