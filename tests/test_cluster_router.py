@@ -7,9 +7,14 @@ surviving replica's own counters (``GET /minisys/load``) say ``free_blocks
 == total_blocks`` and nothing running or waiting once idle; "no orphans"
 means the replicas' pids are gone (signal 0) after the router's shutdown.
 
-One ``python -m minisys serve --replicas 2`` (a tiny random llama) is
-started for the module: in-process routers of each policy route over its
-replicas, and the last test kills one replica and shuts the router down.
+One ``python -m minisys serve --replicas 2 --kv-connector gloo`` (a tiny
+random llama) is started for the module: in-process routers of each policy
+route over its replicas (one with ``prefill_replicas=1`` disaggregates:
+replica 0 prefills, replica 1 pulls the KV and decodes); its own router
+migrates a stream (``/minisys/cluster/migrate``) and drains a replica
+(``/minisys/cluster/drain``): outputs equal the eager baseline token for
+token, and every replica's ``/minisys/kv`` shows nothing leaked, held or
+staged. The last test kills one replica and shuts the router down.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ PROMPTS = [SHARED + "the fox", SHARED + "the dog jumps", "the lazy dog", SHARED 
 CHAT = [{"role": "system", "content": SHARED}, {"role": "user", "content": "the fox"}]
 MAX_TOKENS = 12
 LONG = 3000                  # tokens of a request meant to be cut: seconds of decoding
+MIGRATED = 240               # output tokens of a request migrated mid-generation (~1 s of decoding; eager oracle)
 KV_BLOCKS = "512"            # room for one LONG request (188 blocks of 16) and the others
 
 
@@ -54,10 +60,20 @@ def model_dir(tmp_path_factory, save_tiny_model):
 
 
 @pytest.fixture(scope="module")
-def expected(model_dir):
-    """The eager baseline's greedy texts of PROMPTS and of CHAT, computed once for every policy."""
+def eager(model_dir):
+    """The eager baseline (`LLM(engine="eager")`: no paging, no batching, no transfer): the oracle."""
     from minisys.llm import LLM
-    eager = LLM(str(model_dir), device="cpu", dtype="float32", quiet=True, engine="eager")
+    return LLM(str(model_dir), device="cpu", dtype="float32", quiet=True, engine="eager")
+
+
+def eager_text(eager, prompt: str, max_tokens: int) -> str:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return eager.generate([prompt], params)[0].outputs[0].text
+
+
+@pytest.fixture(scope="module")
+def expected(eager):
+    """The eager baseline's greedy texts of PROMPTS and of CHAT, computed once for every policy."""
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     return [o.outputs[0].text for o in eager.generate(PROMPTS, params)], eager.chat(CHAT, params)[0].outputs[0].text
 
@@ -72,7 +88,7 @@ def cluster(model_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("router") / "router.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "minisys", "serve", "--model", str(model_dir), "--replicas",
-                                 "2", "--routing-policy", "round_robin", "--num-kv-blocks", KV_BLOCKS,
+                                 "2", "--routing-policy", "round_robin", "--num-kv-blocks", KV_BLOCKS, "--kv-connector", "gloo",
                                  "--port", str(port), "--shutdown-grace-s", "2"], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_healthy(url, proc, 180, log_path)
@@ -111,6 +127,7 @@ def stream_text(lines) -> tuple[str, list[dict]]:
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         ev = json.loads(line[6:])
+        assert "minisys_migrated" not in ev, "the router forwarded its internal migration event"
         events.append(ev)
         for c in ev.get("choices", []):
             text += c.get("text") or (c.get("delta") or {}).get("content") or ""
@@ -196,6 +213,121 @@ def test_client_disconnects_mid_stream_leave_no_block_behind(cluster, model_dir)
     assert aborted() - before == 4
 
 
+def kv_counters(urls) -> list[dict]:
+    return [httpx.get(u + "/minisys/kv", timeout=10).json() for u in urls]
+
+
+def assert_idle_no_leak(urls, timeout: float = 20.0) -> list[dict]:
+    """Every replica's KV counters once idle: all blocks free, nothing held, staged or waiting to attach."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = kv_counters(urls)
+        idle = all(c["kv_blocks_free"] == c["kv_blocks_total"] and not c["held"] and not c["staged"]
+                   and not c["attachable"] and not c["requests"] for c in got)
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for c in got:
+        assert c["kv_blocks_free"] == c["kv_blocks_total"], f"rank {c['rank']} leaked blocks: {c}"
+        assert not c["held"] and not c["staged"] and not c["attachable"] and not c["requests"], c
+    return got
+
+
+# ------------------------------------------------------------ the router driving KV transfer (router_kv)
+def test_disaggregated_outputs_through_the_router_equal_eager(cluster, model_dir, expected, eager):
+    """An in-process router with ``prefill_replicas=1`` over the module's KV group: replica 0 prefills,
+    replica 1 pulls the KV and decodes; completions, streamed or not, and a streamed chat."""
+    from minisys.model.tokenizer import Tokenizer
+    router = Router(cluster.replicas, make_policy("least_loaded"), Tokenizer.from_dir(model_dir), "tiny",
+                    kv=True, prefill_replicas=1)
+    want, want_chat = expected
+    pulls = kv_counters(cluster.urls)[0]["pulls_served"]
+    with TestClient(build_router_app(router)) as client:
+        for prompt, text in zip(PROMPTS, want):
+            r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == text and r.json()["usage"]["completion_tokens"] == MAX_TOKENS
+        with client.stream("POST", "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
+                                                            "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200 and stream_text(r.iter_lines())[0] == want[0]
+        with client.stream("POST", "/v1/chat/completions", json={"messages": CHAT, "max_tokens": MAX_TOKENS,
+                                                                 "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200 and stream_text(r.iter_lines())[0] == want_chat
+        one = client.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 1, "temperature": 0})
+        assert one.status_code == 200 and one.json()["choices"][0]["text"] == \
+            eager.generate([PROMPTS[1]], SamplingParams(max_tokens=1, temperature=0.0))[0].outputs[0].text
+        bad = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2,
+                                                   "kv_transfer_params": {"do_remote_decode": True}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "kv_transfer_params"
+        routed = [rep["routed"] for rep in client.get("/minisys/cluster").json()["replicas"]]
+    n = len(PROMPTS) + 2
+    assert routed == [n + 1, n], routed        # every request prefilled on 0; decoded on 1 (max_tokens 1: not)
+    assert kv_counters(cluster.urls)[0]["pulls_served"] - pulls == n      # the KV really moved, n times
+    assert_idle_no_leak(cluster.urls)
+
+
+def _start_stream(client: httpx.Client, url: str, rid: str, prompt: str, max_tokens: int):
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    cm = client.stream("POST", url + "/v1/completions", json=body, headers={"X-Request-Id": rid})
+    r = cm.__enter__()
+    assert r.status_code == 200
+    lines = r.iter_lines()
+    first = next(line for line in lines if line.startswith("data: "))
+    return cm, [first], lines
+
+
+def _where(url: str, rid: str) -> int:
+    return httpx.get(url + "/minisys/cluster").json()["requests"][rid]
+
+
+def test_a_stream_migrated_by_the_router_equals_eager(cluster, eager):
+    url = cluster.url
+    prompt = SHARED + "migrate me"
+    before = [c["migrations_in"] for c in kv_counters(cluster.urls)]
+    with httpx.Client(timeout=120) as c:
+        cm, got, lines = _start_stream(c, url, "mig-1", prompt, MIGRATED)
+        src = _where(url, "mig-1")
+        r = c.post(url + "/minisys/cluster/migrate", json={"request_id": "mig-1", "dst": 1 - src})
+        assert r.status_code == 200, r.text
+        assert r.json()["src"] == src and r.json()["dst_rank"] == 1 - src and r.json()["blocks"] > 0
+        assert _where(url, "mig-1") == 1 - src
+        text, events = stream_text(got + list(lines))
+        cm.__exit__(None, None, None)
+        bad = c.post(url + "/minisys/cluster/migrate", json={"request_id": "mig-1", "dst": 7})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "dst"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert text == eager_text(eager, prompt, MIGRATED)
+    after = [c["migrations_in"] for c in kv_counters(cluster.urls)]
+    assert after[1 - src] - before[1 - src] == 1
+    assert_idle_no_leak(cluster.urls)
+
+
+def test_drain_moves_the_running_requests_and_they_complete_correctly(cluster, eager):
+    url = cluster.url
+    prompts = [SHARED + "drain one", SHARED + "drain two"]
+    with httpx.Client(timeout=120) as c:
+        streams = [_start_stream(c, url, f"drain-{k}", p, MIGRATED) for k, p in enumerate(prompts)]
+        where = [_where(url, f"drain-{k}") for k in range(2)]
+        assert sorted(where) == [0, 1]                       # round robin: one on each replica
+        r = c.post(url + "/minisys/cluster/drain", json={"replica": 0})
+        assert r.status_code == 200, r.text
+        rep = r.json()
+        mine = f"drain-{where.index(0)}"
+        assert [m["request_id"] for m in rep["moved"]] == [mine] and not rep["not_moved"], rep
+        assert rep["moved"][0]["dst_rank"] == 1
+        after = c.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 2})   # drained: not routed there
+        assert after.status_code == 200
+        states = httpx.get(url + "/minisys/cluster").json()["replicas"]
+        assert not states[0]["in_rotation"] and states[1]["in_rotation"]
+        for k, (cm, got, lines) in enumerate(streams):
+            text, events = stream_text(got + list(lines))
+            cm.__exit__(None, None, None)
+            assert text == eager_text(eager, prompts[k], MIGRATED), f"drain-{k}"
+        assert c.post(url + "/minisys/cluster/undrain", json={"replica": 0}).status_code == 200
+    assert kv_counters(cluster.urls)[0]["requests"] == []
+    assert_idle_no_leak(cluster.urls)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -205,12 +337,15 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_replica_killed_mid_stream_fails_its_client_only_and_shutdown_leaves_no_replica(cluster):
-    """Last of the module's cluster tests: it kills replica 0, then stops the router."""
+    """Last of the module's cluster tests: it kills replica 0 (while replica 1's stream is being migrated
+    to it: the move fails, the stream goes on), then stops the router."""
     url, proc, pids = cluster.url, cluster.proc, [r.pid for r in cluster.replicas]
     body = {"prompt": "the quick", "max_tokens": LONG, "ignore_eos": True, "stream": True}
+    other_id = "on-replica-1"
     with httpx.Client(timeout=60) as c, \
             c.stream("POST", url + "/v1/completions", json=body) as doomed, \
-            c.stream("POST", url + "/v1/completions", json={**body, "max_tokens": 100}) as other:
+            c.stream("POST", url + "/v1/completions", json={**body, "max_tokens": 1000},
+                     headers={"X-Request-Id": other_id}) as other:
         doomed_lines, other_lines = doomed.iter_lines(), other.iter_lines()
         next(line for line in doomed_lines if line.startswith("data: "))     # mid-stream on replica 0 (1st turn)
         next(line for line in other_lines if line.startswith("data: "))      # mid-stream on replica 1
@@ -222,8 +357,15 @@ def test_a_replica_killed_mid_stream_fails_its_client_only_and_shutdown_leaves_n
         while httpx.get(url + "/minisys/cluster").json()["replicas"][0]["in_flight"] < 2 \
                 and time.monotonic() < deadline:
             time.sleep(0.05)
+        moving: dict = {}                     # replica 1's stream sent to replica 0 as it dies: not moved, not lost
+        mover = threading.Thread(target=lambda: moving.update(r=httpx.post(
+            url + "/minisys/cluster/migrate", json={"request_id": other_id, "dst": 0}, timeout=200)))
         os.kill(pids[0], signal.SIGKILL)
+        mover.start()
         waiter.join(30)
+        mover.join(200)
+        assert not mover.is_alive(), "a migration to a dead replica hung"
+        assert moving["r"].status_code in (400, 502), moving["r"].text
         assert plain["r"].status_code == 502 and plain["r"].json()["error"]["code"] == "replica_failed"
         text, events = stream_text(doomed_lines)
         assert "error" in events[-1] and events[-1]["error"]["code"] == "replica_failed", events[-1:]
@@ -241,6 +383,7 @@ def test_a_replica_killed_mid_stream_fails_its_client_only_and_shutdown_leaves_n
     assert httpx.get(url + "/health").status_code == 200
     survivor = httpx.get(reps[1]["url"] + "/minisys/load").json()
     assert survivor["free_blocks"] == survivor["total_blocks"] and survivor["running"] == 0
+    assert_idle_no_leak([reps[1]["url"]])                  # nothing held or staged by the failed move either
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     deadline = time.monotonic() + 10
@@ -255,5 +398,14 @@ def test_replica_flags_it_cannot_take_are_refused_by_name(capsys):
                         (["--replicas", "2", "--tensor-parallel-size", "2"], "--tensor-parallel-size"),
                         (["--routing-policy", "round_robin"], "--routing-policy"),
                         (["--replicas", "0"], "--replicas")]:
+        assert serve(build_parser().parse_args(["serve", *argv])) == 2
+        assert named in capsys.readouterr().err
+
+
+def test_router_kv_flags_are_refused_by_name(capsys):
+    from minisys.server.launch import serve
+    for argv, named in [(["--replicas", "2", "--prefill-replicas", "1"], "--kv-connector"),
+                        (["--replicas", "2", "--kv-connector", "gloo", "--prefill-replicas", "2"], "--prefill-replicas"),
+                        (["--replicas", "2", "--kv-connector", "gloo", "--kv-rank", "0"], "--kv-rank")]:
         assert serve(build_parser().parse_args(["serve", *argv])) == 2
         assert named in capsys.readouterr().err

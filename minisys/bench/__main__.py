@@ -15,7 +15,6 @@ BENCHMARKS = {
     "soak": "minisys.bench.soak",
     "facts": "minisys.bench.facts",
     "tp": "minisys.bench.tp",
-    "cluster-kv": "minisys.bench.cluster_kv",
     "compound": "minisys.bench.compound",
     "structured": "minisys.bench.structured",
     "structured-library": "minisys.bench.structured_library",

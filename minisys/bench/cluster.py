@@ -19,16 +19,21 @@
     blocks of an earlier one in a replica's cache. Results:
     ``bench/results/cluster_routing.json`` (``_quick`` for the small size) and a plot.
 
-Parts (b) and (c) (disaggregated prefill/decode, live migration) live in
-`minisys.bench.cluster_kv` when it exists: its ``PARTS`` dict maps a part's
-letter to ``fn(args, quick)`` (``args``: this command's parsed flags);
-``--part`` picks among all of them.
+    python -m minisys bench cluster --part b            # colocated vs disaggregated goodput (`cluster_kv`)
+    python -m minisys bench cluster --part c            # p99 latency without and with live migration
+    python -m minisys bench cluster --part transfer     # KV bytes per token x the gloo transport's bandwidth
+
+Parts (b), (c) and transfer are `minisys.bench.cluster_kv` (its own command
+line, ``python -m minisys.bench.cluster_kv``, has every knob). They drive the
+two replicas' endpoints directly, doing what the router does (prefill, then
+decode with the returned ``kv_transfer_params``; follow ``minisys_migrated``
+to ``/minisys/attach``), so that (c)'s rebalancer can pick which request to
+move; `minisys.cluster.router_kv` is the same protocol inside the router.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import random
 import time
 from dataclasses import dataclass
@@ -191,13 +196,26 @@ def part_a(a: argparse.Namespace, quick: bool) -> None:
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
-def parts() -> dict:
-    """{"a": part_a, ...}: this module's part, and the KV-transfer parts when `cluster_kv` exists."""
-    found = {"a": part_a}
-    if importlib.util.find_spec("minisys.bench.cluster_kv") is not None:
+def _kv_part(name: str):
+    """Part (b), (c) or transfer: `minisys.bench.cluster_kv` with this command's ``--quick``/``--model``/``--out``
+    (its own defaults otherwise: ``python -m minisys.bench.cluster_kv --help`` has every knob)."""
+    key = {"transfer": "transfer", "b": "part_b", "c": "part_c"}[name]
+
+    def run(a: argparse.Namespace, quick: bool) -> None:
         from . import cluster_kv
-        found.update(cluster_kv.PARTS)
-    return found
+        ns = cluster_kv.with_defaults(argparse.Namespace(quick=quick, model=a.model, out=a.out))
+        fn = {"transfer": cluster_kv.run_transfer, "b": cluster_kv.run_part_b, "c": cluster_kv.run_part_c}[name]
+        result = {"quick": quick, "threads_per_replica": 1, key: fn(ns)}
+        path = save_result(f"cluster_kv{'_quick' if quick else ''}_{name}", result, a.out)
+        if name != "transfer":
+            cluster_kv.plot(result, path.with_suffix(".png"))
+        print(f"wrote {path}")
+    return run
+
+
+def parts() -> dict:
+    """{"a": routing (this module), "b": disaggregation, "c": migration, "transfer": the KV transport}."""
+    return {"a": part_a, "b": _kv_part("b"), "c": _kv_part("c"), "transfer": _kv_part("transfer")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """Lesson 14's KV-transfer benchmarks: transfer cost, disaggregation's goodput, migration's tail.
 
-    python -m minisys.bench.cluster_kv --part transfer   # bytes per token x bandwidth of the gloo transport
-    python -m minisys.bench.cluster_kv --part b          # colocated vs disaggregated goodput over request rates
-    python -m minisys.bench.cluster_kv --part c          # p99 latency with and without migration
-    python -m minisys.bench.cluster_kv --part all        # all three; MINISYS_QUICK=1 for the small sizes
+    python -m minisys bench cluster --part transfer   # bytes per token x bandwidth of the gloo transport
+    python -m minisys bench cluster --part b          # colocated vs disaggregated goodput over request rates
+    python -m minisys bench cluster --part c          # p99 latency with and without migration
+    python -m minisys.bench.cluster_kv --part all     # all three, with every knob; MINISYS_QUICK=1: small sizes
 
 (`run_part_b(args)` / `run_part_c(args)` / `run_transfer(args)` are what
 ``python -m minisys bench cluster`` calls.) Two replica servers (SmolLM2,
