@@ -56,7 +56,6 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..server.errors import error_body
 from .policies import LoadReport, RoutingPolicy, make_policy
 from .replica import Replica
 from .router_kv import Active, decode_body, install_cluster_kv_routes, is_migrated_event, prefill_body, \
@@ -195,6 +194,14 @@ class Router:
                         "routed": s.routed, "load": load})
         return {"policy": self.policy.name, "kv_connector": self.kv, "prefill_replicas": self.prefill_replicas,
                 "replicas": out, "requests": {rid: a.replica for rid, a in self.active.items()}}
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+               code=None) -> dict:
+    """The server's OpenAI error body (`minisys.server.errors.error_body`), imported when used: the server
+    imports `minisys.cluster` (the KV transfer) at module level, so the router must not import it back."""
+    from ..server.errors import error_body as body
+    return body(message, type_, param, code)
 
 
 class _NoReplica(Exception):
