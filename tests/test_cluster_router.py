@@ -337,30 +337,31 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_replica_killed_mid_stream_fails_its_client_only_and_shutdown_leaves_no_replica(cluster):
-    """Last of the module's cluster tests: it kills replica 0 (while replica 1's stream is being migrated
-    to it: the move fails, the stream goes on), then stops the router."""
+    """Last of the module's cluster tests: it kills the replica D of a stream (while the other replica's
+    stream is being migrated to D: the move fails, that stream goes on), then stops the router."""
     url, proc, pids = cluster.url, cluster.proc, [r.pid for r in cluster.replicas]
     body = {"prompt": "the quick", "max_tokens": LONG, "ignore_eos": True, "stream": True}
-    other_id = "on-replica-1"
     with httpx.Client(timeout=60) as c, \
-            c.stream("POST", url + "/v1/completions", json=body) as doomed, \
+            c.stream("POST", url + "/v1/completions", json=body, headers={"X-Request-Id": "doomed"}) as doomed, \
             c.stream("POST", url + "/v1/completions", json={**body, "max_tokens": 1000},
-                     headers={"X-Request-Id": other_id}) as other:
+                     headers={"X-Request-Id": "other"}) as other:
         doomed_lines, other_lines = doomed.iter_lines(), other.iter_lines()
-        next(line for line in doomed_lines if line.startswith("data: "))     # mid-stream on replica 0 (1st turn)
-        next(line for line in other_lines if line.startswith("data: "))      # mid-stream on replica 1
-        plain: dict = {}                                                      # a non-streamed one on replica 0
+        next(line for line in doomed_lines if line.startswith("data: "))     # mid-stream on replica d
+        next(line for line in other_lines if line.startswith("data: "))      # mid-stream on the other one
+        d = _where(url, "doomed")
+        assert _where(url, "other") == 1 - d                                  # round robin's next turn
+        plain: dict = {}                                                      # a non-streamed one on replica d
         waiter = threading.Thread(target=lambda: plain.update(r=httpx.post(
             url + "/v1/completions", json={**body, "stream": False}, timeout=60)))
         waiter.start()
         deadline = time.monotonic() + 10
-        while httpx.get(url + "/minisys/cluster").json()["replicas"][0]["in_flight"] < 2 \
+        while httpx.get(url + "/minisys/cluster").json()["replicas"][d]["in_flight"] < 2 \
                 and time.monotonic() < deadline:
             time.sleep(0.05)
-        moving: dict = {}                     # replica 1's stream sent to replica 0 as it dies: not moved, not lost
+        moving: dict = {}                     # the other stream sent to replica d as it dies: not moved, not lost
         mover = threading.Thread(target=lambda: moving.update(r=httpx.post(
-            url + "/minisys/cluster/migrate", json={"request_id": other_id, "dst": 0}, timeout=200)))
-        os.kill(pids[0], signal.SIGKILL)
+            url + "/minisys/cluster/migrate", json={"request_id": "other", "dst": d}, timeout=200)))
+        os.kill(pids[d], signal.SIGKILL)
         mover.start()
         waiter.join(30)
         mover.join(200)
@@ -373,17 +374,17 @@ def test_a_replica_killed_mid_stream_fails_its_client_only_and_shutdown_leaves_n
         text, events = stream_text(other_lines)
         assert events[-1]["choices"][0]["finish_reason"] == "length"
     deadline = time.monotonic() + 10
-    while httpx.get(url + "/minisys/cluster").json()["replicas"][0]["alive"] and time.monotonic() < deadline:
+    while httpx.get(url + "/minisys/cluster").json()["replicas"][d]["alive"] and time.monotonic() < deadline:
         time.sleep(0.1)
     reps = httpx.get(url + "/minisys/cluster").json()["replicas"]
-    assert [r["alive"] for r in reps] == [False, True]
+    assert [r["alive"] for r in reps] == [i != d for i in range(2)]
     for _ in range(3):                                      # the router keeps serving, on the survivor
         r = httpx.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 3}, timeout=30)
         assert r.status_code == 200
     assert httpx.get(url + "/health").status_code == 200
-    survivor = httpx.get(reps[1]["url"] + "/minisys/load").json()
+    survivor = httpx.get(reps[1 - d]["url"] + "/minisys/load").json()
     assert survivor["free_blocks"] == survivor["total_blocks"] and survivor["running"] == 0
-    assert_idle_no_leak([reps[1]["url"]])                  # nothing held or staged by the failed move either
+    assert_idle_no_leak([reps[1 - d]["url"]])              # nothing held or staged by the failed move either
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     deadline = time.monotonic() + 10
