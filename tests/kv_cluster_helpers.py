@@ -30,6 +30,17 @@ def eager_tokens(model_dir, prompt: list[int], params: dict) -> list[int]:
 _eager_cache: dict = {}
 
 
+def smol_eager_text(smol, url: str, tokenize_body: dict, max_tokens: int) -> str:
+    """The eager baseline's greedy text on SmolLM2 in this process, from the server's own token ids."""
+    import httpx
+
+    from minisys.engine.eager import EagerGenerator
+    from minisys.engine.sampling_params import SamplingParams
+    ids = httpx.post(url + "/tokenize", json=tokenize_body, timeout=60).json()["tokens"]
+    model, tok = smol
+    return EagerGenerator(model, tok).generate(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens)).text
+
+
 def assert_no_leak(hosts) -> None:
     """Every block free on every engine, nothing held or staged (the hosts also check invariants)."""
     for r in range(2):

@@ -17,7 +17,7 @@ from minisys.cluster.kv_transfer import kv_bytes_per_token
 from minisys.engine.kv_handoff import check_transferable
 from minisys.engine.sampling_params import SamplingParams
 from minisys.server.kv_args import kv_config_from_args
-from tests.kv_cluster_helpers import assert_no_leak, eager_tokens
+from tests.kv_cluster_helpers import assert_no_leak, eager_tokens, smol_eager_text
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52]]   # 7 and 13 tokens
 
@@ -128,7 +128,7 @@ def _kv(url):
     return httpx.get(url + "/minisys/kv", timeout=30).json()
 
 
-def test_http_disaggregated_equals_colocated_on_smollm2(replicas):
+def test_http_disaggregated_equals_eager_on_smollm2(replicas, smol):
     pre_url, dec_url = replicas
     body = {"prompt": "Write a story about a fox:", "max_tokens": 16, "temperature": 0}
     ref = httpx.post(dec_url + "/v1/completions", json=body, timeout=120).json()
@@ -139,6 +139,7 @@ def test_http_disaggregated_equals_colocated_on_smollm2(replicas):
     assert _kv(pre_url)["held"] == [kvp["remote_request_id"]]
     dec = httpx.post(dec_url + "/v1/completions", json={**body, "kv_transfer_params": kvp}, timeout=120).json()
     assert dec["choices"][0]["text"] == ref["choices"][0]["text"]
+    assert dec["choices"][0]["text"] == smol_eager_text(smol, dec_url, {"prompt": body["prompt"]}, 16)
     assert dec["usage"] == ref["usage"]
     again = httpx.post(dec_url + "/v1/completions", json={**body, "kv_transfer_params": kvp}, timeout=120)
     assert again.status_code == 409 and "not held" in again.json()["error"]["message"]    # pulled once only

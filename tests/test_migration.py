@@ -16,7 +16,7 @@ import pytest
 
 from minisys.cluster.engine_host import HostError
 from minisys.cluster.migration import plan_copy_round
-from tests.kv_cluster_helpers import BLOCK_SIZE, assert_no_leak, eager_tokens
+from tests.kv_cluster_helpers import assert_no_leak, eager_tokens
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11]                # 7 tokens: computed = 7 after the prefill step
 GREEDY = {"temperature": 0.0, "max_tokens": 24, "ignore_eos": True}
