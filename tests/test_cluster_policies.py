@@ -124,3 +124,26 @@ def test_make_policy_names_the_choices():
         ["round_robin", "least_loaded", "prefix_affinity"]
     with pytest.raises(ValueError, match="round_robin, least_loaded, prefix_affinity"):
         make_policy("random")
+
+
+def test_rebalance_pair_follows_llumnix_rule_against_a_scan():
+    """`rebalance_pair` against a scan written here: the least free replica that runs something, the most free
+    other one, moved only when their freeness differs by more than the gap."""
+    import random
+
+    from minisys.cluster.router_kv import rebalance_pair
+    rng = random.Random(7)
+
+    def f(r):
+        return (r.free_blocks - r.queued_demand_blocks) / (r.running + 1)
+    for _ in range(300):
+        loads = {i: LoadReport(rng.randint(0, 64), 64, 16, rng.randint(0, 4), 0, 0) for i in rng.sample(range(5), 3)}
+        gap = rng.choice([0.0, 4.0, 16.0])
+        busy = sorted((f(r), -i, i) for i, r in loads.items() if r.running)
+        got = rebalance_pair(loads, gap)
+        if not busy:
+            assert got is None
+            continue
+        src = busy[0][2]
+        dst = max((f(loads[i]), -i, i) for i in loads if i != src)[2]
+        assert got == ((src, dst) if f(loads[dst]) - f(loads[src]) > gap else None), (loads, gap)

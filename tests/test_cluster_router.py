@@ -407,6 +407,8 @@ def test_router_kv_flags_are_refused_by_name(capsys):
     from minisys.server.launch import serve
     for argv, named in [(["--replicas", "2", "--prefill-replicas", "1"], "--kv-connector"),
                         (["--replicas", "2", "--kv-connector", "gloo", "--prefill-replicas", "2"], "--prefill-replicas"),
-                        (["--replicas", "2", "--kv-connector", "gloo", "--kv-rank", "0"], "--kv-rank")]:
+                        (["--replicas", "2", "--kv-connector", "gloo", "--kv-rank", "0"], "--kv-rank"),
+                        (["--replicas", "2", "--rebalance-every-s", "1"], "--kv-connector"),
+                        (["--rebalance-every-s", "1"], "--rebalance-every-s")]:
         assert serve(build_parser().parse_args(["serve", *argv])) == 2
         assert named in capsys.readouterr().err

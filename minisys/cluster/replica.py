@@ -35,7 +35,7 @@ def replica_args(args: argparse.Namespace) -> argparse.Namespace:
     """The flags of one replica: the router's, on a free loopback port, keyless, one thread by default."""
     r = copy.copy(args)
     r.host, r.port, r.api_key, r.metrics_open = REPLICA_HOST, 0, None, True
-    r.replicas, r.routing_policy, r.prefill_replicas = 1, None, None
+    r.replicas, r.routing_policy, r.prefill_replicas, r.rebalance_every_s = 1, None, None, None
     r.threads = args.threads or 1
     r.rebuild_cache = False                  # the router converted the model once, before spawning
     return r

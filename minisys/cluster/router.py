@@ -59,7 +59,7 @@ from prometheus_client.registry import Collector
 from .policies import LoadReport, RoutingPolicy, make_policy
 from .replica import Replica
 from .router_kv import Active, decode_body, install_cluster_kv_routes, is_migrated_event, prefill_body, \
-    refuse_kv_params, sse_events
+    rebalance_forever, refuse_kv_params, sse_events
 
 logger = logging.getLogger("minisys.router")
 LOAD_POLL_S = 0.1
@@ -97,6 +97,8 @@ class Router:
         self.kv = kv                                   # the replicas are one KV group (rank = index)
         self.prefill_replicas = prefill_replicas       # K > 0: replicas 0..K-1 prefill, the others decode
         self.active: dict[str, Active] = {}            # request id -> where it runs now (migrate, drain)
+        self.rebalance: Optional[tuple[float, float]] = None   # (every_s, freeness gap): `router_kv.rebalance_forever`
+        self.rebalanced = 0                            # migrations the rebalancer made
         self.client: Optional[httpx.AsyncClient] = None
         self.draining = False
         self.in_flight_ids: set[str] = set()
@@ -193,7 +195,7 @@ class Router:
                         if self.prefill_replicas else "any",
                         "routed": s.routed, "load": load})
         return {"policy": self.policy.name, "kv_connector": self.kv, "prefill_replicas": self.prefill_replicas,
-                "replicas": out, "requests": {rid: a.replica for rid, a in self.active.items()}}
+                "rebalanced": self.rebalanced, "replicas": out, "requests": {rid: a.replica for rid, a in self.active.items()}}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
@@ -458,11 +460,14 @@ def build_router_app(router: Router, api_key: Optional[str] = None, metrics_open
         router.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
                                           limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         await asyncio.gather(*(router.refresh(s) for s in router.states))
-        poller = asyncio.create_task(router.poll_loads(), name="minisys-router-load")
+        tasks = [asyncio.create_task(router.poll_loads(), name="minisys-router-load")]
+        if router.rebalance and router.kv:
+            tasks.append(asyncio.create_task(rebalance_forever(router, *router.rebalance), name="minisys-rebalance"))
         yield
-        poller.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await poller
+        for t in tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         await router.client.aclose()
 
     app = FastAPI(title="minisys router", lifespan=lifespan)
@@ -538,8 +543,10 @@ def check_cluster_args(args) -> None:
     """ValueError naming a flag the replicas or the router cannot take."""
     from ..server.engine_args import given_engine_args
     if args.replicas < 2:
-        if getattr(args, "prefill_replicas", None) is not None:
-            raise ValueError(f"--prefill-replicas needs --replicas N with N >= 2 (got --replicas {args.replicas})")
+        for flag in ("prefill_replicas", "rebalance_every_s"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --replicas N with N >= 2 "
+                                 f"(got --replicas {args.replicas})")
         if args.routing_policy is not None:
             raise ValueError(f"--routing-policy needs --replicas N with N >= 2 (got --replicas {args.replicas})")
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
@@ -553,6 +560,11 @@ def check_cluster_args(args) -> None:
         if getattr(args, flag, None) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} is set by the router (rank = replica index, a free "
                              "master port): give --kv-connector only")
+    if getattr(args, "rebalance_every_s", None) is not None:
+        if not getattr(args, "kv_connector", None):
+            raise ValueError("--rebalance-every-s needs --kv-connector gloo (rebalancing migrates requests)")
+        if args.rebalance_every_s <= 0:
+            raise ValueError(f"--rebalance-every-s must be > 0, got {args.rebalance_every_s}")
     k = getattr(args, "prefill_replicas", None)
     if k is not None:
         if not getattr(args, "kv_connector", None):
@@ -601,6 +613,8 @@ def serve_cluster(args) -> int:
     try:
         router = Router(started, policy, tokenizer, model_name(args), kv=bool(getattr(args, "kv_connector", None)),
                         prefill_replicas=getattr(args, "prefill_replicas", None) or 0)
+        if getattr(args, "rebalance_every_s", None):
+            router.rebalance = (args.rebalance_every_s, args.rebalance_gap)
         replicas.watch(lambda i, code: logger.error("replica %d died (exit code %s): out of rotation", i, code))
         app = build_router_app(router, api_key, args.metrics_open, limits.max_body_bytes)
         print(f"minisys router on http://{args.host}:{args.port}: {len(started)} replicas "

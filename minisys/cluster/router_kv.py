@@ -25,6 +25,9 @@ replicas join one KV group (rank = replica index; `replica.kv_group_args`), and 
   replica the policy picks among the others; answers ``{"replica", "moved": [...], "not_moved":
   [{"request_id", "reason"}]}`` (non-streamed requests finish where they are).
   ``POST /minisys/cluster/undrain {"replica": i}`` puts it back.
+* **Rebalances** (off unless ``--rebalance-every-s S``): every S seconds, Llumnix's rule
+  (`rebalance_pair`): if the freeness of the most free replica in rotation exceeds the least free
+  one's by more than ``--rebalance-gap``, migrate the newest stream of the least free one there.
 
 Failure: a replica that dies mid-transfer fails the request it was moving with an error (a 502, or
 an SSE error event then ``[DONE]``), never a hang; held or staged KV on the survivors is freed by
@@ -117,6 +120,36 @@ async def _post_migrate(router: "Router", rid: str, dst: int) -> tuple[int, dict
     if r.status_code == 200:
         body["src"] = src
     return r.status_code, body
+
+
+def rebalance_pair(loads: dict, gap: float) -> Optional[tuple[int, int]]:
+    """Llumnix's rebalancing rule: (src, dst) = (least free, most free) replica when their freeness differs by
+    more than ``gap`` and the least free one runs something to move; else None. ``loads``: index -> LoadReport."""
+    from .policies import freeness
+    busy = {i: r for i, r in loads.items() if r.running > 0}
+    if len(loads) < 2 or not busy:
+        return None
+    src = min(busy, key=lambda i: (freeness(busy[i]), -i))
+    dst = max((i for i in loads if i != src), key=lambda i: (freeness(loads[i]), -i))
+    return (src, dst) if freeness(loads[dst]) - freeness(loads[src]) > gap else None
+
+
+async def rebalance_forever(router: "Router", every_s: float, gap: float) -> None:
+    """Every ``every_s``: one migration by `rebalance_pair` (the newest stream on the source), if any."""
+    import asyncio
+    import logging
+    log = logging.getLogger("minisys.router")
+    while True:
+        await asyncio.sleep(every_s)
+        states = {s.replica.index: s for s in router.pool("decode")}
+        pair = rebalance_pair({i: s.load for i, s in states.items() if s.load is not None}, gap)
+        if pair is None:
+            continue
+        mine = [rid for rid, a in router.active.items() if a.replica == pair[0] and a.stream]
+        if mine:
+            status, answer = await _post_migrate(router, mine[-1], pair[1])
+            log.info("rebalance %s: replica %d -> %d: %s", mine[-1], pair[0], pair[1], status)
+            router.rebalanced += status == 200
 
 
 def _bad(message: str, param: str, status: int = 400) -> JSONResponse:

@@ -71,6 +71,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-replicas", type=int, default=None, metavar="K",
                    help="disaggregated prefill and decode (lesson 14; needs --replicas N and --kv-connector): "
                         "replicas 0..K-1 only prefill, the others decode; the router moves each request's KV")
+    p.add_argument("--rebalance-every-s", type=float, default=None, metavar="S",
+                   help="with --replicas and --kv-connector: every S seconds migrate the newest stream of the least "
+                        "free replica to the most free one when their freeness differs by more than --rebalance-gap "
+                        "(Llumnix; default: off)")
+    p.add_argument("--rebalance-gap", type=float, default=8.0,
+                   help="the freeness gap (free KV blocks per running sequence) that triggers a rebalance (default: 8)")
     add_limit_args(p)
     add_timeout_args(p)
     add_engine_args(p)
@@ -176,7 +182,8 @@ def serve(args, on_ready: Optional[Callable[[int], None]] = None) -> int:
     port bound (a replica of lesson 14's router, started with ``--port 0``; no banner is printed then).
     ``--replicas N`` (N > 1) runs the router over N such servers instead (`minisys.cluster.router`)."""
     if (getattr(args, "replicas", 1) != 1 or getattr(args, "routing_policy", None) is not None
-            or getattr(args, "prefill_replicas", None) is not None):
+            or getattr(args, "prefill_replicas", None) is not None
+            or getattr(args, "rebalance_every_s", None) is not None):
         from ..cluster.router import serve_cluster
         return serve_cluster(args)
     import uvicorn
