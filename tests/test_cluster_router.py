@@ -46,6 +46,7 @@ CHAT = [{"role": "system", "content": SHARED}, {"role": "user", "content": "the 
 MAX_TOKENS = 12
 LONG = 3000                  # tokens of a request meant to be cut: seconds of decoding
 MIGRATED = 240               # output tokens of a request migrated mid-generation (~1 s of decoding; eager oracle)
+MOVED = [SHARED + "move one", SHARED + "move two"]       # the prompts of the migrated requests
 KV_BLOCKS = "512"            # room for one LONG request (188 blocks of 16) and the others
 
 
@@ -67,8 +68,15 @@ def eager(model_dir):
 
 
 def eager_text(eager, prompt: str, max_tokens: int) -> str:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return eager.generate([prompt], params)[0].outputs[0].text
+    """The eager baseline's greedy text (computed once per prompt and length for the module)."""
+    key = (id(eager), prompt, max_tokens)
+    if key not in _EAGER:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        _EAGER[key] = eager.generate([prompt], params)[0].outputs[0].text
+    return _EAGER[key]
+
+
+_EAGER: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +290,7 @@ def _where(url: str, rid: str) -> int:
 
 def test_a_stream_migrated_by_the_router_equals_eager(cluster, eager):
     url = cluster.url
-    prompt = SHARED + "migrate me"
+    prompt = MOVED[0]
     before = [c["migrations_in"] for c in kv_counters(cluster.urls)]
     with httpx.Client(timeout=120) as c:
         cm, got, lines = _start_stream(c, url, "mig-1", prompt, MIGRATED)
@@ -304,7 +312,7 @@ def test_a_stream_migrated_by_the_router_equals_eager(cluster, eager):
 
 def test_drain_moves_the_running_requests_and_they_complete_correctly(cluster, eager):
     url = cluster.url
-    prompts = [SHARED + "drain one", SHARED + "drain two"]
+    prompts = MOVED
     with httpx.Client(timeout=120) as c:
         streams = [_start_stream(c, url, f"drain-{k}", p, MIGRATED) for k, p in enumerate(prompts)]
         where = [_where(url, f"drain-{k}") for k in range(2)]
@@ -325,6 +333,32 @@ def test_drain_moves_the_running_requests_and_they_complete_correctly(cluster, e
             assert text == eager_text(eager, prompts[k], MIGRATED), f"drain-{k}"
         assert c.post(url + "/minisys/cluster/undrain", json={"replica": 0}).status_code == 200
     assert kv_counters(cluster.urls)[0]["requests"] == []
+    assert_idle_no_leak(cluster.urls)
+
+
+def test_the_rebalancer_moves_a_stream_from_the_busier_replica(cluster, model_dir, eager):
+    """An in-process router with rebalancing (every 0.1 s, freeness gap 50): two streams placed on replica
+    0 (replica 1 drained meanwhile), then replica 1 back: one stream moves there, both equal eager."""
+    from minisys.model.tokenizer import Tokenizer
+    router = Router(cluster.replicas, make_policy("least_loaded"), Tokenizer.from_dir(model_dir), "tiny", kv=True)
+    router.rebalance = (0.1, 50.0)
+    prompts = MOVED
+    with TestClient(build_router_app(router)) as client:
+        router.states[1].in_rotation = False
+        streams = []
+        for k, p in enumerate(prompts):
+            cm = client.stream("POST", "/v1/completions", headers={"X-Request-Id": f"rb-{k}"},
+                               json={"prompt": p, "max_tokens": MIGRATED, "temperature": 0, "ignore_eos": True,
+                                     "stream": True})
+            lines = cm.__enter__().iter_lines()
+            streams.append((cm, [next(line for line in lines if line.startswith("data: "))], lines))
+        assert set(router.active[f"rb-{k}"].replica for k in range(2)) == {0}
+        router.states[1].in_rotation = True
+        for k, (cm, got, lines) in enumerate(streams):
+            text, _ = stream_text(got + list(lines))
+            cm.__exit__(None, None, None)
+            assert text == eager_text(eager, prompts[k], MIGRATED), f"rb-{k}"
+        assert router.rebalanced >= 1
     assert_idle_no_leak(cluster.urls)
 
 
