@@ -106,17 +106,18 @@ def decode_body(parsed: dict, kvp: Optional[dict]) -> bytes:
 
 async def _post_migrate(router: "Router", rid: str, dst: int) -> tuple[int, dict]:
     """Ask the replica serving ``rid`` to migrate it to replica ``dst``: (status, JSON answer)."""
+    from ..server.errors import error_body
     act = router.active.get(rid)
     if act is None:
-        return 404, {"error": {"message": f"request {rid!r} is not in flight at this router", "param": "request_id"}}
+        return 404, error_body(f"request {rid!r} is not in flight at this router", param="request_id")
     src = act.replica
     try:
         r = await router.client.post(router.states[src].replica.url + "/minisys/migrate",
                                      json={"request_id": rid, "dst_rank": dst}, timeout=MIGRATE_TIMEOUT_S)
         body = r.json()
     except (httpx.HTTPError, ValueError) as exc:
-        return 502, {"error": {"message": f"replica {src} failed during the migration ({type(exc).__name__})",
-                               "type": "bad_gateway"}}
+        return 502, error_body(f"replica {src} failed during the migration ({type(exc).__name__}); the request "
+                               "goes on there if that replica is alive", "bad_gateway")
     if r.status_code == 200:
         body["src"] = src
     return r.status_code, body
