@@ -12,6 +12,7 @@
     python -m minisys bench kv-cache | attention | paged-kv | throughput | chunked | spec | serve | scheduling | soak | facts | compound | tp | cluster
     python -m minisys serve [--port 8000] [--engine llm|eager] [--api-key KEY]
     python -m minisys serve --replicas 2 [--routing-policy least_loaded]   # lesson 14: a router over 2 servers
+    python -m minisys serve --replicas 3 --kv-connector gloo [--prefill-replicas 1]   # lesson 14: KV transfer
     python -m minisys rag index | query "..." | ask "..."   # lesson 16: RAG over the course's text
 """
 from __future__ import annotations
