@@ -37,6 +37,7 @@ their timeouts (``--kv-hold-timeout-s``, the staging timeout) and an unattached 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -215,6 +216,7 @@ def install_cluster_kv_routes(app: FastAPI, router: "Router") -> None:
             status, answer = await _post_migrate(router, rid, dst.replica.index)
             if status == 200:
                 moved.append({"request_id": rid, **answer})
+                dst.pending.append((time.monotonic(), int(answer.get("blocks", 1))))   # the next pick sees it
             else:
                 not_moved.append({"request_id": rid, "reason": answer.get("error", {}).get("message", str(status))})
         return JSONResponse({"replica": i, "moved": moved, "not_moved": not_moved})
