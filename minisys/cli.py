@@ -9,9 +9,11 @@
     python -m minisys grade labs/01-tokens-to-text.ipynb [--results results.json]
     python -m minisys labs build | check
     python -m minisys labs start 01            # a working copy: work/01-tokens-to-text.ipynb
-    python -m minisys bench kv-cache | attention | paged-kv | throughput | chunked | spec | serve | scheduling | soak | facts | compound
+    python -m minisys bench kv-cache | attention | paged-kv | throughput | latency | chunked | spec | serve | scheduling | soak | facts | compound | tp | cluster
     python -m minisys bench gpu [--dry-run]      # the one-shot GPU check (appendix B); dtype: fp32 vs bf16 here
     python -m minisys serve [--port 8000] [--engine llm|eager] [--api-key KEY]
+    python -m minisys serve --replicas 2 [--routing-policy least_loaded]   # lesson 14: a router over 2 servers
+    python -m minisys serve --replicas 3 --kv-connector gloo [--prefill-replicas 1]   # lesson 14: KV transfer
     python -m minisys rag index | query "..." | ask "..."   # lesson 16: RAG over the course's text
 """
 from __future__ import annotations
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rag", help="retrieval-augmented generation over the course's text: index, query, ask",
                    add_help=False)
     sub.add_parser("bench", help="run a benchmark (kv-cache, attention, paged-kv, throughput, chunked, spec, "
-                                 "serve, scheduling, soak, gpu, dtype) or the lessons' small measured facts (facts)",
+                                 "serve, scheduling, soak, tp, cluster, gpu, dtype, ...) or the lessons' small measured facts (facts)",
                    add_help=False)
     return parser
 

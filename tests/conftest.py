@@ -35,14 +35,15 @@ def hf_smol(smol_gguf_path):
     return model, tok
 
 
-def save_tiny_hf_model(path: Path, model_type: str, seed: int = 0, tie: bool = False) -> Path:
-    """Save a small random Llama/Qwen2 with transformers' save_pretrained (plus SmolLM2-like tokenizer files)."""
+def save_tiny_hf_model(path: Path, model_type: str, seed: int = 0, tie: bool = False, **sizes) -> Path:
+    """Save a small random Llama/Qwen2 with transformers' save_pretrained (plus SmolLM2-like tokenizer files);
+    ``sizes`` override config fields (e.g. ``max_position_embeddings`` for long generations)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(
-        model_type, vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_theta=10000.0)
+    fields = dict(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_theta=10000.0)
+    cfg = AutoConfig.for_model(model_type, **{**fields, **sizes})
     model = AutoModelForCausalLM.from_config(cfg).float()
     with torch.no_grad():   # random non-zero biases so that Qwen2's q/k/v bias path is exercised
         for name, p in model.named_parameters():
@@ -63,6 +64,13 @@ def _write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
     tk.save(str(path / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def save_tiny_model():
+    """`save_tiny_hf_model` itself, for a module that needs other sizes (``import conftest`` is ambiguous:
+    tests/labs has a conftest too)."""
+    return save_tiny_hf_model
 
 
 @pytest.fixture(scope="session")
@@ -129,3 +137,21 @@ def graded_student_notebook():
             cache[path] = grade(path)
         return cache[path]
     return get
+
+
+@pytest.fixture(scope="session")
+def kv_hosts(tiny_dirs):
+    """Two tiny-model engines in two processes joined by one gloo KV group (lesson 14; shared by
+    tests/test_kv_transfer.py and tests/test_migration.py: started once)."""
+    from minisys.cluster.engine_host import EngineHosts
+    from tests.kv_cluster_helpers import HOST_CONFIG
+    with EngineHosts(tiny_dirs["llama"], 2, HOST_CONFIG) as h:
+        yield h
+
+
+@pytest.fixture(scope="session")
+def kv_replicas():
+    """Two SmolLM2 replica servers (1 thread each) on one gloo KV group: their URLs (lesson 14)."""
+    from tests.kv_cluster_helpers import two_replicas
+    with two_replicas(["--num-kv-blocks", "256"]) as urls:
+        yield urls

@@ -227,6 +227,35 @@ def test_lab13_bugs_fail_their_exercise_tests() -> None:
         assert lost(cases).get(exercise, 0) > 0, (edit, failed(cases))
 
 
+# ---------------------------------------------------------------- lab 14: routing over replicas, migration
+LAB14 = ["freeness", "pick_least_loaded", "plan_copy_round", "simulate_migration"]
+FREE_BLOCKS_ONLY = ("return (report.free_blocks - report.queued_demand_blocks) / (report.running + 1)",
+                    "return report.free_blocks / (report.running + 1)")
+NEWCOMER_NOT_COUNTED = ("/ (report.running + 1)", "/ max(1, report.running)")
+NO_TIE_BREAK_BY_REQUESTS = ("loads[i].running + loads[i].waiting, i))", "i))")
+LEAST_FREE_BLOCKS = ("key=lambda i: (-freeness(loads[i]),", "key=lambda i: (-loads[i].free_blocks,")
+PARTIAL_BLOCK_COPIED_EARLY = ("return list(range(num_copied_blocks, num_full)), False",
+                              "return list(range(num_copied_blocks, num_blocks)), False")
+STOPS_ONE_ROUND_LATE = ("num_blocks - num_copied_blocks <= stop_threshold_blocks",
+                        "num_blocks - num_copied_blocks < stop_threshold_blocks")
+NO_DECODING_DURING_A_ROUND = ("progress += took / seconds_per_token", "progress += 0")
+
+
+def test_lab14_as_written_passes_its_tests() -> None:
+    cases = run_lab_tests(lab_tests("14"), solution_namespace("14", LAB14))
+    assert len(cases) >= 11 and not lost(cases), failed(cases)
+
+
+def test_lab14_bugs_fail_their_exercise_tests() -> None:
+    module = lab_tests("14")
+    for edit, exercise in [(FREE_BLOCKS_ONLY, "freeness"), (NEWCOMER_NOT_COUNTED, "freeness"),
+                           (NO_TIE_BREAK_BY_REQUESTS, "pick_least_loaded"), (LEAST_FREE_BLOCKS, "pick_least_loaded"),
+                           (PARTIAL_BLOCK_COPIED_EARLY, "plan_copy_round"), (STOPS_ONE_ROUND_LATE, "plan_copy_round"),
+                           (NO_DECODING_DURING_A_ROUND, "simulate_migration")]:
+        cases = run_lab_tests(module, solution_namespace("14", LAB14, edit), only=exercise_tests(module, exercise))
+        assert lost(cases).get(exercise, 0) > 0, (edit, failed(cases))
+
+
 # ---------------------------------------------------------------- lab 16: compound AI
 COMPOUND = ["canonical_prompt", "ready_set"]
 RETRIEVAL_ORDER_KEPT = ("for pid in sorted(set(retrieved)):", "for pid in dict.fromkeys(retrieved):")

@@ -21,6 +21,7 @@ BENCHMARKS = {
     "structured-library": "minisys.bench.structured_library",
     "dtype": "minisys.bench.dtype_speed",
     "gpu": "minisys.bench.gpu_check",
+    "cluster": "minisys.bench.cluster",
 }
 
 

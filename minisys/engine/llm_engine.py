@@ -33,6 +33,7 @@ from ..spec.speculator import Speculator
 from ..structured.compiler import GrammarCompiler
 from .config import EngineConfig
 from .cuda_graph import cuda_graph_spec
+from .kv_handoff import KVHandoffMixin, check_transferable
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
@@ -73,9 +74,10 @@ class _Group:
     procs: list[OutputProcessor]
     sent: list[int]
     prompt_sent: int = 0      # prompt logprobs already returned (DELTA outputs)
+    hold_after_first: bool = False   # disaggregated prefill: held with its KV after its first token
 
 
-class LLMEngine:
+class LLMEngine(KVHandoffMixin):
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  clock: Callable[[], float] | None = None, policy: SchedulingPolicy | None = None) -> None:
         """``clock``: the scheduler's clock in seconds (default `time.monotonic`; a replay passes a
@@ -89,6 +91,7 @@ class LLMEngine:
         self.speculator = Speculator.from_config(self.config, model, self.stats.spec)   # None: no speculation
         self._groups: dict[str, _Group] = {}
         self._seq_group: dict[str, _Group] = {}
+        self._held: dict[str, tuple[_Group, float]] = {}   # KV handoff: held requests, their deadline
         self._grammars: GrammarCompiler | None = None      # built at the first structured-output request
 
     def _make_runner(self, model: LlamaModel) -> ModelRunner:
@@ -138,17 +141,24 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     prompt: str | None = None, *, client: str | None = None, priority: int = 0,
-                    qoe: QoESpec | None = None) -> None:
+                    qoe: QoESpec | None = None, hold_after_first_token: bool = False) -> None:
         """Queue a request (``params.n`` sequences); ValueError, and nothing queued, if it can never
         be served. This is the request's one validation.
 
         ``client`` (the OpenAI ``user``), ``priority`` (lower first) and ``qoe`` (the reader's
         expected TTFT and pace) are for the scheduling policy (lesson 08); every policy reads them.
+        ``hold_after_first_token`` (disaggregated prefill, lesson 14): once its first token is sampled
+        the request is held with its KV (`hold_request`) and its output finishes with
+        ``kv_transfer_params``; a decode engine takes it over (`minisys.engine.kv_handoff`).
         """
         params = params or SamplingParams()
         request_id = str(request_id)
-        if request_id in self._groups:
+        if request_id in self._groups or request_id in self._held:
             raise ValueError(f"request id {request_id!r} is already in the engine")
+        if hold_after_first_token:
+            check_transferable(params, "a disaggregated prefill (kv_transfer_params)")
+            if self.speculator is not None:
+                raise ValueError("kv_transfer_params is not supported with speculative decoding")
         check_prompt_ids(prompt_token_ids, self.model.config.vocab_size)   # context/KV limits: Scheduler.add
         check_request_meta(client, priority, qoe)
         params.check_vocab(self.model.config.vocab_size)
@@ -170,13 +180,16 @@ class LLMEngine:
         self.scheduler.add(*seqs)                   # the context and KV-pool limits, checked once
         procs = [OutputProcessor(self.tokenizer, params, len(prompt_token_ids), self.config.max_model_len,
                                  s.structured) for s in seqs]
-        group = _Group(request_id, prompt, list(prompt_token_ids), params, seqs, procs, [0] * len(seqs))
+        group = _Group(request_id, prompt, list(prompt_token_ids), params, seqs, procs, [0] * len(seqs),
+                       hold_after_first=hold_after_first_token)
         for s in seqs:
             self._seq_group[s.request_id] = group
         self._groups[request_id] = group
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; False if it is not in the engine."""
+        if self.release_held(str(request_id), "abort"):
+            return True
         group = self._groups.pop(str(request_id), None)
         if group is None:
             return False
@@ -242,6 +255,9 @@ class LLMEngine:
         outs = []
         for g in touched.values():
             finished = all(s.is_finished for s in g.seqs)
+            if g.hold_after_first and not finished and g.seqs[0].output_token_ids:
+                outs.append(self._held_output(g))
+                continue
             if finished:
                 del self._groups[g.request_id]
                 for s in g.seqs:
@@ -249,6 +265,17 @@ class LLMEngine:
             if finished or g.params.output_kind is not RequestOutputKind.FINAL_ONLY:
                 outs.append(self._output(g, finished))
         return outs
+
+    def _held_output(self, g: _Group) -> RequestOutput:
+        """Disaggregated prefill: hold the request with its KV; its output ends here ("length", as vLLM's
+        max_tokens=1 prefill does) and says where the KV waits (`kv_transfer_params`)."""
+        seq = g.seqs[0]
+        self.hold_request(g.request_id)
+        out = self._output(g, True)
+        out.outputs[0].finish_reason = "length"
+        out.kv_transfer_params = {"do_remote_prefill": True, "remote_request_id": g.request_id,
+                                  "num_tokens": seq.num_tokens, "num_computed_tokens": seq.num_computed_tokens}
+        return out
 
     def _count(self, sched: SchedulerOutput, generated: int) -> None:
         st = self.stats

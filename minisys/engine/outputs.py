@@ -43,6 +43,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     prompt_logprobs: list[TokenLogprobs | None] | None = None   # per prompt token (the first: None)
+    # disaggregated prefill (lesson 14): where this request's KV waits to be pulled (vLLM's field)
+    kv_transfer_params: dict | None = None
 
     def add(self, newer: RequestOutput) -> RequestOutput:
         """This DELTA output followed by ``newer``: one output with both deltas (per choice index).
@@ -69,4 +71,5 @@ class RequestOutput:
                 m.finish_reason, m.stop_reason = c.finish_reason, c.stop_reason
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              [merged[i] for i in sorted(merged)], newer.finished,
-                             cat(self.prompt_logprobs, newer.prompt_logprobs))
+                             cat(self.prompt_logprobs, newer.prompt_logprobs),
+                             newer.kv_transfer_params or self.kv_transfer_params)

@@ -43,8 +43,10 @@ request whose fed tokens reach its last known token samples (see
 `ScheduledRequest.samples`).
 
 Invariants (`check_invariants`): a request is in exactly one of ``waiting``
-(WAITING) or ``running`` (RUNNING), or neither once FINISHED; exactly the
-running requests hold blocks; the allocator's own invariants hold; a step
+(WAITING), ``running`` or ``held`` (RUNNING), or none once FINISHED; exactly
+the running and held requests hold blocks (a held request is one whose KV is
+being handed to another engine, lesson 14: never scheduled, never preempted);
+the allocator's own invariants hold; a step
 never feeds more than ``max_num_batched_tokens``. Requests that can never
 fit (larger than the whole pool, or, without chunked prefill, than one
 step's token budget) are refused by `check_fits` before they are queued, so
@@ -247,6 +249,9 @@ class Scheduler:
                                                      config.enable_prefix_caching)
         self.waiting = WaitingQueue()              # FCFS; O(1) removal (abort)
         self.running: list[Request] = []          # the policy's order (FCFS: admission order, oldest first)
+        # KV handoff (lesson 14): RUNNING requests that keep their blocks but are not scheduled (a prefill
+        # waiting for its decode replica to pull the KV, a migration's stop-and-copy); see `hold`
+        self.held: dict[str, Request] = {}
         self._arrivals = 0
         self.num_preemptions = 0
         self.clock = clock or time.monotonic
@@ -292,13 +297,46 @@ class Scheduler:
     def finish(self, req: Request, reason: str) -> None:
         """Retire a request now (finished or aborted): free its blocks, drop it from its queue."""
         if req.status is RequestStatus.RUNNING:
-            self.running.remove(req)
+            if self.held.pop(req.request_id, None) is None:
+                self.running.remove(req)
             self.allocator.free(req.request_id)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)              # O(1): see WaitingQueue
         req.transition(RequestStatus.FINISHED)
         req.finish_reason = reason
         self.policy.on_finish(req)
+
+    # ------------------------------------------------------------ KV handoff (lesson 14)
+    def hold(self, req: Request) -> None:
+        """Stop scheduling a decoding request but keep its blocks (a prefill whose KV waits to be pulled,
+        a migration's last round). `unhold` resumes it here; `finish` frees it."""
+        if req.status is not RequestStatus.RUNNING or req not in self.running or self._is_prefilling(req):
+            raise ValueError(f"request {req.request_id!r} is not decoding here: only a decoding request is held")
+        self.running.remove(req)
+        self.held[req.request_id] = req
+
+    def unhold(self, req: Request) -> None:
+        """A held request decodes here again (its transfer failed or was cancelled)."""
+        if self.held.pop(req.request_id, None) is not req:
+            raise ValueError(f"request {req.request_id!r} is not held")
+        self.running.append(req)
+
+    def admit_imported(self, req: Request) -> bool:
+        """Make a request whose first ``req.num_computed_tokens`` tokens' K/V come from another engine
+        RUNNING here, decoding: blocks for those tokens (no prefix-cache reuse: every block is written
+        by the import). False, nothing changed, without a seat or the blocks."""
+        if req.status is not RequestStatus.WAITING or not 0 < req.num_computed_tokens == req.num_tokens - 1:
+            raise ValueError(f"request {req.request_id!r}: an import is WAITING with all but its last token computed")
+        self.check_fits(req)
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        if not self.allocator.allocate(req.request_id, req.token_slice(0, req.num_computed_tokens), use_cache=False):
+            return False
+        req.arrival, req.arrival_time = self._arrivals, self.clock()
+        self._arrivals += 1
+        req.transition(RequestStatus.RUNNING)
+        self.running.append(req)
+        return True
 
     # ------------------------------------------------------------ the step decision
     def schedule(self, drafts: Mapping[str, Proposal] | None = None) -> SchedulerOutput:
@@ -488,9 +526,10 @@ class Scheduler:
         assert all(r.status is RequestStatus.WAITING for r in self.waiting), "non-WAITING request in waiting"
         assert all(r.status is RequestStatus.RUNNING for r in self.running), "non-RUNNING request in running"
         assert len(self.running) <= self.config.max_num_seqs, "more running requests than max_num_seqs"
-        assert set(self.allocator.tables) == {r.request_id for r in self.running}, \
-            "blocks held by something other than the running requests"
-        for r in self.running:
+        assert set(self.allocator.tables) == {r.request_id for r in self.running} | set(self.held), \
+            "blocks held by something other than the running (or held) requests"
+        assert not set(self.held) & {r.request_id for r in self.running}, "a request both running and held"
+        for r in self.running + list(self.held.values()):
             assert self.allocator.tables[r.request_id].num_tokens in (r.num_tokens, r.num_tokens - 1), \
                 f"request {r.request_id!r}: allocator and request disagree on its length"
             assert 0 <= r.num_computed_tokens <= r.num_tokens, f"request {r.request_id!r}: bad computed count"

@@ -120,17 +120,21 @@ class WorkerGroup:
         """(index, exit code) of every worker that is no longer running."""
         return [(i, p.exitcode) for i, p in enumerate(self.procs) if not p.is_alive()]
 
-    def watch(self, on_death: Callable[[int, int | None], None]) -> None:
+    def watch(self, on_death: Callable[[int, int | None], None], every: bool = False) -> None:
         """A daemon thread calls ``on_death(index, exitcode)`` once, for the first worker that dies
-        (not when `stop` ends them)."""
+        (not when `stop` ends them); with ``every``, once for each worker that dies (replicas: the
+        others keep serving)."""
         def run() -> None:
             sentinels = {p.sentinel: i for i, p in enumerate(self.procs)}
-            while not self._stopping.is_set():
+            while sentinels and not self._stopping.is_set():
                 hit = wait(list(sentinels), timeout=1.0)
-                if hit and not self._stopping.is_set():
-                    i = sentinels[hit[0]]
+                for s in hit if every else hit[:1]:
+                    if self._stopping.is_set():
+                        return
+                    i = sentinels.pop(s)
                     self.procs[i].join(1)
                     on_death(i, self.procs[i].exitcode)
+                if hit and not every:
                     return
         threading.Thread(target=run, name=f"{self.name}-watch", daemon=True).start()
 

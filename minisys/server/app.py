@@ -7,6 +7,13 @@
     POST /v1/programs            a DAG of LLM calls with semantic variables, run at once (`programs`, lesson 16)
     GET  /health                 200 while the engine loop is alive
     GET  /metrics                Prometheus text (see `metrics`)
+    GET  /minisys/load           free KV blocks, queue, prefix hits: what a router reads (`load`, lesson 14)
+
+A request may name itself with the header ``X-Request-Id`` (as vLLM
+honours it): that id is its engine request id and its response ``id``
+(a router uses it to address the request later); an id already in flight
+here is a 400 (``duplicate_request_id``), and so is one that is not 1-128
+printable ASCII characters.
 
 Streaming is server-sent events: ``data: {chunk}\\n\\n`` per choice delta,
 the choice's ``finish_reason`` on its last chunk, an optional usage chunk
@@ -50,12 +57,14 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..model.tokenizer import Tokenizer
-from .async_engine import EngineDeadError, PromptError, RequestStream, ServerShuttingDown
+from .async_engine import EngineDeadError, PromptError, RequestMigrated, RequestStream, ServerShuttingDown
 from .body_text import check_body_text
 from .embeddings import install_embeddings
 from .programs import install_programs
 from .interpreter import collections_paused
+from .kv_routes import check_kv_request, install_kv_routes, pull_prefilled
 from .errors import OpenAIError, error_body, install_error_handlers, internal_error_body
+from .load import load_report
 from .limits import Admission, ServerLimits, Ticket
 from .metrics import ServerMetrics
 from .middleware import PROTECTED, ApiKeyMiddleware, BodyLimitMiddleware, ErrorCountMiddleware
@@ -65,6 +74,8 @@ from .tools import StreamDelta, ToolMode, hermes
 from . import protocol as P
 
 DISCONNECT_POLL_S = 0.25
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_RE = re.compile(r"[!-~]{1,128}")     # printable ASCII, no spaces
 VALIDATE_CHUNK = 1000      # chat messages validated per call (pydantic holds the GIL while it validates)
 _MESSAGES = TypeAdapter(list[P.ChatMessage])
 
@@ -102,6 +113,7 @@ class _Tracker:
     num_top: int = 0                          # alternatives per token (params.logprobs)
     echo: Optional[list[tuple[str, list[int]]]] = None   # per prompt: its text and ids, put before the output
     prompt_logprobs: dict = field(default_factory=dict)  # prompt index -> its prompt logprobs (echo, prompt_logprobs)
+    kv_transfer_params: Optional[dict] = None  # a disaggregated prefill's: where its KV waits (lesson 14)
 
     def __post_init__(self) -> None:
         self.choices = [_Choice() for _ in range(self.n * len(self.prompt_lens))]
@@ -115,6 +127,8 @@ class _Tracker:
         events, new_tokens = [], 0
         if out.prompt_logprobs is not None:
             self.prompt_logprobs[prompt_index] = out.prompt_logprobs
+        if out.kv_transfer_params is not None:
+            self.kv_transfer_params = out.kv_transfer_params
         for c in out.outputs:
             idx = prompt_index * self.n + c.index
             ch = self.choices[idx]
@@ -219,6 +233,7 @@ class Server:
         self.metrics = ServerMetrics(model_name, engine.stats, getattr(engine, "client_service", None))
         self.admission = Admission(limits or ServerLimits())
         self.draining = False        # shutting down: new requests get 503 (`drain`)
+        self.kv = None               # `kv_routes.KVState` when started with --kv-connector (lesson 14)
 
     async def drain(self, abort_after_s: float, poll_s: float = 0.05) -> None:
         """Shutdown (`shutdown`): refuse new requests (503); let those in flight finish for up to
@@ -239,23 +254,31 @@ class Server:
                               status=404, param="model", code="model_not_found")
 
     async def add(self, base_id: str, prompts: list[tuple[Optional[str], list[int]]],
-                  params: SamplingParams, meta: Optional[dict] = None) -> tuple[list[RequestStream], Ticket]:
+                  params: SamplingParams, meta: Optional[dict] = None, imported=None
+                  ) -> tuple[list[RequestStream], Ticket]:
         """Admit (`Admission`: 400/429 naming the limit) and add one engine request per prompt, all in
         one engine call; on a refusal nothing stays queued or reserved (400 naming the prompt).
-        ``meta``: ``client`` (the OpenAI ``user``), ``priority``, ``qoe`` for the scheduling policy."""
+        ``meta``: ``client`` (the OpenAI ``user``), ``priority``, ``qoe`` for the scheduling policy.
+        ``imported``: (snapshot, k, v) of a request prefilled elsewhere (lesson 14): it continues here."""
         if self.draining:
             raise OpenAIError("the server is shutting down; retry later or elsewhere", status=503,
                               type="service_unavailable", code="server_shutting_down")
         meta = meta or {}
+        self.check_request_id(base_id, len(prompts))
         ticket = self.admission.admit([len(ids) for _, ids in prompts], params.n, meta.get("client"))
         items = [(base_id if len(prompts) == 1 else f"{base_id}-{i}", ids, params, text, meta)
                  for i, (text, ids) in enumerate(prompts)]
         try:
-            streams = await self.engine.add_requests(items)       # all or none
-        except PromptError as e:
+            if imported is not None:
+                streams = [await self.engine.add_imported(base_id, *imported, streamed=False)]
+            else:
+                streams = await self.engine.add_requests(items)       # all or none
+        except ValueError as e:                      # an import this engine cannot take
             self.admission.release(ticket)
-            where = f"prompt {e.index}: " if len(prompts) > 1 else ""
-            raise OpenAIError(where + e.reason, param=_param_of(e.reason) or "prompt") from None
+            if isinstance(e, PromptError):
+                where = f"prompt {e.index}: " if len(prompts) > 1 else ""
+                raise OpenAIError(where + e.reason, param=_param_of(e.reason) or "prompt") from None
+            raise OpenAIError(f"kv_transfer_params: {e}", param="kv_transfer_params") from None
         except EngineDeadError as e:                 # the engine cannot step (a tensor-parallel worker died)
             self.admission.release(ticket)
             raise OpenAIError(str(e), status=500, type="internal_error", code="engine_dead") from None
@@ -263,6 +286,15 @@ class Server:
             self.admission.release(ticket)
             raise
         return streams, ticket
+
+    def check_request_id(self, base_id: str, num_prompts: int) -> None:
+        """400 if one of the engine ids this request would take is in flight (a client's X-Request-Id
+        used twice). Checked and taken without an await in between (`add`): no race on the loop."""
+        ids = [base_id] if num_prompts == 1 else [f"{base_id}-{i}" for i in range(num_prompts)]
+        in_flight = getattr(self.engine, "_queues", {})
+        if any(rid in in_flight for rid in ids):
+            raise OpenAIError(f"request id {base_id!r} (header X-Request-Id) is already in flight on this "
+                              f"server; use a new id", param="X-Request-Id", code="duplicate_request_id")
 
     def abort(self, streams: list[RequestStream]) -> None:
         """Abort the unfinished streams (no-op for finished ones: safe to call again)."""
@@ -424,22 +456,32 @@ async def _parse(raw: Request, model: type[BaseModel]) -> BaseModel:
 
 def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None,
               limits: Optional[ServerLimits] = None, metrics_open: bool = False,
-              timeouts: Optional[ServerTimeouts] = None, tool_call_parser: Optional[str] = None) -> FastAPI:
+              timeouts: Optional[ServerTimeouts] = None, tool_call_parser: Optional[str] = None,
+              kv=None) -> FastAPI:
     """The FastAPI app serving ``engine`` (an `AsyncLLMEngine` or `AsyncEagerEngine`, not yet started).
 
     ``api_key``: required on /v1 (and /metrics unless ``metrics_open``);
     ``limits``: admission and body-size limits (default `ServerLimits()`);
     ``timeouts``: the body read timeout (the header one is the protocol's: `timeouts`);
-    ``tool_call_parser``: the parser of tool_choice "auto" (`tools.TOOL_CALL_PARSERS`; None: "auto" is refused).
+    ``tool_call_parser``: the parser of tool_choice "auto" (`tools.TOOL_CALL_PARSERS`; None: "auto" is refused);
+    ``kv``: a `kv_routes.KVState` (``--kv-connector``): disaggregation, migration and attach routes (lesson 14).
     """
     limits = limits or ServerLimits()
     timeouts = timeouts or ServerTimeouts()
     server = Server(engine, tokenizer, model_name, api_key, limits, tool_call_parser)
 
+    server.kv = kv
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await engine.start()
+        chores = None
+        if kv is not None:
+            kv.start(engine)
+            chores = asyncio.create_task(kv.housekeeping(engine))
         yield
+        if chores is not None:
+            chores.cancel()
         await engine.shutdown()
 
     app = FastAPI(title="minisys", lifespan=lifespan)
@@ -472,6 +514,12 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
     async def metrics(request: Request):
         body, content_type = server.metrics.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
+
+    @app.get("/minisys/load", responses=error_responses(*v1_auth, 404))
+    async def load():
+        if not hasattr(engine, "engine"):
+            raise OpenAIError("/minisys/load needs the engine's KV pool (--engine llm)", status=404)
+        return JSONResponse(load_report(engine.engine))
 
     @app.get("/v1/models", responses={**json_response(P.ModelList, "the served model"), **error_responses(*v1_auth)})
     async def models():
@@ -527,13 +575,14 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
         req = await _parse(raw, P.CompletionRequest)
         server.check_model(req.model)
         try:
+            check_kv_request(server, req)
             params, _ = await asyncio.to_thread(server.prepare, req)
             meta = req.request_meta()
             server.admission.check_shape(len(req.prompts()), params.n)     # before tokenizing anything
             prompts = await asyncio.to_thread(server.tokenize_prompts, req)
         except ValueError as e:
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
-        return await _respond(server, raw, req, params, meta, prompts, P.random_id("cmpl"), chat=False)
+        return await _respond(server, raw, req, params, meta, prompts, _request_id(raw, "cmpl"), chat=False)
 
     @app.post("/v1/chat/completions", responses={**json_response(P.ChatCompletionResponse, "the chat completion",
                                                                  stream=True), **post_errors})
@@ -541,23 +590,47 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[s
         req = await _parse(raw, P.ChatCompletionRequest)
         server.check_model(req.model)
         try:
+            check_kv_request(server, req)
             params, mode = await asyncio.to_thread(server.prepare, req)
             meta = req.request_meta()
             server.admission.check_shape(1, params.n)
             prompts = await asyncio.to_thread(server.chat_prompt, req)
         except ValueError as e:
             raise OpenAIError(str(e), param=_param_of(str(e))) from None
-        return await _respond(server, raw, req, params, meta, prompts, P.random_id("chatcmpl"), chat=True,
+        return await _respond(server, raw, req, params, meta, prompts, _request_id(raw, "chatcmpl"), chat=True,
                               tools=mode if mode is not None and mode.reads_calls else None)
 
+    if server.kv is not None:
+        install_kv_routes(app, server, engine)
+
+        @app.get("/minisys/attach/{request_id}")
+        async def attach(request_id: str):
+            return _attach(server, request_id)
+
     return app
+
+
+def _request_id(raw: Request, prefix: str) -> str:
+    """The request's id: its ``X-Request-Id`` header (vLLM's convention) or a new random one."""
+    given = raw.headers.get(REQUEST_ID_HEADER)
+    if given is None:
+        return P.random_id(prefix)
+    if not _REQUEST_ID_RE.fullmatch(given):
+        raise OpenAIError("header X-Request-Id must be 1-128 printable ASCII characters without spaces",
+                          param="X-Request-Id", code="invalid_request_id")
+    return given
 
 
 async def _respond(server: Server, raw: Request, req, params: SamplingParams, meta: dict,
                    prompts: list[tuple[Optional[str], list[int]]], request_id: str, chat: bool,
                    tools: Optional[ToolMode] = None):
     """Run the request; the response or the SSE stream. ``tools``: read tool calls from each chat choice."""
-    streams, ticket = await server.add(request_id, prompts, params, meta)
+    kvp, imported = getattr(req, "kv_transfer_params", None), None
+    if kvp is not None and kvp.do_remote_decode:
+        meta = {**meta, "hold_after_first_token": True}
+    elif kvp is not None:
+        imported = await pull_prefilled(server, kvp, prompts[0][1], params, request_id)
+    streams, ticket = await server.add(request_id, prompts, params, meta, imported)
     tracker = _Tracker(params.n, [len(ids) for _, ids in prompts], server.metrics, streams[0].arrival,
                        want_logprobs=params.logprobs is not None, num_top=params.logprobs or 0)
     if not chat and req.echo:
@@ -569,7 +642,13 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams, me
         tracker.continuous_usage = bool(include_usage and opts.continuous_usage_stats)
         gen = _chat_stream(server, streams, ticket, tracker, request_id, created, include_usage, tools) if chat \
             else _completion_stream(server, streams, ticket, tracker, request_id, created, include_usage)
-        return _FinishingStream(gen, lambda: server.finish(streams, ticket), media_type="text/event-stream")
+        on_close = lambda: server.finish(streams, ticket)      # noqa: E731
+        if server.kv is not None and len(streams) == 1:        # it may migrate (lesson 14): what attach needs
+            server.kv.contexts[request_id] = {"chat": chat, "id": request_id, "created": created,
+                                              "include_usage": include_usage, "tools": tools is not None,
+                                              "continuous_usage": tracker.continuous_usage}
+            on_close = lambda: (server.finish(streams, ticket), server.kv.contexts.pop(request_id, None))  # noqa: E731
+        return _FinishingStream(gen, on_close, media_type="text/event-stream")
     try:
         await server.collect(raw, streams, tracker)
     except asyncio.CancelledError:
@@ -588,7 +667,8 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams, me
                    for i, c in enumerate(tracker.choices) for message, finish in [_chat_message(c, tools)]]
         body = P.ChatCompletionResponse(id=request_id, created=created, model=name, choices=choices,
                                         usage=tracker.usage(),
-                                        prompt_logprobs=_prompt_logprobs(tracker, prompts, 0, req.prompt_logprobs))
+                                        prompt_logprobs=_prompt_logprobs(tracker, prompts, 0, req.prompt_logprobs),
+                                        kv_transfer_params=_kv_params_out(server, tracker))
     else:
         choices = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
                                       stop_reason=c.stop_reason,
@@ -598,8 +678,40 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams, me
                                                                        req.prompt_logprobs))
                    for i, c in enumerate(tracker.choices)]
         body = P.CompletionResponse(id=request_id, created=created, model=name, choices=choices,
-                                    usage=tracker.usage())
+                                    usage=tracker.usage(), kv_transfer_params=_kv_params_out(server, tracker))
     return JSONResponse(body.model_dump())
+
+
+def _kv_params_out(server: Server, tracker: _Tracker) -> Optional[dict]:
+    """A held prefill's ``kv_transfer_params``: the engine's, plus this replica's rank."""
+    if tracker.kv_transfer_params is None or server.kv is None:
+        return None
+    return {**tracker.kv_transfer_params, "remote_rank": server.kv.rank}
+
+
+def _attach(server: Server, request_id: str):
+    """``GET /minisys/attach/{id}``: a migrated-in request's continuation, in its original chunk format."""
+    entry = server.kv.attachable.pop(request_id, None)
+    if entry is None:
+        raise OpenAIError(f"no migrated request {request_id!r} waits here to be attached", status=404,
+                          param="request_id")
+    snap, stream = entry.snapshot, entry.stream
+    ctx = snap.meta.get("stream_ctx") or {}
+    try:
+        ticket = server.admission.admit([len(snap.prompt_token_ids)], 1, snap.client)
+    except Exception:
+        server.engine.abort(request_id)
+        raise
+    tracker = _Tracker(1, [len(snap.prompt_token_ids)], server.metrics, stream.arrival,
+                       continuous_usage=bool(ctx.get("continuous_usage")))
+    tracker.choices[0].num_tokens = len(snap.output_token_ids)
+    tracker.last_token_time = time.perf_counter()
+    rid, created, usage = ctx.get("id", request_id), ctx.get("created", int(time.time())), bool(ctx.get("include_usage"))
+    if ctx.get("chat"):
+        gen = _chat_stream(server, [stream], ticket, tracker, rid, created, usage, None, role=False)
+    else:
+        gen = _completion_stream(server, [stream], ticket, tracker, rid, created, usage)
+    return _FinishingStream(gen, lambda: server.finish([stream], ticket), media_type="text/event-stream")
 
 
 def _chat_message(ch: _Choice, tools: Optional[ToolMode]) -> tuple[P.ChatResponseMessage, Optional[str]]:
@@ -698,6 +810,8 @@ async def _stream_events(server: Server, streams: list[RequestStream], ticket: T
                     yield _sse(c)
         if usage_chunk is not None:
             yield _sse(usage_chunk(tracker.usage()))
+    except RequestMigrated as m:               # lesson 14: the router follows it to the destination
+        yield _sse({"minisys_migrated": {"request_id": m.request_id, "dst_rank": m.dst_rank}})
     except ServerShuttingDown as exc:
         server.metrics.error("503")
         yield _sse(_shutting_down_body(exc))
@@ -725,7 +839,7 @@ def _completion_stream(server, streams, ticket, tracker, request_id, created, in
 
 
 async def _chat_stream(server, streams, ticket, tracker, request_id, created, include_usage,
-                       tools: Optional[ToolMode] = None):
+                       tools: Optional[ToolMode] = None, role: bool = True):
     """The chat SSE lines. With ``tools`` each choice's text goes through its own stream parser: content and
     call pieces as the parser releases them, the parser's finish_reason on the last chunk."""
     name = server.model_name
@@ -735,7 +849,7 @@ async def _chat_stream(server, streams, ticket, tracker, request_id, created, in
     def make(choices, usage=None):
         return P.ChatCompletionChunk(id=request_id, created=created, model=name, choices=choices, usage=usage)
 
-    for idx in range(len(tracker.choices)):     # the role comes first, before any token (as OpenAI does)
+    for idx in range(len(tracker.choices) if role else 0):   # the role first, before any token (as OpenAI does)
         yield _sse(make([P.ChatChunkChoice(index=idx, delta=P.DeltaMessage(role="assistant", content=""))]))
 
     num_top = tracker.num_top

@@ -68,6 +68,15 @@ class ServerShuttingDown(RuntimeError):
         super().__init__("the server is shutting down: the request was aborted; retry it later or elsewhere")
 
 
+class RequestMigrated(Exception):
+    """The request left this engine for rank ``dst_rank`` (live migration, lesson 14): its stream here
+    ends after every output produced here; the continuation is served there."""
+
+    def __init__(self, request_id: str, dst_rank: int) -> None:
+        super().__init__(f"request {request_id!r} migrated to rank {dst_rank}")
+        self.request_id, self.dst_rank = request_id, dst_rank
+
+
 class PromptError(ValueError):
     """`add_requests`: item ``index`` can never be served (``reason``: the engine's message); nothing added."""
 
@@ -95,10 +104,13 @@ class OutputSlot:
 
     def __init__(self) -> None:
         self._item: RequestOutput | BaseException | None = None
+        self._then: RequestMigrated | None = None      # a migration's end, after the unread output
         self._ready = asyncio.Event()
 
     def put_nowait(self, item: RequestOutput | BaseException) -> None:
-        if isinstance(self._item, RequestOutput) and isinstance(item, RequestOutput):
+        if isinstance(item, RequestMigrated) and isinstance(self._item, RequestOutput):
+            self._then = item                            # not an error: the unread output still goes out
+        elif isinstance(self._item, RequestOutput) and isinstance(item, RequestOutput):
             self._item = self._item.add(item)
         elif not isinstance(self._item, BaseException):
             self._item = item
@@ -106,8 +118,9 @@ class OutputSlot:
 
     async def get(self) -> RequestOutput | BaseException:
         await self._ready.wait()
-        item, self._item = self._item, None
-        self._ready.clear()
+        item, self._item, self._then = self._item, self._then, None
+        if self._item is None:
+            self._ready.clear()
         return item
 
 
@@ -246,6 +259,55 @@ class AsyncLLMEngine(_AsyncEngineBase):
         super().__init__()
         self.engine = engine
         self._dead_error: EngineDeadError | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._migrated: dict[str, int] = {}          # request id -> rank it left for (lesson 14)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().start()
+
+    # ------------------------------------------------------------ KV transfer (lesson 14)
+    def engine_call(self, fn: Callable) -> Any:
+        """From any thread but the loop's: ``fn(engine)`` on the engine thread, between steps; wakes the
+        loop after (an imported or resumed request has steps to run)."""
+        try:
+            return self._executor.submit(fn, self.engine).result()
+        finally:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def add_imported(self, request_id: str, snap, k, v, streamed: bool) -> RequestStream:
+        """A request whose KV came from another engine (`LLMEngine.import_request`), with its stream;
+        ValueError (nothing added) if this engine cannot take it."""
+        self._check_alive()
+        queue = OutputSlot()
+        self._queues[request_id] = queue             # registered first: no output can be missed
+        try:
+            await self._call(lambda: self.engine.import_request(snap, k, v, streamed=streamed))
+        except BaseException:
+            self._queues.pop(request_id, None)
+            raise
+        self._wake.set()
+        return RequestStream(request_id, queue)
+
+    def import_threadsafe(self, snap, k, v, timeout_s: float = 60.0) -> RequestStream:
+        """`add_imported` (streamed) from a thread that is not the loop's (the KV listener)."""
+        fut = asyncio.run_coroutine_threadsafe(self.add_imported(snap.request_id, snap, k, v, True), self._loop)
+        return fut.result(timeout_s)
+
+    def mark_migrated(self, request_id: str, dst_rank: int) -> None:
+        """Engine thread: the request left for ``dst_rank``; its stream ends after what was produced here."""
+        def note() -> None:
+            self._migrated[request_id] = dst_rank
+            self._wake.set()
+        self._loop.call_soon_threadsafe(note)
+
+    def _flush_migrated(self) -> None:
+        """Loop: end the streams of the requests that migrated (after the outputs already delivered)."""
+        for rid, dst in list(self._migrated.items()):
+            del self._migrated[rid]
+            q = self._queues.pop(rid, None)
+            if q is not None:
+                q.put_nowait(RequestMigrated(rid, dst))
 
     @property
     def max_model_len(self) -> int:
@@ -334,13 +396,15 @@ class AsyncLLMEngine(_AsyncEngineBase):
 
     async def _run(self) -> None:
         while True:
+            if self._migrated:
+                self._flush_migrated()
             if self._aborts:
                 ids = list(self._aborts)
                 self._aborts.clear()
                 await self._call(self._apply_aborts, ids)
             if not self.engine.has_unfinished():
                 self._wake.clear()
-                if not self._aborts:
+                if not self._aborts and not self._migrated:
                     await self._wake.wait()
                 continue
             try:

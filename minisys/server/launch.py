@@ -19,10 +19,11 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..engine.config import EngineConfig
 from .engine_args import add_engine_args, engine_config_from_args, flag, given_engine_args
+from .kv_args import add_kv_args, kv_config_from_args
 from .limits import add_limit_args, limits_from_args
 from .timeouts import add_timeout_args, timeouts_from_args
 from .tools import TOOL_CALL_PARSERS
@@ -64,9 +65,24 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                    help="how calls are read from the text for tool_choice \"auto\" (hermes: <tool_call>{...}"
                         "</tool_call>; a chat template without a tool format is shown the tools in that format)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="N > 1: N servers, one process each (1 torch thread unless --threads), behind a router "
+                        "on --port (lesson 14); 1: this one server")
+    p.add_argument("--routing-policy", default=None, choices=["round_robin", "least_loaded", "prefix_affinity"],
+                   help="how the router picks a replica (--replicas N > 1; default: least_loaded)")
+    p.add_argument("--prefill-replicas", type=int, default=None, metavar="K",
+                   help="disaggregated prefill and decode (lesson 14; needs --replicas N and --kv-connector): "
+                        "replicas 0..K-1 only prefill, the others decode; the router moves each request's KV")
+    p.add_argument("--rebalance-every-s", type=float, default=None, metavar="S",
+                   help="with --replicas and --kv-connector: every S seconds migrate the newest stream of the least "
+                        "free replica to the most free one when their freeness differs by more than --rebalance-gap "
+                        "(Llumnix; default: off)")
+    p.add_argument("--rebalance-gap", type=float, default=8.0,
+                   help="the freeness gap (free KV blocks per running sequence) that triggers a rebalance (default: 8)")
     add_limit_args(p)
     add_timeout_args(p)
     add_engine_args(p)
+    add_kv_args(p)
 
 
 def tool_call_parser(args) -> Optional[str]:
@@ -163,7 +179,15 @@ def setup_logging(level: str) -> None:
     logger.propagate = False
 
 
-def serve(args) -> int:
+def serve(args, on_ready: Optional[Callable[[int], None]] = None) -> int:
+    """Run the server until SIGTERM/SIGINT. ``on_ready(port)``: called once the model is loaded and the
+    port bound (a replica of lesson 14's router, started with ``--port 0``; no banner is printed then).
+    ``--replicas N`` (N > 1) runs the router over N such servers instead (`minisys.cluster.router`)."""
+    if (getattr(args, "replicas", 1) != 1 or getattr(args, "routing_policy", None) is not None
+            or getattr(args, "prefill_replicas", None) is not None
+            or getattr(args, "rebalance_every_s", None) is not None):
+        from ..cluster.router import serve_cluster
+        return serve_cluster(args)
     import uvicorn
 
     from .app import build_app
@@ -176,6 +200,7 @@ def serve(args) -> int:
         limits = limits_from_args(args)
         timeouts = timeouts_from_args(args)
         parser = tool_call_parser(args)
+        kv_config = kv_config_from_args(args, given_engine_args(args) if args.engine == "llm" else {})
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -194,22 +219,19 @@ def serve(args) -> int:
     except ValueError as exc:                   # e.g. a --tensor-parallel-size the model's heads cannot take
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    kv = None
+    if kv_config is not None:                  # joins the KV group: waits for every replica of it (lesson 14)
+        from .kv_routes import KVState, connect
+        kv = KVState(kv_config, connect(kv_config, str(model.device)))
     name = model_name(args)
     freeze_startup_objects()                   # the model and modules: out of every later GC pass
     short_switch_interval()                    # the engine thread is not starved by a parsing thread
     app = build_app(engine, tokenizer, name, api_key=api_key, limits=limits, metrics_open=args.metrics_open,
-                    timeouts=timeouts, tool_call_parser=parser)
-    kind = "continuous batching (LLMEngine)" if args.engine == "llm" else "eager baseline, one request at a time"
-    print(f"minisys serving {name} on {model.device} ({str(model.dtype).replace('torch.', '')}), "
-          f"engine: {kind}, at http://{args.host}:{args.port}", flush=True)
-    if api_key:
-        source = "--api-key" if args.api_key else f"${API_KEY_ENV}"
-        print(f"API key: required (from {source}); /metrics "
-              f"{'open' if args.metrics_open else 'needs it too'}", flush=True)
-    print(usage_text(args.host, args.port, name, api_key), flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: bound to {args.host} without an API key: anyone who can reach this port can use it",
-              flush=True)
+                    timeouts=timeouts, tool_call_parser=parser, kv=kv)
+    if on_ready is not None:
+        on_ready(sock.getsockname()[1])
+    else:
+        print_banner(args, name, model, api_key)
     uv_config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                                http=header_timeout_protocol(timeouts.timeout_header_s),
                                timeout_graceful_shutdown=timeouts.shutdown_grace_s)
@@ -221,6 +243,21 @@ def serve(args) -> int:
     if server.signals_received:
         exit_now()
     return 0
+
+
+def print_banner(args, name: str, model, api_key: Optional[str]) -> None:
+    """What a started server prints: where it serves, the key's source, the "Try it" lines."""
+    kind = "continuous batching (LLMEngine)" if args.engine == "llm" else "eager baseline, one request at a time"
+    print(f"minisys serving {name} on {model.device} ({str(model.dtype).replace('torch.', '')}), "
+          f"engine: {kind}, at http://{args.host}:{args.port}", flush=True)
+    if api_key:
+        source = "--api-key" if args.api_key else f"${API_KEY_ENV}"
+        print(f"API key: required (from {source}); /metrics "
+              f"{'open' if args.metrics_open else 'needs it too'}", flush=True)
+    print(usage_text(args.host, args.port, name, api_key), flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: bound to {args.host} without an API key: anyone who can reach this port can use it",
+              flush=True)
 
 
 def exit_now() -> None:

@@ -19,7 +19,7 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 
-PROTECTED = ("/v1", "/tokenize", "/detokenize", "/version")     # behind the key (and /metrics unless open)
+PROTECTED = ("/v1", "/tokenize", "/detokenize", "/version", "/minisys")     # behind the key (and /metrics unless open)
 
 
 class ApiKeyMiddleware:

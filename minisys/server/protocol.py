@@ -51,6 +51,36 @@ IGNORED_FIELDS = {
 }
 
 
+class KVTransferParams(BaseModel):
+    """vLLM's ``kv_transfer_params`` (disaggregated prefill, lesson 14; `minisys.server.kv_routes`).
+
+    To a prefill replica: ``{"do_remote_decode": true}``: prefill, sample the first token, hold the
+    KV; the response's ``kv_transfer_params`` says where it is. To a decode replica: that
+    response's ``kv_transfer_params`` (``do_remote_prefill``, ``remote_rank``,
+    ``remote_request_id``): pull the KV and the first token from there, then decode."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    do_remote_decode: StrictBool = False
+    do_remote_prefill: StrictBool = False
+    remote_rank: Optional[StrictInt] = None
+    remote_request_id: Optional[StrictStr] = None
+    num_tokens: Optional[StrictInt] = None            # informational (what the prefill computed)
+    num_computed_tokens: Optional[StrictInt] = None
+
+    def check(self, world_size: int) -> None:
+        """ValueError naming the field when the parameters do not say one thing to do."""
+        if self.do_remote_decode == self.do_remote_prefill:
+            raise ValueError("kv_transfer_params: give exactly one of do_remote_decode and do_remote_prefill")
+        if self.do_remote_prefill:
+            if self.remote_rank is None or self.remote_request_id is None:
+                raise ValueError("kv_transfer_params.remote_rank and kv_transfer_params.remote_request_id are "
+                                 "required with do_remote_prefill")
+            if not 0 <= self.remote_rank < world_size:
+                raise ValueError(f"kv_transfer_params.remote_rank {self.remote_rank} is not a rank of this KV "
+                                 f"group (world size {world_size})")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -119,6 +149,7 @@ class _SamplingRequest(BaseModel):
     expected_tds: Optional[float] = None
     top_k: Optional[StrictInt] = None
     min_p: Optional[float] = None
+    kv_transfer_params: Optional[KVTransferParams] = None   # disaggregated prefill (lesson 14)
     prompt_logprobs: Optional[StrictInt] = None         # per prompt token: it + this many alternatives
     truncate_prompt_tokens: Optional[StrictInt] = None  # keep the prompt's last k tokens (-1: as many as fit)
     repetition_penalty: Optional[float] = None
@@ -562,6 +593,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Optional[UsageInfo] = None
+    kv_transfer_params: Optional[dict] = None             # vLLM's: where a prefill's KV waits (lesson 14)
 
 
 class FunctionCall(BaseModel):
@@ -597,6 +629,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_logprobs: Optional[PromptLogprobs] = None      # vLLM's: the templated prompt's
+    kv_transfer_params: Optional[dict] = None             # vLLM's: where a prefill's KV waits (lesson 14)
 
 
 class DeltaFunctionCall(BaseModel):
