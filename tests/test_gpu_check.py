@@ -39,7 +39,7 @@ def test_dry_run_passes_and_writes_its_json(tiny_dirs, tmp_path):
     assert systems["minisys"]["tok_s"] > 0 and systems["transformers_generate"]["tok_s"] > 0
     assert "skipped" in systems["transformers_continuous"]            # the dry run says why, never silently
     ops = res["decode_ops"]
-    assert ops["layers"] == 2 and ops["kernel_ops"] > 20 * ops["layers"] and ops["host_syncs"] >= 2 * ops["layers"]
+    assert ops["layers"] == 2 and ops["kernel_ops"] > 20 * ops["layers"] and ops["host_syncs"] >= 1      # RoPE's range check, once per forward
     lat = res["decode_latency"]
     assert lat["eager_ms_per_token"] > 0 and lat["graphs_ms_per_token"] > 0 and lat["graphs_captured"] is False
 
