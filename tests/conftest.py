@@ -155,3 +155,13 @@ def kv_replicas():
     from tests.kv_cluster_helpers import two_replicas
     with two_replicas(["--num-kv-blocks", "256"]) as urls:
         yield urls
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a test on tiny models or shapes: on a shared 2-core machine two threads mostly
+    wait for each other. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,13 +13,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread for these tiny models: on a shared 2-core machine two threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")     # tests/conftest.py
 
 
 def test_dry_run_passes_and_writes_its_json(tiny_dirs, tmp_path):

@@ -27,13 +27,7 @@ from minisys.attention.paged import decode_static
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread for these small shapes: on a shared 2-core machine two threads mostly wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")     # tests/conftest.py
 TRITON_WHEELS = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")   # requirements.txt's marker
 
 
