@@ -280,7 +280,7 @@ def test_configure_threads_sets_numpys_blas_too_or_keeps_gemv_on_torch(monkeypat
     import builtins
     import sys
 
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threadpoolctl                                    # required (requirements.txt): a missing install fails
     import minisys.parallel.linear as lin
     from minisys.threads import configure_threads
     before_torch = torch.get_num_threads()
@@ -308,7 +308,7 @@ def test_configure_threads_sets_numpys_blas_too_or_keeps_gemv_on_torch(monkeypat
 def test_tensor_parallel_worker_sizes_numpys_blas_as_torch(monkeypatch):
     """A worker process runs its batch-1 matmuls on numpy's BLAS too: it must get the worker's thread
     count (rank 0's), not BLAS's default of every core (TP=2 ranks each on all cores fight for them)."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threadpoolctl                                    # required (requirements.txt): a missing install fails
     import minisys.model.loader as loader
     from minisys.engine.tp_model_runner import WorkerSpec, worker_main
     seen = {}

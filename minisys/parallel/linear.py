@@ -40,8 +40,10 @@ from .comm import all_gather_cat, all_reduce
 from .shard import check_block, partition, partition_sizes
 
 
-# batch-1 fp32 matrix-vector products through numpy's BLAS (see `linear`); MINISYS_BLAS_GEMV=0 turns it off
-BLAS_GEMV = os.environ.get("MINISYS_BLAS_GEMV", "1") not in ("0", "false", "False")
+# batch-1 fp32 matrix-vector products through numpy's BLAS (see `linear`): opt-in, MINISYS_BLAS_GEMV=1.
+# Off by default: with more than one thread, OpenBLAS's spinning pool and torch's OpenMP pool take turns
+# layer by layer and fight for the cores (a test of seeded sampling ran 8x slower on 2 cores with it on).
+BLAS_GEMV = os.environ.get("MINISYS_BLAS_GEMV", "0") in ("1", "true", "True")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
