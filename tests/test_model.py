@@ -56,6 +56,16 @@ def test_rope_matches_complex_rotation():
         rope(x.float(), torch.tensor([64] * 7))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_roll_equals_rotate_half_bit_for_bit(dtype):
+    """`forward` (roll + a signed sin table) is the rotate-half formula with the sign moved: same bits."""
+    rope = RotaryEmbedding(64, 128, 10000.0)
+    x = torch.randn(5, 12, 64).to(dtype)[:, :9]                  # a non-contiguous slice, as q of fused qkv
+    pos = torch.tensor([0, 3, 17, 64, 127])
+    assert torch.equal(rope(x, pos), rope.forward_rotate_half(x, pos))
+    assert rope(x, pos).dtype == dtype
+
+
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
 def test_kv_cache_steps_equal_full_forward(backend):
     """Prefill + one-token decode steps through the contiguous cache == recomputing everything."""

@@ -4,6 +4,12 @@
 its own tokenizer conversion) vs minisys's loader and model;
 (b) tiny random Llama/Qwen2 saved with save_pretrained, loaded by minisys.
 fp32 logits must agree to 1e-4 max abs; greedy continuations token for token.
+
+SmolLM2 is checked in both layouts: as the checkpoint names it (``load(fuse=False, input_major=False)``,
+1e-4 max abs) and as the engine serves it (fused projections, input-major weights: lesson 04). The
+served layout makes the BLAS pick other kernels that sum in another order; on one Xeon (MKL, AVX-512)
+that moved a logit by 1.5e-4 of a max |logit| of 27 (5.5e-6 of the scale), so it is held to 1e-5 of the
+logits' scale instead: a real error (a wrong weight, a misplaced head) moves them by 1e-2 or more.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import torch
 from minisys.model import load
 
 ATOL = 1e-4
+SERVED_RTOL = 1e-5          # the served layout: max |diff| < SERVED_RTOL * max |logit| (see the docstring)
 PROMPTS = [
     "The quick brown fox",
     "What is the capital of France?",
@@ -37,14 +44,32 @@ def _hf_greedy(hf_model, ids, n):
     return ids[-n:]
 
 
+@pytest.fixture(scope="module")
+def smol_plain():
+    """SmolLM2 in the checkpoint's own layout: separate q/k/v and gate/up, row-major weights."""
+    return load(None, device="cpu", dtype=torch.float32, quiet=True, fuse=False, input_major=False)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_smollm2_logits_match_transformers_gguf(smol, hf_smol, prompt):
-    model, tok = smol
+def test_smollm2_logits_match_transformers_gguf(smol_plain, hf_smol, prompt):
+    model, tok = smol_plain
     hf_model, _ = hf_smol
     ids = tok.encode(prompt)
     diff = (_minisys_logits(model, ids) - _hf_logits(hf_model, ids)).abs().max().item()
     assert diff < ATOL, f"max |logit diff| {diff:.2e} >= {ATOL}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_smollm2_served_layout_logits_match_transformers_gguf(smol, hf_smol, prompt):
+    model, tok = smol
+    assert model.fused and model.input_major                      # the layout the engine serves
+    hf_model, _ = hf_smol
+    ids = tok.encode(prompt)
+    ref = _hf_logits(hf_model, ids)
+    diff, bound = (_minisys_logits(model, ids) - ref).abs().max().item(), SERVED_RTOL * ref.abs().max().item()
+    assert diff < bound, f"max |logit diff| {diff:.2e} >= {bound:.2e}"
 
 
 @pytest.mark.slow

@@ -167,9 +167,9 @@ def _check_shapes(q, k, v, meta: AttentionMetadata) -> None:
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} KV heads")
-    if q.shape[0] != meta.num_tokens or k.shape[0] != int(meta.cu_seqlens_k[-1]):
+    if q.shape[0] != meta.num_tokens or k.shape[0] != meta.cu_k[-1]:
         raise ValueError(f"metadata describes {meta.num_tokens} queries / "
-                         f"{int(meta.cu_seqlens_k[-1])} keys; got {q.shape[0]} / {k.shape[0]}")
+                         f"{meta.cu_k[-1]} keys; got {q.shape[0]} / {k.shape[0]}")
 
 
 def expand_kv_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:

@@ -83,25 +83,33 @@ class DecodeAttention(AttentionBackend):
         self.prefill = prefill if prefill is not None else SDPAAttention()
 
     def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.seqlens_q == [1]:                     # batch 1 decoding: no output buffer, no loop
+            return self.decode_query(q, k, v)
         out = torch.empty_like(q)
         cq, ck = meta.cu_q, meta.cu_k
-        num_kv_heads = k.shape[1]
         for i in range(meta.num_seqs):
             qi, ki, vi = q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]]
             if meta.seqlens_q[i] == 1:
-                # (1, Hq, D) -> (Hkv, G, D): query head h belongs to KV head h // G
-                qg = qi.float().view(num_kv_heads, -1, q.shape[-1]) * self.scale(q.shape[-1])
-                out[cq[i]] = self.decode_one(qg, ki, vi).reshape(q.shape[1:]).to(q.dtype)
+                out[cq[i]] = self.decode_query(qi, ki, vi)[0]
             else:
                 sub = AttentionMetadata(seqlens_q=[meta.seqlens_q[i]], context_lens=[meta.context_lens[i]])
                 out[cq[i]:cq[i + 1]] = self.prefill.forward_packed(qi, ki, vi, sub)
         return out
 
+    def decode_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One sequence's one query q (1, Hq, D) against its k, v (S, Hkv, D) -> (1, Hq, D) in q's dtype."""
+        _, Hq, D = q.shape
+        x = q if q.dtype == torch.float32 else q.float()
+        qg = x.view(k.shape[1], -1, D) * self.scale(D)          # (Hkv, G, D): head h reads KV head h // G
+        o = self.decode_one(qg, k, v).reshape(1, Hq, D)           # (1, Hq, D)
+        return o if o.dtype == q.dtype else o.to(q.dtype)
+
     def decode_one(self, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """qg (Hkv, G, D) scaled; k, v (S, Hkv, D) -> (Hkv, G, D) in fp32."""
-        scores = qg @ k.float().permute(1, 2, 0)                # (Hkv, G, S)
+        k, v = (k, v) if k.dtype == torch.float32 else (k.float(), v.float())
+        scores = qg @ k.permute(1, 2, 0)                        # (Hkv, G, S)
         probs = torch.softmax(scores, dim=-1)
-        return probs @ v.float().permute(1, 0, 2)               # (Hkv, G, D)
+        return probs @ v.permute(1, 0, 2)                       # (Hkv, G, D)
 
 
 class SplitKDecodeAttention(DecodeAttention):

@@ -79,12 +79,7 @@ class UncheckedRope(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (T, H, D), positions: (T,) -> rotated x, same shape and dtype."""
-        cos = self.inner.cos[positions].unsqueeze(1)                          # (T, 1, D)
-        sin = self.inner.sin[positions].unsqueeze(1)
-        x32 = x.float()
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-        return (x32 * cos + rotated * sin).to(x.dtype)
+        return self.inner.forward_rotate_half(x, positions)
 
     def once_for(self, positions: torch.Tensor) -> contextlib.AbstractContextManager:
         """Nothing to look up ahead: `RotaryEmbedding.once_for` checks the range on the host (a sync a

@@ -57,17 +57,21 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)          # (P, D)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
-        self._rows: tuple | None = None          # (positions, cos rows, sin rows) while `once_for` runs
+        # sin with its first half negated: rotate_half(x) * sin == roll(x, D/2) * sin_signed, exactly
+        half = head_dim // 2
+        self.register_buffer("sin_signed", torch.cat([-self.sin[:, :half], self.sin[:, half:]], -1),
+                             persistent=False)                                   # (P, D)
+        self._rows: tuple | None = None          # (positions, cos rows, sin_signed rows) while `once_for` runs
 
     def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) rows of ``positions``, (T, 1, D) each, checked against the context length."""
+        """(cos, sin_signed) rows of ``positions``, (T, 1, D) each, checked against the context length."""
         memo = self._rows
         if memo is not None and memo[0] is positions:
             return memo[1], memo[2]
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(f"position {int(positions.max())} is beyond the model's "
                              f"context of {self.cos.shape[0]} tokens")
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)    # (T, 1, D) each
+        return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)   # (T, 1, D) each
 
     @contextmanager
     def once_for(self, positions: torch.Tensor) -> Iterator[None]:
@@ -85,8 +89,21 @@ class RotaryEmbedding(nn.Module):
             self._rows = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: (T, H, D), positions: (T,) -> rotated x, same shape and dtype."""
-        cos, sin = self.rows(positions)                       # (T, 1, D) each
+        """x: (T, H, D), positions: (T,) -> rotated x, same shape and dtype (computed in fp32).
+
+        ``rotate_half(x) = cat(-x2, x1)`` is ``roll(x, D/2) = cat(x2, x1)`` with the sign moved into the
+        table (``sin_signed``): one op instead of two slices, a negation and a cat, the same numbers bit
+        for bit (`forward_rotate_half` is the formula as Hugging Face writes it). At batch 1 a decode step
+        is dominated by such per-op costs, not by arithmetic (lesson 04).
+        """
+        cos, sin_signed = self.rows(positions)                # (T, 1, D) each
+        x32 = x if x.dtype == torch.float32 else x.float()
+        out = x32 * cos + torch.roll(x32, x.shape[-1] // 2, dims=-1) * sin_signed
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def forward_rotate_half(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The plain formula beside `forward`: x * cos + rotate_half(x) * sin, no lookup memo."""
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)     # (T, 1, D) each
         x32 = x.float()
         half = x.shape[-1] // 2
         rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
