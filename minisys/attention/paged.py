@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import AttentionBackend, AttentionMetadata
+from .decode import DecodeAttention
 from .sdpa import SDPAAttention, sdpa_one
 
 GROUP_SIZE = 16
@@ -115,16 +116,16 @@ def decode_run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, star
     """One decode query against ``length`` keys stored in consecutive slots from ``start``: q (1, Hq, D).
 
     The batch-1 path: the keys are a VIEW of the pool (no gather, no padding, no mask), and each KV
-    head's query group does one strided matrix-vector product with them (`DecodeAttention.decode_one`).
+    head's query group does one strided matrix-vector product with them (`DecodeAttention.decode_query`,
+    the contiguous cache's batch-1 path: the same computation on the same kind of view).
     """
-    _, Hq, D = q.shape
-    Hkv = k_pool.shape[2]
+    Hkv, D = k_pool.shape[2], k_pool.shape[3]
     k = k_pool.view(-1, Hkv, D)[start:start + length]                                  # (S, Hkv, D) views
     v = v_pool.view(-1, Hkv, D)[start:start + length]
-    qg = q.float().view(Hkv, Hq // Hkv, D) * AttentionBackend.scale(D)                 # (Hkv, G, D)
-    scores = qg @ k.float().permute(1, 2, 0)                                           # (Hkv, G, S)
-    o = torch.softmax(scores, dim=-1) @ v.float().permute(1, 0, 2)                     # (Hkv, G, D)
-    return o.reshape(1, Hq, D).to(q.dtype)
+    return _ONE_QUERY.decode_query(q, k, v)                                            # (1, Hq, D)
+
+
+_ONE_QUERY = DecodeAttention()          # its decode_query: one query, packed (S, Hkv, D) keys, no copy
 
 
 def length_groups(seqs: list[int], lengths: list[int], group_size: int) -> list[list[int]]:

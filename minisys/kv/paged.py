@@ -71,9 +71,11 @@ class PagedKVCache(KVCache):
                              "(build the step with minisys.engine.paged_runner.PagedRunner)")
         k_flat = self.k[layer].view(self.num_slots, *self.k.shape[-2:])     # (slots, Hkv, D), a view
         v_flat = self.v[layer].view(self.num_slots, *self.v.shape[-2:])
-        slots = meta.slot_mapping.to(k_flat.device)
-        k_flat[slots] = k.to(k_flat.dtype)                                  # scatter the new tokens
-        v_flat[slots] = v.to(v_flat.dtype)
+        slots = meta.memo(("slot_mapping", k_flat.device), lambda: meta.slot_mapping.to(k_flat.device))
+        if k.dtype != k_flat.dtype:
+            k, v = k.to(k_flat.dtype), v.to(v_flat.dtype)
+        k_flat[slots] = k                                                   # scatter the new tokens
+        v_flat[slots] = v
 
     def read(self, layer: int, meta: AttentionMetadata) -> PagedKV:
         """The layer's pools (num_blocks, block_size, Hkv, D), to be read through ``meta.block_tables``."""
