@@ -11,7 +11,9 @@ median of the runs. Side by side, in one process, on the same fp32 weights:
 
 * ``eager (plain)``: the eager loop (`EagerGenerator`) on the model as the checkpoint names it:
   separate q/k/v and gate/up matmuls (``load(..., fuse=False)``);
-* ``eager``: the same loop on the model as the engine loads it (fused projections);
+* ``eager (modular)``: the same loop on the model as the engine loads it (fused projections,
+  input-major weights), each step through the modules (``model.flat_decode = False``);
+* ``eager``: the same, each step through the flat batch-1 loop (`minisys.model.flat_decode`);
 * ``engine``: `LLMEngine` with one request (scheduler, paged KV cache, detokenizer: what ``make serve`` runs);
 * ``llama.cpp``: llama-cpp-python on an F32 GGUF of the same weights (`minisys.bench.llama_cpp`),
   same thread count; skipped, with the install command, when it is not installed.
@@ -119,6 +121,15 @@ def run_engine(model, tok, prompt: list[int], n: int) -> tuple[float, list[float
     return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])], tokens
 
 
+def without_flat_decode(model, fn):
+    """``fn()`` with ``model``'s batch-1 flat decode loop off: every step through the modules."""
+    was, model.flat_decode = model.flat_decode, False
+    try:
+        return fn()
+    finally:
+        model.flat_decode = was
+
+
 # ----------------------------------------------------------------------------- the profile
 GEMV = "numpy sgemv (batch-1 linear)"       # torch.profiler's label for `minisys.parallel.linear.blas_gemv`
 CATEGORIES = {        # op name -> what it is in a decode step (self CPU time)
@@ -212,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     systems = {}
     if plain is not None:
         systems["eager (plain: unfused)"] = lambda: run_eager(plain, tok, prompt, n)
+    if model.flat_decode:
+        systems["eager (modular)"] = lambda: without_flat_decode(model, lambda: run_eager(model, tok, prompt, n))
     systems["eager"] = lambda: run_eager(model, tok, prompt, n)
     systems["engine"] = lambda: run_engine(model, tok, prompt, n)
     llama_note = None

@@ -32,3 +32,14 @@ class KVCache(ABC):
     @abstractmethod
     def read(self, layer: int, meta: AttentionMetadata) -> KVView:
         """Every key and value the step's queries may attend to in ``layer`` (after `write`)."""
+
+    # The batch-1 decode path (`minisys.model.flat_decode`) reads and writes the cache directly:
+    def decode_run(self, meta: AttentionMetadata) -> tuple[int, int] | None:
+        """For a step of ONE sequence decoding ONE token: (start, length) such that its keys, this
+        token's included, are slots ``start .. start + length - 1`` of ``slots(layer)`` in every layer,
+        this token's slot last. None when they are not (the modular path then runs)."""
+        return None
+
+    def slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s K and V storage as (num_slots, Hkv, D) views (see `decode_run`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no flat slot view")

@@ -47,6 +47,16 @@ class ContiguousKVCache(KVCache):
             self.k[layer, slot, ctx:ctx + q_len] = k[cq[i]:cq[i + 1]]
             self.v[layer, slot, ctx:ctx + q_len] = v[cq[i]:cq[i + 1]]
 
+    def decode_run(self, meta: AttentionMetadata) -> tuple[int, int] | None:
+        """Slot s's row holds its positions in order: its n keys are flat slots s*max_len .. s*max_len+n-1."""
+        if meta.seqlens_q != [1] or meta.context_lens[0] + 1 > self.max_len:
+            return None                                  # the modular write refuses the overflow by name
+        return meta.cache_slots[0] * self.max_len, meta.context_lens[0] + 1
+
+    def slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.max_batch * self.max_len, *self.k.shape[-2:])
+        return self.k[layer].view(shape), self.v[layer].view(shape)       # (max_batch * max_len, Hkv, D)
+
     def read(self, layer: int, meta: AttentionMetadata) -> PackedKV:
         """Every sequence's first ``seqlens_k[i]`` positions, packed (S, Hkv, D)."""
         ks = [self.k[layer, slot, :n] for slot, n in zip(meta.cache_slots, meta.seqlens_k)]  # (n, Hkv, D) views

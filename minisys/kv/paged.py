@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..attention.base import AttentionMetadata
+from ..attention.paged import run_start
 from ..attention.views import PagedKV, context_slots
 from .base import KVCache
 
@@ -76,6 +77,21 @@ class PagedKVCache(KVCache):
             k, v = k.to(k_flat.dtype), v.to(v_flat.dtype)
         k_flat[slots] = k                                                   # scatter the new tokens
         v_flat[slots] = v
+
+    def decode_run(self, meta: AttentionMetadata) -> tuple[int, int] | None:
+        """When the sequence's blocks are consecutive in the pool (`run_start`; a fresh pool hands them
+        out in order) and this token's slot is the run's last, its keys are one slice of the flat pool."""
+        if meta.seqlens_q != [1] or meta.block_tables is None or meta.slot_mapping is None:
+            return None
+        length = meta.seqlens_k[0]
+        start = run_start(meta.block_tables[0], length, self.block_size)
+        if start is None or int(meta.slot_mapping[0]) != start + length - 1:
+            return None
+        return start, length
+
+    def slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.num_slots, *self.k.shape[-2:])
+        return self.k[layer].view(shape), self.v[layer].view(shape)       # (num_blocks * block_size, Hkv, D)
 
     def read(self, layer: int, meta: AttentionMetadata) -> PagedKV:
         """The layer's pools (num_blocks, block_size, Hkv, D), to be read through ``meta.block_tables``."""

@@ -42,6 +42,8 @@ from ..parallel.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                VocabParallelEmbedding)
 from ..parallel.shard import head_feature_sizes, head_shard
 from .config import ModelConfig
+from . import flat_decode
+from .flat_decode import FlatDecoder
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU
 
 
@@ -128,6 +130,8 @@ class LlamaModel(nn.Module):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.fused = False                                 # fuse_projections() sets it
         self.input_major = False                           # store_input_major() sets it
+        self.flat_decode = False      # batch-1 decode steps through `minisys.model.flat_decode` (the loader sets it)
+        self._flat = None             # that path's FlatDecoder, built on first use
         heads = head_shard(config, tp_size, tp_rank)       # refuses a tp_size the heads cannot take
         # what this rank's KV cache is sized by: its own heads only
         self.local_config = replace(config, num_heads=heads.num_heads, num_kv_heads=heads.num_kv_heads)
@@ -151,7 +155,14 @@ class LlamaModel(nn.Module):
             layer.self_attn.fuse_qkv()
             layer.mlp.fuse_gate_up()
         self.fused = True
+        self._flat = None                                  # it held the layers this replaced
         return self
+
+    def flat_decoder(self) -> FlatDecoder:
+        """The batch-1 decode path over this model's parameters (`minisys.model.flat_decode`)."""
+        if self._flat is None:
+            self._flat = FlatDecoder(self)
+        return self._flat
 
     def store_input_major(self) -> "LlamaModel":
         """Store every matmul weight input-major, in place: the (out, in) parameter becomes a view of a
@@ -197,6 +208,9 @@ class LlamaModel(nn.Module):
         LM head only where a next token is needed: it is the largest matmul
         of a small model.
         """
+        run = flat_decode.applies(self, meta, kv_cache)
+        if run is not None:                      # one sequence, one token: the flat loop, same arithmetic
+            return self.flat_decoder()(input_ids, positions, kv_cache, run)                  # (1, V)
         x = self.model.embed_tokens(input_ids)                           # (T, C)
         with self.rope.once_for(positions):                              # RoPE rows looked up once, not per layer
             for layer in self.model.layers:

@@ -146,7 +146,10 @@ def load_model(path: Path, device: str | None = None, dtype: torch.dtype | str |
     model = model.to(device=device, dtype=dtype).eval()
     if input_major is None:
         input_major = model.device.type == "cpu" and model.dtype == torch.float32
-    return model.store_input_major() if input_major else model
+    if input_major:
+        model.store_input_major()
+        model.flat_decode = fuse and tp_size == 1          # the batch-1 decode loop (`minisys.model.flat_decode`)
+    return model
 
 
 def _check_keys(model: LlamaModel, state: dict) -> tuple[list[str], list[str]]:
