@@ -123,8 +123,30 @@ def test_flat_path_only_where_it_applies(flat_calls):
     m.flat_decode = False
     assert flat_decode.applies(m, one, cache) is None
     m.flat_decode = True
+    static = AttentionMetadata(seqlens_q=[1], context_lens=[3], seq_lens_tensor=torch.tensor([4]))
+    assert flat_decode.applies(m, static, cache) is None                             # a CUDA-graph step
+    assert flat_decode.applies(m, one, cache, torch.tensor([0])) == (0, 4)
+    assert flat_decode.applies(m, one, cache, torch.tensor([], dtype=torch.long)) is None   # no row wanted
     assert flat_decode.applies(m.to(torch.bfloat16), one, cache) is None             # fp32 only
     assert not flat_calls
+
+
+def test_a_step_that_wants_no_logits_gets_none():
+    """The modular contract: len(logits_indices) rows, zero included."""
+    m = served_model()
+    cache = ContiguousKVCache(CFG, max_len=16)
+    meta = AttentionMetadata(seqlens_q=[1], context_lens=[0])
+    assert m(torch.tensor([1]), meta.positions(), meta, cache, torch.tensor([], dtype=torch.long)).shape == (0, 300)
+
+
+def test_self_draft_model_runs_without_the_flat_path():
+    """spec's SelfDraftModel (the target's first layers) skips LlamaModel.__init__: it must still run."""
+    from minisys.spec.draft import SelfDraftModel
+    draft = SelfDraftModel(served_model(), 1)
+    cache = ContiguousKVCache(draft.config, 16)
+    for meta, ids in ((AttentionMetadata(seqlens_q=[3], context_lens=[0]), [1, 2, 3]),
+                      (AttentionMetadata(seqlens_q=[1], context_lens=[3]), [4])):
+        assert draft(torch.tensor(ids), meta.positions(), meta, cache).shape == (len(ids), 300)
 
 
 def test_a_full_contiguous_cache_is_refused_by_the_modular_write():

@@ -18,8 +18,8 @@ same parameters, the same RoPE formula and attention), so the two agree bit for 
 suite checks that against the modular path and transformers. Where it applies (`applies`): a
 fused, single-process model in fp32 on a CPU with the ``auto`` attention backend, one sequence
 decoding one token, its keys in consecutive slots of the cache (`KVCache.decode_run`). Anything
-else -- batches, prefills, bf16, tensor parallelism, a backend the user chose -- takes the modular
-path. ``model.flat_decode = False`` turns it off.
+else -- batches, prefills, bf16, tensor parallelism, a backend the user chose, a CUDA-graph step --
+takes the modular path. ``model.flat_decode = False`` turns it off.
 """
 from __future__ import annotations
 
@@ -83,10 +83,16 @@ class FlatDecoder:
         return linear(F.rms_norm(x, (C,), self.final_norm, eps), self.lm_head, self.lm_head_bias).float()  # (1, V)
 
 
-def applies(model: LlamaModel, meta, kv_cache: KVCache | None) -> tuple[int, int] | None:
-    """The cache run (start, length) if ``model``'s step on ``meta`` can take the flat path, else None."""
+def applies(model: LlamaModel, meta, kv_cache: KVCache | None,
+            logits_indices: torch.Tensor | None = None) -> tuple[int, int] | None:
+    """The cache run (start, length) if ``model``'s step on ``meta`` can take the flat path, else None.
+
+    Not for: a step that wants no logits row or several (``logits_indices``), a CUDA-graph step (its
+    lengths live on the device, ``meta.seq_lens_tensor``), tensor parallelism, a backend the user chose.
+    """
     if not (model.flat_decode and kv_cache is not None and meta.seqlens_q == [1] and model.fused
-            and model.tp_size == 1 and model.attention.name == "auto"):
+            and model.tp_size == 1 and model.attention.name == "auto" and meta.seq_lens_tensor is None
+            and (logits_indices is None or logits_indices.numel() == 1)):
         return None
     if model.lm_head.weight.dtype != torch.float32 or model.lm_head.weight.device.type != "cpu":
         return None

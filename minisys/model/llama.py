@@ -123,6 +123,9 @@ class LlamaModel(nn.Module):
     `minisys.model.loader.load_model(..., tp_rank=, tp_size=)`); ``config`` stays the full model's.
     """
 
+    flat_decode = False        # class defaults too: a subclass that skips __init__ (spec's SelfDraftModel)
+    _flat = None               # never takes the flat path
+
     def __init__(self, config: ModelConfig, attention_backend: str | AttentionBackend = "auto",
                  tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
@@ -208,7 +211,7 @@ class LlamaModel(nn.Module):
         LM head only where a next token is needed: it is the largest matmul
         of a small model.
         """
-        run = flat_decode.applies(self, meta, kv_cache)
+        run = flat_decode.applies(self, meta, kv_cache, logits_indices)
         if run is not None:                      # one sequence, one token: the flat loop, same arithmetic
             return self.flat_decoder()(input_ids, positions, kv_cache, run)                  # (1, V)
         x = self.model.embed_tokens(input_ids)                           # (T, C)
