@@ -51,11 +51,12 @@ from typing import AsyncIterator, Optional
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..streaming import ClosingStreamingResponse
 from .policies import LoadReport, RoutingPolicy, make_policy
 from .replica import Replica
 from .router_kv import Active, decode_body, install_cluster_kv_routes, is_migrated_event, prefill_body, \
@@ -278,21 +279,6 @@ def _sse_error(message: str, code: str) -> bytes:
             b"data: [DONE]\n\n")
 
 
-class _ClosingStream(StreamingResponse):
-    """A `StreamingResponse` that runs ``on_close()`` once it is over, however it ends (finished, the
-    client gone, even before the first byte): the upstream response is closed there."""
-
-    def __init__(self, content, on_close, **kw) -> None:
-        super().__init__(content, **kw)
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._on_close()
-
-
 async def _open_stream(router: Router, s: _ReplicaState, method: str, path: str, body: Optional[bytes],
                        headers: dict) -> httpx.Response | Response:
     """The replica's streamed response (status 200), or the Response to give the client instead."""
@@ -364,7 +350,7 @@ async def _forward_stream(router: Router, s: _ReplicaState, path: str, body: byt
         cur["state"].in_flight -= 1
         on_close()
 
-    return _ClosingStream(relay(), close, media_type="text/event-stream", headers={"x-request-id": rid})
+    return ClosingStreamingResponse(relay(), close, media_type="text/event-stream", headers={"x-request-id": rid})
 
 
 async def _disaggregated(router: Router, raw: Request, path: str, parsed: dict, ids, headers: dict,
@@ -387,7 +373,7 @@ async def _disaggregated(router: Router, raw: Request, path: str, parsed: dict, 
     if parsed.get("stream") is True:
         d.in_flight += 1
         resp = await _forward_stream(router, d, path, body, headers, on_stream_close)
-        if not isinstance(resp, _ClosingStream):
+        if not isinstance(resp, ClosingStreamingResponse):
             d.in_flight -= 1
         return resp
     return await _forward_tracked(router, d, raw, path, body, headers)
@@ -432,7 +418,7 @@ async def _route(router: Router, raw: Request, path: str) -> Response:
         try:
             if router.prefill_replicas:
                 resp = await _disaggregated(router, raw, path, parsed, ids, headers, done)
-                streaming = isinstance(resp, _ClosingStream)
+                streaming = isinstance(resp, ClosingStreamingResponse)
                 return resp
             s = router.choose(ids)
         except _NoReplica:
@@ -440,7 +426,7 @@ async def _route(router: Router, raw: Request, path: str) -> Response:
         if parsed.get("stream") is True:
             s.in_flight += 1
             resp = await _forward_stream(router, s, path, body, headers, done)
-            streaming = isinstance(resp, _ClosingStream)
+            streaming = isinstance(resp, ClosingStreamingResponse)
             if not streaming:
                 s.in_flight -= 1
             return resp

@@ -47,16 +47,17 @@ import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional, Union
+from typing import AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..model.tokenizer import Tokenizer
+from ..streaming import ClosingStreamingResponse
 from .async_engine import EngineDeadError, PromptError, RequestMigrated, RequestStream, ServerShuttingDown
 from .body_text import check_body_text
 from .embeddings import install_embeddings
@@ -393,22 +394,6 @@ class Server:
             raise OpenAIError(f"could not apply the chat template: {e}") from None
 
 
-class _FinishingStream(StreamingResponse):
-    """A `StreamingResponse` that calls ``on_close()`` once it is over, however it ends: finished, the
-    client gone before the generator started, or an error while sending (where starlette would skip a
-    background task)."""
-
-    def __init__(self, content, on_close: Callable[[], None], **kw) -> None:
-        super().__init__(content, **kw)
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
-
-
 def _parse_body(body: bytes, model: type[BaseModel]) -> BaseModel:
     """The request model of a JSON body, with FastAPI's error shapes (RequestValidationError -> 400).
 
@@ -648,7 +633,7 @@ async def _respond(server: Server, raw: Request, req, params: SamplingParams, me
                                               "include_usage": include_usage, "tools": tools is not None,
                                               "continuous_usage": tracker.continuous_usage}
             on_close = lambda: (server.finish(streams, ticket), server.kv.contexts.pop(request_id, None))  # noqa: E731
-        return _FinishingStream(gen, on_close, media_type="text/event-stream")
+        return ClosingStreamingResponse(gen, on_close, media_type="text/event-stream")
     try:
         await server.collect(raw, streams, tracker)
     except asyncio.CancelledError:
@@ -711,7 +696,7 @@ def _attach(server: Server, request_id: str):
         gen = _chat_stream(server, [stream], ticket, tracker, rid, created, usage, None, role=False)
     else:
         gen = _completion_stream(server, [stream], ticket, tracker, rid, created, usage)
-    return _FinishingStream(gen, lambda: server.finish([stream], ticket), media_type="text/event-stream")
+    return ClosingStreamingResponse(gen, lambda: server.finish([stream], ticket), media_type="text/event-stream")
 
 
 def _chat_message(ch: _Choice, tools: Optional[ToolMode]) -> tuple[P.ChatResponseMessage, Optional[str]]:
