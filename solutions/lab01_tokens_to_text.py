@@ -208,7 +208,7 @@ import time
 import matplotlib.pyplot as plt
 
 quick = os.environ.get("MINISYS_QUICK", "0") not in ("", "0")
-lengths = [16, 32, 64] if quick else [64, 128, 256, 512, 1024]
+lengths = [32, 64, 128] if quick else [64, 128, 256, 512, 1024]
 start_ids = tokenizer.encode("Once upon a time")
 generate_with_kv_cache(model, start_ids, 4)      # warm-up
 rows = []
