@@ -112,6 +112,11 @@ class DecodeAttention(AttentionBackend):
         return probs @ v.permute(1, 0, 2)                       # (Hkv, G, D)
 
 
+# One query against packed (S, Hkv, D) keys, without the split-K variant: the batch-1 attention of the
+# paged cache's view (`minisys.attention.paged.decode_run`) and of the flat decode loop.
+one_query = DecodeAttention().decode_query
+
+
 class SplitKDecodeAttention(DecodeAttention):
     """FlashDecoding: partial attention per KV chunk, then a log-sum-exp merge.
 

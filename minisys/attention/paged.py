@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import AttentionBackend, AttentionMetadata
-from .decode import DecodeAttention
+from .decode import one_query
 from .sdpa import SDPAAttention, sdpa_one
 
 GROUP_SIZE = 16
@@ -122,10 +122,7 @@ def decode_run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, star
     Hkv, D = k_pool.shape[2], k_pool.shape[3]
     k = k_pool.view(-1, Hkv, D)[start:start + length]                                  # (S, Hkv, D) views
     v = v_pool.view(-1, Hkv, D)[start:start + length]
-    return _ONE_QUERY.decode_query(q, k, v)                                            # (1, Hq, D)
-
-
-_ONE_QUERY = DecodeAttention()          # its decode_query: one query, packed (S, Hkv, D) keys, no copy
+    return one_query(q, k, v)                                                          # (1, Hq, D)
 
 
 def length_groups(seqs: list[int], lengths: list[int], group_size: int) -> list[list[int]]:

@@ -70,8 +70,7 @@ class PagedKVCache(KVCache):
         if meta.slot_mapping is None:
             raise ValueError("a paged KV cache needs meta.slot_mapping and meta.block_tables "
                              "(build the step with minisys.engine.paged_runner.PagedRunner)")
-        k_flat = self.k[layer].view(self.num_slots, *self.k.shape[-2:])     # (slots, Hkv, D), a view
-        v_flat = self.v[layer].view(self.num_slots, *self.v.shape[-2:])
+        k_flat, v_flat = self.slots(layer)                                  # (slots, Hkv, D) views
         slots = meta.memo(("slot_mapping", k_flat.device), lambda: meta.slot_mapping.to(k_flat.device))
         if k.dtype != k_flat.dtype:
             k, v = k.to(k_flat.dtype), v.to(v_flat.dtype)

@@ -28,15 +28,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..attention.decode import DecodeAttention
+from ..attention.decode import one_query
 from ..kv.base import KVCache
 from ..parallel.linear import linear
 
 if TYPE_CHECKING:
     from .llama import LlamaModel
-
-_ATTENTION = DecodeAttention()        # its decode_query: one query against packed (S, Hkv, D) keys
-
 
 class FlatDecoder:
     """The decode step of ``model`` for one sequence, holding references to its parameters.
@@ -73,10 +70,10 @@ class FlatDecoder:
             k_slots, v_slots = kv_cache.slots(i)                          # (num_slots, Hkv, D) views
             qkv = linear(F.rms_norm(x, (C,), n1, eps), w_qkv, b_qkv).view(1, Hq + 2 * Hkv, D)
             qk = qkv[:, :Hq + Hkv]                                        # q and k heads: RoPE together
-            qk = qk * cos + torch.roll(qk, D // 2, dims=-1) * sin_signed   # `RotaryEmbedding.forward`
+            qk = self.rope.rotate(qk, cos, sin_signed)                    # `RotaryEmbedding.forward`'s math
             k_slots[new] = qk[0, Hq:]                                     # this token's K/V into the cache
             v_slots[new] = qkv[0, Hq + Hkv:]
-            o = _ATTENTION.decode_query(qk[:, :Hq], k_slots[start:start + length], v_slots[start:start + length])
+            o = one_query(qk[:, :Hq], k_slots[start:start + length], v_slots[start:start + length])
             x = x + linear(o.reshape(1, Hq * D), w_o)                     # (1, C)
             gate_up = linear(F.rms_norm(x, (C,), n2, eps), w_gu)          # (1, 2I): gate, then up
             x = x + linear(F.silu(gate_up[:, :I]) * gate_up[:, I:], w_down)

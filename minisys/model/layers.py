@@ -96,7 +96,11 @@ class RotaryEmbedding(nn.Module):
         for bit (`forward_rotate_half` is the formula as Hugging Face writes it). At batch 1 a decode step
         is dominated by such per-op costs, not by arithmetic (lesson 04).
         """
-        cos, sin_signed = self.rows(positions)                # (T, 1, D) each
+        return self.rotate(x, *self.rows(positions))
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """x (..., D) rotated by rows already looked up (`rows`, broadcastable to x): the formula of `forward`."""
         x32 = x if x.dtype == torch.float32 else x.float()
         out = x32 * cos + torch.roll(x32, x.shape[-1] // 2, dims=-1) * sin_signed
         return out if out.dtype == x.dtype else out.to(x.dtype)
