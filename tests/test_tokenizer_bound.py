@@ -26,6 +26,17 @@ def test_min_tokens_never_exceeds_the_true_count(tok, parts, repeat):
     assert tok.min_tokens(text) <= len(tok.encode(text))
 
 
+def test_bytes_the_tokenizer_drops_are_not_counted(tok):
+    """SmolLM2's vocabulary lacks some control bytes: they make no token, so they cannot raise the bound."""
+    assert b"\x16" in tok.dropped_bytes and b"a" not in tok.dropped_bytes
+    for b in tok.dropped_bytes:
+        if b < 0x80:                                         # an ASCII byte is a whole character
+            assert tok.encode(chr(b) * 50) == [] and tok.min_tokens(chr(b) * 50) == 0
+    for b in range(0x80):
+        if bytes([b]) not in tok.dropped_bytes:
+            assert tok.encode(chr(b)), f"byte {b:#x} is kept: it must make a token"
+
+
 def test_the_bound_is_tight_for_the_longest_token(tok):
     longest = max(range(tok.vocab_size), key=lambda i: len(tok.decode([i], False).encode("utf-8")))
     text = tok.decode([longest], False)

@@ -97,12 +97,26 @@ class Tokenizer:
         n = self._tk.get_vocab_size(with_added_tokens=True)
         return max(1, max(len(self._tk.decode([i], skip_special_tokens=False).encode("utf-8")) for i in range(n)))
 
+    @functools.cached_property
+    def dropped_bytes(self) -> bytes:
+        """The UTF-8 bytes this tokenizer drops from its input: a byte-level BPE whose vocabulary lacks a
+        byte's symbol has no token for it (SmolLM2's lacks six control characters, e.g. 0x16: ``encode("\x16")``
+        is ``[]``). They stand for no token, so `min_tokens` does not count them. Empty for other tokenizers."""
+        if "ByteLevel" not in repr(self._tk.pre_tokenizer):
+            return b""
+        vocab = self._tk.get_vocab(with_added_tokens=False)
+        symbols = _byte_symbols()
+        return bytes(b for b in range(256) if symbols[b] not in vocab)
+
     def min_tokens(self, text: str) -> int:
-        """A lower bound on ``len(encode(text))``: ceil(bytes / `max_token_bytes`) (0 when there is no
-        bound). Invariant, tested on random text: ``min_tokens(t) <= len(encode(t))``."""
+        """A lower bound on ``len(encode(text))``: ceil(bytes / `max_token_bytes`), not counting the
+        `dropped_bytes` (0 when there is no bound). Invariant, tested on random text:
+        ``min_tokens(t) <= len(encode(t))``."""
         if self.max_token_bytes is None:
             return 0
-        return -(-len(text.encode("utf-8")) // self.max_token_bytes)
+        data = text.encode("utf-8")
+        kept = len(data) - sum(data.count(b) for b in self.dropped_bytes)
+        return -(-kept // self.max_token_bytes)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -173,3 +187,12 @@ def _template_env():
 
 def _raise(message: str):
     raise ValueError(message)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_symbols() -> list[str]:
+    """GPT-2's byte-level alphabet (what HF's ``ByteLevel`` pre-tokenizer maps each byte to): byte b -> its
+    symbol. Printable bytes stand for themselves; the others are shifted past 255, in order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(shifted)) for b in range(256)]
